@@ -1,0 +1,247 @@
+//! `ma-device`: the command-line face of the device runtime.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use ma_device::image_io;
+use ma_device::preprocess::{self, FovSource, PreprocessConfig};
+use ma_device::synthetic::{self, SyntheticParams};
+
+#[derive(Parser)]
+#[command(
+    name = "ma-device",
+    version,
+    about = "Offline microaneurysm detector for fundus photographs (device runtime)",
+    long_about = "Offline microaneurysm detector for fundus photographs (device runtime).\n\n\
+        Every image is brought to a canonical scale (field-of-view diameter of DiaretDB1 \
+        photographs), its background is subtracted and its contrast normalised; the CNN \
+        cascade then marks microaneurysms."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Preprocess images and write what the networks see as PNG pictures.
+    ///
+    /// Without --input, runs on built-in synthetic fundus frames. Each output picture
+    /// maps the normalised channels to grey levels: mid-grey is background, dark spots
+    /// are candidate lesions.
+    Preprocess {
+        /// An image file or a folder (searched recursively for .png .jpg .jpeg .tif
+        /// .tiff .bmp .ppm). Default: built-in synthetic frames.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Where to write the pictures.
+        #[arg(long, default_value = "out/preprocess")]
+        output_dir: PathBuf,
+        /// A field-of-view mask image (non-zero = inside) to use instead of estimating
+        /// it; must have the size of every input image.
+        #[arg(long)]
+        fov_mask: Option<PathBuf>,
+        /// Number of synthetic frames when no --input is given.
+        #[arg(long, default_value_t = 3)]
+        synthetic: usize,
+    },
+    /// Write synthetic fundus images with known microaneurysms, for tests and demos.
+    ///
+    /// Writes frame-NNN.png and frame-NNN.json (the positions and radii of the MAs
+    /// and of the look-alikes drawn) for each frame.
+    Synth {
+        /// Where to write the frames.
+        #[arg(long)]
+        output_dir: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        count: usize,
+        /// Seed of the first frame; frame i uses seed + i.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Small 512-px frames instead of 1500x1152.
+        #[arg(long)]
+        small: bool,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Preprocess {
+            input,
+            output_dir,
+            fov_mask,
+            synthetic,
+        } => run_preprocess(
+            input.as_deref(),
+            &output_dir,
+            fov_mask.as_deref(),
+            synthetic,
+        ),
+        Command::Synth {
+            output_dir,
+            count,
+            seed,
+            small,
+        } => run_synth(&output_dir, count, seed, small),
+    }
+}
+
+/// One input frame: a name for the outputs and its pixels (or why it could not be read).
+struct Frame {
+    name: String,
+    image: Result<image::RgbImage>,
+}
+
+fn frames(input: Option<&Path>, synthetic_count: usize) -> Result<Vec<Frame>> {
+    let Some(input) = input else {
+        return Ok((0..synthetic_count)
+            .map(|i| Frame {
+                name: format!("synthetic-{i:03}"),
+                image: Ok(synthetic::generate(&SyntheticParams::default(), i as u64 + 1).image),
+            })
+            .collect());
+    };
+    let files = if input.is_dir() {
+        let files = image_io::find_images(input)?;
+        if files.is_empty() {
+            bail!(
+                "no images (.png .jpg .jpeg .tif .tiff .bmp .ppm) found in {}",
+                input.display()
+            );
+        }
+        files
+    } else if input.exists() {
+        vec![input.to_path_buf()]
+    } else {
+        bail!("input {} does not exist", input.display());
+    };
+    Ok(files
+        .iter()
+        .map(|path| Frame {
+            name: path
+                .strip_prefix(input)
+                .ok()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(path.file_name().map(Path::new).unwrap_or(path))
+                .with_extension("")
+                .to_string_lossy()
+                .replace(['/', '\\'], "_"),
+            image: image_io::read_image(path),
+        })
+        .collect())
+}
+
+fn run_preprocess(
+    input: Option<&Path>,
+    output_dir: &Path,
+    fov_mask: Option<&Path>,
+    synthetic_count: usize,
+) -> Result<()> {
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("cannot create output folder {}", output_dir.display()))?;
+    let mask = fov_mask
+        .map(|p| -> Result<_> {
+            let img = image::open(p)
+                .with_context(|| format!("cannot read FOV mask {}", p.display()))?
+                .to_luma8();
+            Ok(ma_device::mask::Mask::from_luma(&img, |v| v > 0))
+        })
+        .transpose()?;
+    let cfg = PreprocessConfig::default();
+    let frames = frames(input, synthetic_count)?;
+    let bar = ProgressBar::new(frames.len() as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"),
+    );
+    let mut failed = 0;
+    for frame in frames {
+        bar.set_message(frame.name.clone());
+        let result = frame.image.and_then(|img| {
+            let start = Instant::now();
+            let source = mask
+                .as_ref()
+                .map_or(FovSource::Estimate, FovSource::Supplied);
+            let pre = preprocess::preprocess(&img, source, &cfg)?;
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            let out = output_dir.join(format!("{}.png", frame.name));
+            preprocess::preview(&pre.planes)
+                .save(&out)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            Ok(format!(
+                "{}: {}x{} -> {}x{} (FOV diameter {:.0} px, scale {:.3}), {ms:.0} ms -> {}",
+                frame.name,
+                pre.original_size.0,
+                pre.original_size.1,
+                pre.planes.width,
+                pre.planes.height,
+                pre.original_fov_diameter,
+                pre.scale.length_scale(),
+                out.display()
+            ))
+        });
+        match result {
+            // Results go to stdout even when the bar is hidden (not a terminal).
+            Ok(line) => bar.suspend(|| println!("{line}")),
+            Err(e) => {
+                failed += 1;
+                let reason = image_io::one_line(&format!("{e:#}"));
+                bar.suspend(|| eprintln!("{}: error: {reason}", frame.name));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if failed > 0 {
+        bail!("{failed} image(s) could not be preprocessed");
+    }
+    Ok(())
+}
+
+fn run_synth(output_dir: &Path, count: usize, seed: u64, small: bool) -> Result<()> {
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("cannot create output folder {}", output_dir.display()))?;
+    let params = if small {
+        SyntheticParams::small()
+    } else {
+        SyntheticParams::default()
+    };
+    for i in 0..count {
+        let frame = synthetic::generate(&params, seed + i as u64);
+        let png = output_dir.join(format!("frame-{i:03}.png"));
+        frame
+            .image
+            .save(&png)
+            .with_context(|| format!("cannot write {}", png.display()))?;
+        let truth = serde_json::json!({
+            "seed": seed + i as u64,
+            "width": frame.image.width(),
+            "height": frame.image.height(),
+            "microaneurysms": frame.microaneurysms.iter()
+                .map(|m| serde_json::json!({"x": m.x, "y": m.y, "radius": m.radius}))
+                .collect::<Vec<_>>(),
+            "lookalikes": frame.lookalikes.iter()
+                .map(|l| serde_json::json!({"kind": format!("{:?}", l.kind), "x": l.x, "y": l.y, "radius": l.radius}))
+                .collect::<Vec<_>>(),
+        });
+        let json = output_dir.join(format!("frame-{i:03}.json"));
+        std::fs::write(&json, serde_json::to_string_pretty(&truth)?)
+            .with_context(|| format!("cannot write {}", json.display()))?;
+        println!(
+            "{}: {} MAs, {} look-alikes",
+            png.display(),
+            frame.microaneurysms.len(),
+            frame.lookalikes.len()
+        );
+    }
+    Ok(())
+}
