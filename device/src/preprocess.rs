@@ -65,7 +65,7 @@ impl Default for PreprocessConfig {
 }
 
 /// FOV diameter of DiaretDB1 photographs (measured on its `fmask.tif`).
-pub const CANONICAL_FOV_DIAMETER: f64 = 1400.0;
+pub const CANONICAL_FOV_DIAMETER: f64 = 1410.0;
 
 /// Where the field of view comes from.
 #[derive(Clone, Copy, Debug)]
