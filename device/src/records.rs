@@ -1,0 +1,1104 @@
+//! Crash-safe, append-only log of per-frame results.
+//!
+//! Every processed frame (or frame that failed) appends one [`Record`]. The device may lose
+//! power at any moment, so the file is built to survive that:
+//!
+//! * **Header**: the file starts with [`MAGIC`] (`b"MAREC"`) and one format-version byte
+//!   ([`FORMAT_VERSION`]), written and synced when the file is created. A file with another
+//!   magic or version is refused, with its name in the error, rather than misread.
+//! * **Frames**: each record is `COBS(postcard(record) || CRC32) 0x00`: the postcard payload
+//!   and its CRC (little-endian) are COBS-encoded together, so the only zero byte of a frame is
+//!   its terminator. A reader can always find the next frame boundary, whatever a damaged frame
+//!   contains. The CRC is CRC-32/ISO-HDLC ([`crc::CRC_32_ISO_HDLC`], the zlib/PNG/Ethernet CRC,
+//!   so `zlib.crc32` can check a frame by hand).
+//! * **Appends** are one `write` on a file opened in append mode followed by `fdatasync`; only
+//!   after that returns is a result reported as saved. A failed write is cut back off the file.
+//! * **Reading** splits on 0x00. A final chunk without its terminator is a torn write (power
+//!   lost mid-append, never confirmed): [`RecordLog::open`] truncates it, [`read_all`] ignores
+//!   it. A complete frame whose COBS, CRC or decoding fails is skipped and reported, never
+//!   returned. Empty chunks (a lone 0x00) carry nothing and are skipped silently: the writer
+//!   emits one as a resynchronisation marker after a failed append it could not cut off.
+//!
+//! **Changing [`Record`]**: postcard is positional (no field names on disk), so fields may only
+//! be *appended* at the end of the struct, never removed, reordered or retyped, and every
+//! layout change must bump [`FORMAT_VERSION`] (and keep a decoder for the previous layout if
+//! old logs are to stay readable). A build refuses to read or append to a log of another version.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use crc::{CRC_32_ISO_HDLC, Crc};
+use postcard::ser_flavors::crc::CrcModifier;
+use postcard::ser_flavors::{AllocVec, Cobs};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest as _, Sha256};
+
+use crate::detection::Detection;
+
+/// First bytes of every records log.
+pub const MAGIC: &[u8; 5] = b"MAREC";
+/// Layout version of [`Record`] in this build; bump it whenever a field is appended.
+pub const FORMAT_VERSION: u8 = 1;
+/// Length of the file header: [`MAGIC`] then the version byte.
+pub const HEADER_LEN: usize = MAGIC.len() + 1;
+/// Largest encoded frame accepted (writer) or decoded (reader): bounds the memory a damaged
+/// file without zero bytes can make a reader use. A record is a few KiB in practice.
+pub const MAX_FRAME_LEN: usize = 16 << 20;
+
+/// CRC-32/ISO-HDLC (poly 0x04C11DB7 reflected, init/xorout 0xFFFFFFFF), stored little-endian.
+pub static CRC32: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
+
+/// One processed (or failed) frame.
+///
+/// On disk the fields are positional (postcard): only ever append new fields at the end and
+/// bump [`FORMAT_VERSION`] (see the module docs). For a frame that failed, `error` is set and
+/// fields that could not be known are zero or empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Wall-clock time the frame was taken, milliseconds since the Unix epoch (UTC).
+    pub time_unix_ms: i64,
+    /// Frame number within the run, from the source.
+    pub frame: u64,
+    /// Where the frame came from: a file name, or `camera:/dev/video0` and the like.
+    pub source: String,
+    /// SHA-256 of the image bytes as captured (file contents or raw camera frame), so a result
+    /// can be tied to the exact image later.
+    pub image_sha256: ImageHash,
+    pub width: u32,
+    pub height: u32,
+    /// Candidates in original-image pixel coordinates, best first.
+    pub detections: Vec<RecordDetection>,
+    /// Whether the frame was flagged for referral to an ophthalmologist.
+    pub refer: bool,
+    /// Number of MAs at the board's operating point.
+    pub ma_count: u32,
+    /// Version of the model bundle that produced the detections.
+    pub model_version: String,
+    /// Board config name (`BoardConfig::name`).
+    pub board: String,
+    /// Processing time of the frame (decode to result).
+    pub elapsed_ms: f32,
+    /// Why the frame failed; `None` for a processed frame.
+    pub error: Option<String>,
+}
+
+/// One candidate in a [`Record`]. Its own type rather than [`Detection`] so that adding a field
+/// to the detection output format cannot silently change the log's binary layout.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordDetection {
+    pub x: f64,
+    pub y: f64,
+    pub score: f64,
+}
+
+impl From<Detection> for RecordDetection {
+    fn from(d: Detection) -> Self {
+        Self {
+            x: d.x,
+            y: d.y,
+            score: d.score,
+        }
+    }
+}
+
+impl From<RecordDetection> for Detection {
+    fn from(d: RecordDetection) -> Self {
+        Detection {
+            x: d.x,
+            y: d.y,
+            score: d.score,
+        }
+    }
+}
+
+/// A SHA-256 digest: 32 raw bytes in the log, a lowercase hex string in JSON.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ImageHash(pub [u8; 32]);
+
+impl ImageHash {
+    /// The SHA-256 of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+
+    /// Parses 64 hex digits (either case).
+    pub fn from_hex(s: &str) -> Result<Self> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 64 {
+            bail!("a SHA-256 needs 64 hex digits, got {} characters", s.len());
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in bytes.chunks_exact(2).enumerate() {
+            let digit = |c: u8| {
+                (c as char)
+                    .to_digit(16)
+                    .ok_or_else(|| anyhow!("{:?} is not a hex digit", c as char))
+            };
+            out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+        }
+        Ok(Self(out))
+    }
+}
+
+impl fmt::Display for ImageHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ImageHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ImageHash({self})")
+    }
+}
+
+impl Serialize for ImageHash {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ImageHash {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let s = String::deserialize(deserializer)?;
+            ImageHash::from_hex(&s).map_err(serde::de::Error::custom)
+        } else {
+            Ok(Self(<[u8; 32]>::deserialize(deserializer)?))
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch now, for [`Record::time_unix_ms`].
+pub fn now_unix_ms() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        // A clock set before 1970 (RTC battery flat): keep the sign rather than fail.
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// A complete frame that was skipped because it could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CorruptFrame {
+    /// 0-based number of the frame among all complete frames of the file (valid or not).
+    pub frame: u64,
+    /// Byte offset of the frame's first byte in the file.
+    pub offset: u64,
+    /// Length of the frame without its terminator.
+    pub len: u64,
+    pub reason: String,
+}
+
+/// What opening or reading a log found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Records that decoded.
+    pub records_ok: u64,
+    /// Complete frames that were skipped.
+    pub corrupt: Vec<CorruptFrame>,
+    /// Bytes of an unterminated final frame: cut off by [`RecordLog::open`], ignored by
+    /// [`read_all`]. Also counts a partial header left by a crash while creating the file.
+    pub torn_bytes: u64,
+    /// The file was created (or was empty) and a fresh header was written.
+    pub created: bool,
+}
+
+impl OpenReport {
+    pub fn corrupt_skipped(&self) -> u64 {
+        self.corrupt.len() as u64
+    }
+
+    /// Nothing was skipped or cut off.
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty() && self.torn_bytes == 0
+    }
+}
+
+impl fmt::Display for OpenReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} records ok", self.records_ok)?;
+        if self.created {
+            write!(f, " (new log)")?;
+        }
+        if !self.corrupt.is_empty() {
+            write!(f, ", {} corrupt frames skipped", self.corrupt.len())?;
+            for c in &self.corrupt {
+                write!(
+                    f,
+                    "; frame {} at byte {} ({} bytes): {}",
+                    c.frame, c.offset, c.len, c.reason
+                )?;
+            }
+        }
+        if self.torn_bytes > 0 {
+            write!(f, ", {} bytes of a torn final write", self.torn_bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// The writer side of a records log. Holds an exclusive lock on the file, so a second device
+/// process cannot interleave records with this one.
+#[derive(Debug)]
+pub struct RecordLog {
+    file: File,
+    path: PathBuf,
+    state: AppendState,
+    next_index: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AppendState {
+    /// File length after the last confirmed frame.
+    len: u64,
+    /// A failed append could not be cut off: the file may end in a partial frame, so the next
+    /// frame starts with a 0x00 to close it.
+    dirty: bool,
+}
+
+impl RecordLog {
+    /// Opens `path` for appending, creating it (and its parent folders) with a header if it is
+    /// missing or empty. An existing log is scanned: a torn final frame is truncated away and
+    /// reported, corrupt frames are counted and reported (they stay in the file; readers skip
+    /// them). Fails on a file that is not a records log of [`FORMAT_VERSION`], or that another
+    /// process has open for writing.
+    pub fn open(path: impl AsRef<Path>) -> Result<(RecordLog, OpenReport)> {
+        let path = path.as_ref();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).with_context(|| {
+                format!("creating the folder of records log {}", path.display())
+            })?;
+        }
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("opening records log {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => bail!(
+                "records log {} is in use by another process (locked)",
+                path.display()
+            ),
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking records log {}", path.display()));
+            }
+        }
+
+        let mut report = OpenReport::default();
+        let file_len = file
+            .metadata()
+            .with_context(|| format!("reading the size of records log {}", path.display()))?
+            .len();
+        let header = read_header(&file, file_len, path)?;
+        if header != Header::Valid {
+            if let Header::Torn(n) = header {
+                report.torn_bytes = n;
+            }
+            write_fresh_header(&file, path, !existed)?;
+            report.created = true;
+            let log = RecordLog {
+                file,
+                path: path.to_path_buf(),
+                state: AppendState {
+                    len: HEADER_LEN as u64,
+                    dirty: false,
+                },
+                next_index: 0,
+            };
+            return Ok((log, report));
+        }
+
+        let mut reader = BufReader::new(&file);
+        reader
+            .seek(SeekFrom::Start(HEADER_LEN as u64))
+            .with_context(|| format!("seeking in records log {}", path.display()))?;
+        let complete_len = scan(&mut reader, path, &mut report, &mut |_| Ok(()))?;
+        drop(reader);
+        if report.torn_bytes > 0 {
+            file.set_len(complete_len)
+                .and_then(|()| file.sync_data())
+                .with_context(|| {
+                    format!(
+                        "cutting a torn final record ({} bytes) off records log {}",
+                        report.torn_bytes,
+                        path.display()
+                    )
+                })?;
+        }
+        let log = RecordLog {
+            file,
+            path: path.to_path_buf(),
+            state: AppendState {
+                len: complete_len,
+                dirty: false,
+            },
+            next_index: report.records_ok,
+        };
+        Ok((log, report))
+    }
+
+    /// Appends `record` and waits until it is on disk (`fdatasync`). Returns its index: the
+    /// number of valid records before it, i.e. its position in [`read_all`]'s list. On error
+    /// (disk full, I/O error) the record is not saved and the file is cut back to its previous
+    /// length, so later records stay readable.
+    pub fn append(&mut self, record: &Record) -> Result<u64> {
+        let frame = encode_frame(record)
+            .with_context(|| format!("encoding a record for {}", self.path.display()))?;
+        append_frame(&mut self.file, &mut self.state, &frame, &self.path)?;
+        let index = self.next_index;
+        self.next_index += 1;
+        Ok(index)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Index the next appended record will get (valid records in the file so far).
+    pub fn next_index(&self) -> u64 {
+        self.next_index
+    }
+}
+
+/// Reads every valid record of the log at `path`, without modifying it (safe while a device
+/// process is appending: an in-progress final write shows up as torn bytes).
+pub fn read_all(path: impl AsRef<Path>) -> Result<(Vec<Record>, OpenReport)> {
+    let mut records = Vec::new();
+    let report = read_each(path, |r| {
+        records.push(r);
+        Ok(())
+    })?;
+    Ok((records, report))
+}
+
+/// Like [`read_all`], but hands each record to `f` as it is read, so exporting a large log
+/// does not hold it in memory. An error from `f` stops the reading and is returned.
+pub fn read_each(
+    path: impl AsRef<Path>,
+    mut f: impl FnMut(Record) -> Result<()>,
+) -> Result<OpenReport> {
+    let path = path.as_ref();
+    let file =
+        File::open(path).with_context(|| format!("opening records log {}", path.display()))?;
+    let file_len = file
+        .metadata()
+        .with_context(|| format!("reading the size of records log {}", path.display()))?
+        .len();
+    let mut report = OpenReport::default();
+    match read_header(&file, file_len, path)? {
+        Header::Valid => {}
+        Header::Empty => return Ok(report),
+        Header::Torn(n) => {
+            report.torn_bytes = n;
+            return Ok(report);
+        }
+    }
+    let mut reader = BufReader::new(file);
+    reader
+        .seek(SeekFrom::Start(HEADER_LEN as u64))
+        .with_context(|| format!("seeking in records log {}", path.display()))?;
+    scan(&mut reader, path, &mut report, &mut f)?;
+    Ok(report)
+}
+
+/// Encodes one frame: `COBS(postcard(record) || CRC32 little-endian)` plus the 0x00 terminator.
+/// The CRC flavor wraps the COBS flavor, so the CRC bytes go through COBS too.
+pub fn encode_frame(record: &Record) -> Result<Vec<u8>> {
+    let flavor = CrcModifier::new(Cobs::try_new(AllocVec::new())?, CRC32.digest());
+    let frame = postcard::serialize_with_flavor(record, flavor)?;
+    if frame.len() > MAX_FRAME_LEN {
+        bail!(
+            "record of {} bytes is larger than the {MAX_FRAME_LEN}-byte limit ({} detections)",
+            frame.len(),
+            record.detections.len()
+        );
+    }
+    Ok(frame)
+}
+
+/// Decodes one frame's bytes (without the 0x00 terminator) into a record, or says why not.
+pub fn decode_frame(frame: &[u8]) -> std::result::Result<Record, String> {
+    let decoded = cobs_decode(frame).ok_or("bad COBS encoding")?;
+    if decoded.len() < 4 {
+        return Err(format!("{} bytes is too short for a CRC", decoded.len()));
+    }
+    let (payload, stored) = decoded.split_at(decoded.len() - 4);
+    let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
+    let computed = CRC32.checksum(payload);
+    if stored != computed {
+        return Err(format!(
+            "CRC mismatch (stored {stored:08x}, computed {computed:08x})"
+        ));
+    }
+    // The CRC was checked above only to tell damage apart from a layout mismatch; this checks
+    // it again while decoding.
+    match postcard::take_from_bytes_crc32::<Record>(&decoded, CRC32.digest()) {
+        Ok((record, [])) => Ok(record),
+        Ok((_, rest)) => Err(format!(
+            "{} bytes left after the record (written by another format version?)",
+            rest.len()
+        )),
+        Err(e) => Err(format!(
+            "CRC ok but the record does not decode (another format version?): {e}"
+        )),
+    }
+}
+
+/// Plain COBS decoding (postcard does not expose its `cobs` dependency). `None` on a malformed
+/// encoding: a zero byte, or a block running past the end.
+fn cobs_decode(src: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(src.len());
+    let mut i = 0;
+    while i < src.len() {
+        let code = src[i] as usize;
+        if code == 0 {
+            return None;
+        }
+        let end = i + code;
+        if end > src.len() {
+            return None;
+        }
+        let block = &src[i + 1..end];
+        if block.contains(&0) {
+            return None;
+        }
+        out.extend_from_slice(block);
+        i = end;
+        if code != 0xFF && i < src.len() {
+            out.push(0);
+        }
+    }
+    Some(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Header {
+    Valid,
+    /// Zero-length file.
+    Empty,
+    /// A strict prefix of a valid header: a crash while the file was being created.
+    Torn(u64),
+}
+
+fn expected_header() -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..MAGIC.len()].copy_from_slice(MAGIC);
+    h[MAGIC.len()] = FORMAT_VERSION;
+    h
+}
+
+fn read_header(mut file: &File, file_len: u64, path: &Path) -> Result<Header> {
+    if file_len == 0 {
+        return Ok(Header::Empty);
+    }
+    let n = file_len.min(HEADER_LEN as u64) as usize;
+    let mut buf = [0u8; HEADER_LEN];
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_exact(&mut buf[..n]))
+        .with_context(|| format!("reading the header of records log {}", path.display()))?;
+    let got = &buf[..n];
+    let expected = expected_header();
+    let magic_len = n.min(MAGIC.len());
+    if got[..magic_len] != MAGIC[..magic_len] {
+        bail!(
+            "{} is not an ma-device records log (starts with {:?}, expected {:?})",
+            path.display(),
+            String::from_utf8_lossy(&got[..magic_len]),
+            String::from_utf8_lossy(MAGIC)
+        );
+    }
+    if n < HEADER_LEN {
+        return Ok(Header::Torn(n as u64));
+    }
+    if got[MAGIC.len()] != expected[MAGIC.len()] {
+        bail!(
+            "records log {} has format version {}, this build reads and writes version {} only; \
+             move the file aside (a matching build can still export it)",
+            path.display(),
+            got[MAGIC.len()],
+            FORMAT_VERSION
+        );
+    }
+    Ok(Header::Valid)
+}
+
+/// Replaces whatever is in `file` (nothing, or a partial header) with a header and makes it
+/// durable, including the directory entry of a new file.
+fn write_fresh_header(mut file: &File, path: &Path, new_file: bool) -> Result<()> {
+    file.set_len(0)
+        .and_then(|()| file.write_all(&expected_header()))
+        .and_then(|()| file.sync_data())
+        .with_context(|| format!("writing the header of records log {}", path.display()))?;
+    if new_file {
+        sync_parent_dir(path)?;
+    }
+    Ok(())
+}
+
+/// Makes a new file's directory entry durable (fsync on the folder), so a power loss right
+/// after creation cannot lose the whole log.
+fn sync_parent_dir(path: &Path) -> Result<()> {
+    let parent = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(p) => p,
+        None => Path::new("."),
+    };
+    let result = File::open(parent).and_then(|d| d.sync_all());
+    match result {
+        Ok(()) => Ok(()),
+        // Some filesystems cannot fsync a folder; the file itself is synced, so go on.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => {
+            Err(e).with_context(|| format!("syncing the folder of records log {}", path.display()))
+        }
+    }
+}
+
+/// Reads frames from `reader` (positioned just after the header) to the end. Valid records go
+/// to `on_record`; corrupt and torn frames go into `report`. Returns the file length up to
+/// the end of the last complete frame.
+fn scan(
+    reader: &mut impl BufRead,
+    path: &Path,
+    report: &mut OpenReport,
+    on_record: &mut dyn FnMut(Record) -> Result<()>,
+) -> Result<u64> {
+    let mut chunk: Vec<u8> = Vec::new();
+    // True length of the current chunk; may exceed `chunk.len()` for an oversized chunk,
+    // whose bytes are not kept.
+    let mut chunk_len: u64 = 0;
+    let mut chunk_start = HEADER_LEN as u64;
+    let mut frame_no = 0u64;
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading records log {}", path.display()));
+            }
+        };
+        if buf.is_empty() {
+            break;
+        }
+        let (take, terminated) = match buf.iter().position(|&b| b == 0) {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        if chunk_len + (take as u64) <= MAX_FRAME_LEN as u64 {
+            chunk.extend_from_slice(&buf[..take]);
+        } else {
+            chunk = Vec::new();
+        }
+        chunk_len += take as u64;
+        reader.consume(take + usize::from(terminated));
+        if !terminated {
+            continue;
+        }
+        if chunk_len > 0 {
+            let outcome = if chunk_len > MAX_FRAME_LEN as u64 {
+                Err(format!("frame longer than the {MAX_FRAME_LEN}-byte limit"))
+            } else {
+                decode_frame(&chunk)
+            };
+            match outcome {
+                Ok(record) => {
+                    report.records_ok += 1;
+                    on_record(record)?;
+                }
+                Err(reason) => report.corrupt.push(CorruptFrame {
+                    frame: frame_no,
+                    offset: chunk_start,
+                    len: chunk_len,
+                    reason,
+                }),
+            }
+            frame_no += 1;
+        }
+        chunk_start += chunk_len + 1;
+        chunk.clear();
+        chunk_len = 0;
+    }
+    report.torn_bytes += chunk_len;
+    Ok(chunk_start)
+}
+
+/// The file operations an append needs; a trait so tests can fail them on purpose.
+trait AppendTarget {
+    /// One `write` call (no retry loop), so an append is a single syscall on an O_APPEND file.
+    fn write_once(&mut self, buf: &[u8]) -> io::Result<usize>;
+    fn sync_data(&mut self) -> io::Result<()>;
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+    fn current_len(&mut self) -> io::Result<u64>;
+}
+
+impl AppendTarget for File {
+    fn write_once(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+    fn current_len(&mut self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+}
+
+fn append_frame(
+    target: &mut impl AppendTarget,
+    state: &mut AppendState,
+    frame: &[u8],
+    path: &Path,
+) -> Result<()> {
+    let resync;
+    let bytes = if state.dirty {
+        if let Ok(len) = target.current_len() {
+            state.len = len;
+        }
+        resync = [&[0u8][..], frame].concat();
+        &resync[..]
+    } else {
+        frame
+    };
+    let start = state.len;
+    let failure = match target.write_once(bytes) {
+        Ok(n) if n == bytes.len() => match target.sync_data() {
+            Ok(()) => None,
+            Err(e) => Some(anyhow::Error::new(e).context(format!(
+                "syncing records log {} (record not saved)",
+                path.display()
+            ))),
+        },
+        Ok(n) => Some(anyhow!(
+            "short write to records log {}: {n} of {} bytes (disk full?); record not saved",
+            path.display(),
+            bytes.len()
+        )),
+        Err(e) => Some(anyhow::Error::new(e).context(format!(
+            "writing a record to records log {} (record not saved)",
+            path.display()
+        ))),
+    };
+    let Some(err) = failure else {
+        state.len = start + bytes.len() as u64;
+        state.dirty = false;
+        return Ok(());
+    };
+    // Cut off whatever part of the frame reached the file, so it cannot merge with the next.
+    match target.set_len(start).and_then(|()| target.sync_data()) {
+        Ok(()) => Err(err),
+        Err(cut) => {
+            state.dirty = true;
+            Err(err.context(format!(
+                "could not cut the partial record off {} either ({cut}); the next record starts \
+                 with a resync byte and readers skip the damaged one",
+                path.display()
+            )))
+        }
+    }
+}
+
+/// Writes one JSON object per line (the [`Record`] fields; `image_sha256` as hex).
+pub fn to_jsonl(records: &[Record], mut writer: impl Write) -> Result<()> {
+    for r in records {
+        serde_json::to_writer(&mut writer, r).context("writing a JSONL record")?;
+        writer.write_all(b"\n").context("writing a JSONL record")?;
+    }
+    writer.flush().context("writing JSONL records")
+}
+
+/// The CSV header row of [`to_csv`] (with its line end).
+pub const CSV_HEADER: &str = "time,frame,source,sha256,width,height,ma_count,refer,\
+model_version,board,elapsed_ms,error,detections\r\n";
+
+/// Writes a header row then one row per record (RFC 4180: CRLF line ends, fields with a comma,
+/// quote or line break quoted, quotes doubled). `time` is ISO-8601 UTC; `detections` is
+/// `x:y:score;...` (2, 2 and 4 decimals); JSONL has full precision.
+pub fn to_csv(records: &[Record], mut writer: impl Write) -> Result<()> {
+    writer
+        .write_all(CSV_HEADER.as_bytes())
+        .context("writing the CSV header")?;
+    for r in records {
+        writer
+            .write_all(csv_row(r).as_bytes())
+            .context("writing a CSV row")?;
+    }
+    writer.flush().context("writing CSV rows")
+}
+
+/// One CSV row of [`to_csv`], with its CRLF line end.
+pub fn csv_row(r: &Record) -> String {
+    let detections = r
+        .detections
+        .iter()
+        .map(|d| format!("{:.2}:{:.2}:{:.4}", d.x, d.y, d.score))
+        .collect::<Vec<_>>()
+        .join(";");
+    let fields = [
+        format_time_utc(r.time_unix_ms),
+        r.frame.to_string(),
+        r.source.clone(),
+        r.image_sha256.to_string(),
+        r.width.to_string(),
+        r.height.to_string(),
+        r.ma_count.to_string(),
+        r.refer.to_string(),
+        r.model_version.clone(),
+        r.board.clone(),
+        format!("{:.1}", r.elapsed_ms),
+        r.error.clone().unwrap_or_default(),
+        detections,
+    ];
+    let mut row = fields
+        .iter()
+        .map(|f| csv_field(f))
+        .collect::<Vec<_>>()
+        .join(",");
+    row.push_str("\r\n");
+    row
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// One human-readable line per record (numbered from 0 as in [`RecordLog::append`]'s index),
+/// each ending in a newline.
+pub fn list_summary(records: &[Record]) -> String {
+    let mut out = String::new();
+    for (i, r) in records.iter().enumerate() {
+        let mut line = format!(
+            "#{i} {} frame {} {} {}x{}",
+            format_time_utc(r.time_unix_ms),
+            r.frame,
+            r.source,
+            r.width,
+            r.height
+        );
+        match &r.error {
+            Some(e) => line.push_str(&format!(" FAILED: {}", e.replace(['\n', '\r'], " "))),
+            None => line.push_str(&format!(
+                " MAs {}{} ({} candidates)",
+                r.ma_count,
+                if r.refer { " REFER" } else { "" },
+                r.detections.len()
+            )),
+        }
+        line.push_str(&format!(
+            " {:.0} ms model {} board {} sha256 {}",
+            r.elapsed_ms,
+            r.model_version,
+            r.board,
+            &r.image_sha256.to_string()[..12]
+        ));
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+/// `2024-05-01T12:34:56.789Z` for milliseconds since the Unix epoch (proleptic Gregorian,
+/// UTC), without a date-time dependency.
+pub fn format_time_utc(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let ms = unix_ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+/// Year, month (1-12), day (1-31) of a day count since 1970-01-01 (H. Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11]
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32; // [1, 31]
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32; // [1, 12]
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: u64) -> Record {
+        Record {
+            time_unix_ms: 1_714_566_896_789 + i as i64,
+            frame: i,
+            source: format!("img{i}.png"),
+            image_sha256: ImageHash::of(&i.to_le_bytes()),
+            width: 1500,
+            height: 1152,
+            detections: (0..i % 5)
+                .map(|k| RecordDetection {
+                    x: k as f64 * 10.5,
+                    y: 3.25,
+                    score: 0.5,
+                })
+                .collect(),
+            refer: i.is_multiple_of(2),
+            ma_count: (i % 5) as u32,
+            model_version: "v1".into(),
+            board: "desktop-sim".into(),
+            elapsed_ms: 12.5,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn frame_round_trip_and_single_terminator() {
+        let r = record(3);
+        let frame = encode_frame(&r).unwrap();
+        assert_eq!(frame.last(), Some(&0));
+        assert_eq!(frame.iter().filter(|&&b| b == 0).count(), 1);
+        assert_eq!(decode_frame(&frame[..frame.len() - 1]).unwrap(), r);
+    }
+
+    #[test]
+    fn crc_is_iso_hdlc_over_the_payload() {
+        // The standard check value of CRC-32/ISO-HDLC.
+        assert_eq!(CRC32.checksum(b"123456789"), 0xCBF4_3926);
+        let r = record(1);
+        let frame = encode_frame(&r).unwrap();
+        let decoded = cobs_decode(&frame[..frame.len() - 1]).unwrap();
+        let payload = postcard::to_stdvec(&r).unwrap();
+        assert_eq!(&decoded[..payload.len()], &payload[..]);
+        assert_eq!(
+            decoded[payload.len()..],
+            CRC32.checksum(&payload).to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn cobs_decoder_matches_postcard_encoder() {
+        // Lengths around the 254-byte block boundary, with and without zeros.
+        for len in [0usize, 1, 2, 253, 254, 255, 256, 508, 509, 1000] {
+            for pattern in 0..3u8 {
+                let data: Vec<u8> = (0..len)
+                    .map(|i| match pattern {
+                        0 => 1 + (i % 255) as u8,
+                        1 => 0,
+                        _ => (i * 7 % 256) as u8,
+                    })
+                    .collect();
+                let enc = postcard::to_stdvec_cobs(&data).unwrap();
+                let dec = cobs_decode(&enc[..enc.len() - 1]).unwrap();
+                assert_eq!(dec, postcard::to_stdvec(&data).unwrap());
+            }
+        }
+        assert_eq!(cobs_decode(&[5, 1, 2]), None);
+        assert_eq!(cobs_decode(&[0]), None);
+    }
+
+    #[test]
+    fn decode_reports_damage() {
+        let frame = encode_frame(&record(4)).unwrap();
+        let body = &frame[..frame.len() - 1];
+        let mut bad = body.to_vec();
+        let mid = bad.len() / 2;
+        bad[mid] = if bad[mid] == 0x55 { 0x56 } else { 0x55 };
+        assert!(decode_frame(&bad).is_err());
+        assert!(decode_frame(&[1, 1]).unwrap_err().contains("too short"));
+    }
+
+    #[test]
+    fn hash_hex_and_json() {
+        let h = ImageHash::of(b"abc");
+        assert_eq!(
+            h.to_string(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            ImageHash::from_hex(&h.to_string().to_uppercase()).unwrap(),
+            h
+        );
+        assert!(ImageHash::from_hex("xyz").is_err());
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(json, format!("\"{h}\""));
+        assert_eq!(serde_json::from_str::<ImageHash>(&json).unwrap(), h);
+        assert_eq!(postcard::to_stdvec(&h).unwrap(), h.0.to_vec());
+    }
+
+    #[test]
+    fn time_formatting() {
+        assert_eq!(format_time_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_time_utc(1_714_566_896_789),
+            "2024-05-01T12:34:56.789Z"
+        );
+        assert_eq!(format_time_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(format_time_utc(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(
+            format_time_utc(4_107_542_399_000),
+            "2100-02-28T23:59:59.000Z"
+        );
+    }
+
+    #[test]
+    fn csv_quoting() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    }
+
+    /// Wraps a file and fails the write (after writing `partial` bytes) or the sync.
+    struct Failing<'a> {
+        file: &'a mut File,
+        partial: Option<usize>,
+        fail_sync: bool,
+        fail_truncate: bool,
+    }
+
+    impl AppendTarget for Failing<'_> {
+        fn write_once(&mut self, buf: &[u8]) -> io::Result<usize> {
+            match self.partial {
+                Some(n) => {
+                    self.file.write_all(&buf[..n])?;
+                    Err(io::Error::from_raw_os_error(28)) // ENOSPC
+                }
+                None => self.file.write_once(buf),
+            }
+        }
+        fn sync_data(&mut self) -> io::Result<()> {
+            if self.fail_sync {
+                Err(io::Error::other("sync failed"))
+            } else {
+                self.file.sync_data()
+            }
+        }
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            if self.fail_truncate {
+                Err(io::Error::other("truncate failed"))
+            } else {
+                AppendTarget::set_len(self.file, len)
+            }
+        }
+        fn current_len(&mut self) -> io::Result<u64> {
+            self.file.current_len()
+        }
+    }
+
+    #[test]
+    fn failed_write_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.log");
+        let (mut log, _) = RecordLog::open(&path).unwrap();
+        log.append(&record(0)).unwrap();
+        let frame = encode_frame(&record(1)).unwrap();
+        let mut target = Failing {
+            file: &mut log.file,
+            partial: Some(frame.len() / 2),
+            fail_sync: false,
+            fail_truncate: false,
+        };
+        let err = append_frame(&mut target, &mut log.state, &frame, &path).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("r.log") && msg.contains("not saved"), "{msg}");
+        assert!(!log.state.dirty);
+        log.append(&record(2)).unwrap();
+        let (records, report) = read_all(&path).unwrap();
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(records, vec![record(0), record(2)]);
+    }
+
+    #[test]
+    fn failed_sync_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.log");
+        let (mut log, _) = RecordLog::open(&path).unwrap();
+        let frame = encode_frame(&record(1)).unwrap();
+        let mut target = Failing {
+            file: &mut log.file,
+            partial: None,
+            fail_sync: true,
+            fail_truncate: false,
+        };
+        // The sync fails, and so does the sync after the cut: the state is dirty.
+        assert!(append_frame(&mut target, &mut log.state, &frame, &path).is_err());
+        log.append(&record(2)).unwrap();
+        let (records, _) = read_all(&path).unwrap();
+        assert_eq!(records.last(), Some(&record(2)));
+    }
+
+    #[test]
+    fn failed_cut_resyncs_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.log");
+        let (mut log, _) = RecordLog::open(&path).unwrap();
+        log.append(&record(0)).unwrap();
+        let frame = encode_frame(&record(1)).unwrap();
+        let mut target = Failing {
+            file: &mut log.file,
+            partial: Some(frame.len() / 2),
+            fail_sync: false,
+            fail_truncate: true,
+        };
+        let err = append_frame(&mut target, &mut log.state, &frame, &path).unwrap_err();
+        assert!(format!("{err:#}").contains("resync"), "{err:#}");
+        assert!(log.state.dirty);
+        log.append(&record(2)).unwrap();
+        assert!(!log.state.dirty);
+        let (records, report) = read_all(&path).unwrap();
+        assert_eq!(records, vec![record(0), record(2)]);
+        assert_eq!(report.corrupt_skipped(), 1, "{report}");
+        assert_eq!(report.corrupt[0].frame, 1);
+        // Reopening keeps both and reports the damaged frame.
+        drop(log);
+        let (_, report) = RecordLog::open(&path).unwrap();
+        assert_eq!(report.records_ok, 2);
+        assert_eq!(report.corrupt_skipped(), 1);
+    }
+
+    #[test]
+    fn second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.log");
+        let (_log, _) = RecordLog::open(&path).unwrap();
+        let err = RecordLog::open(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("in use"), "{err:#}");
+    }
+}
