@@ -11,14 +11,14 @@
 MA_CACHE_DIR="${MA_CACHE_DIR:-$HOME/.cache/ma-detector}"
 MA_VENV="$MA_CACHE_DIR/venv"
 MA_TORCH_VERSION="2.13.0"
-MA_PY_PACKAGES=("torch==$MA_TORCH_VERSION" "numpy")
+MA_PY_PACKAGES=("torch==$MA_TORCH_VERSION" "numpy" "onnx" "onnxruntime")
 
 ma_venv_ok() {
     [ -x "$MA_VENV/bin/python" ] &&
         "$MA_VENV/bin/python" - "$MA_TORCH_VERSION" <<'PY' 2>/dev/null
 import sys, importlib.metadata as md
 ok = md.version("torch").split("+")[0] == sys.argv[1]
-md.version("numpy")
+for p in ("numpy", "onnx", "onnxruntime"): md.version(p)
 sys.exit(0 if ok else 1)
 PY
 }

@@ -85,7 +85,7 @@ impl PatchGeometry {
     pub const DEFAULT: PatchGeometry = PatchGeometry { size: 101 };
 
     pub fn new(size: usize) -> anyhow::Result<Self> {
-        if size == 0 || size % 2 == 0 {
+        if size == 0 || size.is_multiple_of(2) {
             anyhow::bail!("patch size must be odd and positive, got {size}");
         }
         Ok(Self { size })

@@ -8,11 +8,17 @@
 //! identically (decoding, preprocessing, patch geometry, detection types), so a
 //! model sees the same numbers in the field as on the workstation.
 
+pub mod board;
+pub mod capture;
+pub mod cascade;
 pub mod detection;
+pub mod display;
 pub mod fov;
 pub mod geometry;
 pub mod image_io;
+pub mod manifest;
 pub mod mask;
 pub mod median;
 pub mod preprocess;
+pub mod records;
 pub mod synthetic;

@@ -237,11 +237,8 @@ fn background_grids(
             .iter()
             .zip(&count)
             .map(|(s, &n)| {
-                if n == 0 {
-                    0
-                } else {
-                    ((s[c] + n / 2) / n) as u8
-                }
+                // Rounded mean; empty cells (n = 0) are invalid and never read.
+                (s[c] + n / 2).checked_div(n).unwrap_or(0) as u8
             })
             .collect();
         // Cells with no FOV pixel in their window lie far outside the FOV, where the

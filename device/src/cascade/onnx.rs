@@ -1,0 +1,307 @@
+//! Running the exported CNNs with tract.
+//!
+//! Models are only loaded from bytes the manifest verified ([`Manifest::model_bytes`]).
+//! tract optimises for concrete shapes, so:
+//! - stage 1 (fully convolutional, symbolic height and width) is typed and decluttered
+//!   once, then optimised per input size; the plans of the last few sizes are cached
+//!   (canonical sizes differ a little between cameras, but one camera gives one size);
+//! - stage 2 is optimised once for a fixed batch; the last batch is padded with zeros.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail, ensure};
+use tract_onnx::prelude::*;
+
+use crate::geometry::{CHANNELS, Planes};
+use crate::manifest::{Manifest, Role, Variant};
+
+/// Optimised plans kept by [`Stage1Model`] (one per input size).
+const STAGE1_PLAN_CACHE: usize = 4;
+
+/// Default stage-2 batch: large enough to amortise per-call overhead, small enough that
+/// padding the last batch costs little.
+pub const STAGE2_BATCH: usize = 32;
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// Use `n` threads for tract's matrix products (process-wide).
+///
+/// `n <= 1` restores tract's own single-threaded executor rather than a one-thread pool:
+/// a one-thread pool has been reported to still use every core (sonos/tract#2894).
+pub fn set_threads(n: usize) {
+    use tract_linalg::multithread::{Executor, set_default_executor};
+    if n <= 1 {
+        set_default_executor(Executor::SingleThread);
+    } else {
+        set_default_executor(Executor::multithread(n));
+    }
+}
+
+/// Stage-1 output: MA probability of the patch whose top-left corner is input pixel
+/// `(stride * col, stride * row)`, i.e. centred on `(stride * col + patch_size / 2,
+/// stride * row + patch_size / 2)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbMap {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major, `width * height` MA probabilities.
+    pub data: Vec<f32>,
+    pub stride: usize,
+    /// Receptive field of one value.
+    pub patch_size: usize,
+}
+
+impl ProbMap {
+    pub fn get(&self, col: usize, row: usize) -> f32 {
+        self.data[row * self.width + col]
+    }
+
+    /// Input-pixel centre of the patch that value `(col, row)` classifies.
+    pub fn centre(&self, col: usize, row: usize) -> (usize, usize) {
+        let h = self.patch_size / 2;
+        (self.stride * col + h, self.stride * row + h)
+    }
+}
+
+/// `planes` with `pad` zero pixels on every side: with `pad = patch_size / 2`, the map
+/// value `(col, row)` is centred on pixel `(stride * col, stride * row)` of `planes`.
+pub fn pad_planes(planes: &Planes, pad: usize) -> Planes {
+    let (w, h) = (planes.width + 2 * pad, planes.height + 2 * pad);
+    let mut out = Planes::zeros(w, h);
+    for c in 0..CHANNELS {
+        let (src, dst) = (planes.channel(c), out.channel_mut(c));
+        for y in 0..planes.height {
+            let d = (y + pad) * w + pad;
+            dst[d..d + planes.width].copy_from_slice(&src[y * planes.width..][..planes.width]);
+        }
+    }
+    out
+}
+
+fn parse(bytes: &[u8], what: &str) -> Result<InferenceModel> {
+    tract_onnx::onnx()
+        .model_for_read(&mut Cursor::new(bytes))
+        .with_context(|| format!("parsing the {what} ONNX model"))
+}
+
+/// The stage-1 fully-convolutional net.
+pub struct Stage1Model {
+    /// Typed and decluttered with symbolic height and width.
+    model: TypedModel,
+    height: Symbol,
+    width: Symbol,
+    stride: usize,
+    patch_size: usize,
+    /// Most recently used first.
+    plans: Mutex<Vec<((usize, usize), Plan)>>,
+}
+
+impl Stage1Model {
+    /// Load the manifest's stage-1 model of `variant` (hash checked).
+    pub fn from_manifest(manifest: &Manifest, variant: Variant) -> Result<Self> {
+        let entry = manifest.entry(Role::Stage1, variant)?;
+        let bytes = manifest.verify_file(entry)?;
+        let stride = entry
+            .output_stride
+            .context("stage1 manifest entry has no output_stride")?;
+        Self::load(&bytes, stride, entry.patch_size)
+            .with_context(|| format!("loading {}", manifest.path_of(entry).display()))
+    }
+
+    /// Load from ONNX bytes; prefer [`Stage1Model::from_manifest`], which checks the hash.
+    pub fn load(bytes: &[u8], stride: usize, patch_size: usize) -> Result<Self> {
+        let model = parse(bytes, "stage-1")?;
+        let model = model
+            .into_typed()
+            .context("typing the stage-1 model")?
+            .into_decluttered()
+            .context("decluttering the stage-1 model")?;
+        let input = model.input_fact(0)?;
+        ensure!(
+            input.rank() == 4,
+            "stage-1 input must be NCHW, got {:?}",
+            input
+        );
+        let sym = |axis: usize, name: &str| -> Result<Symbol> {
+            match &input.shape[axis] {
+                TDim::Sym(s) => Ok(s.clone()),
+                d => bail!("stage-1 input {name} must be symbolic, got {d}"),
+            }
+        };
+        let (height, width) = (sym(2, "height")?, sym(3, "width")?);
+        Ok(Self {
+            model,
+            height,
+            width,
+            stride,
+            patch_size,
+            plans: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Output stride of the map.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    pub fn patch_size(&self) -> usize {
+        self.patch_size
+    }
+
+    fn plan(&self, height: usize, width: usize) -> Result<Plan> {
+        let key = (height, width);
+        {
+            let mut plans = self.plans.lock().unwrap();
+            if let Some(i) = plans.iter().position(|(k, _)| *k == key) {
+                let hit = plans.remove(i);
+                let plan = hit.1.clone();
+                plans.insert(0, hit);
+                return Ok(plan);
+            }
+        }
+        // Optimise outside the lock; a concurrent miss for the same size only wastes work.
+        let subs = HashMap::from([
+            (self.height.clone(), TDim::Val(height as i64)),
+            (self.width.clone(), TDim::Val(width as i64)),
+        ]);
+        let plan = self
+            .model
+            .set_symbols(&subs)
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .with_context(|| format!("optimising the stage-1 model for {width}x{height}"))?;
+        let mut plans = self.plans.lock().unwrap();
+        plans.insert(0, (key, plan.clone()));
+        plans.truncate(STAGE1_PLAN_CACHE);
+        Ok(plan)
+    }
+
+    /// MA probability map of `input`, taken as the network input as it is (see
+    /// [`pad_planes`] for centring the map on the image).
+    pub fn run(&self, input: &Planes) -> Result<ProbMap> {
+        let (w, h) = (input.width, input.height);
+        ensure!(
+            w >= self.patch_size && h >= self.patch_size,
+            "stage-1 input {w}x{h} is smaller than one {0}x{0} patch",
+            self.patch_size
+        );
+        ensure!(
+            input.data.len() == CHANNELS * w * h,
+            "planes hold {} values, {w}x{h}x{CHANNELS} expected",
+            input.data.len()
+        );
+        let plan = self.plan(h, w)?;
+        let tensor = Tensor::from_shape(&[1, CHANNELS, h, w], &input.data)?;
+        let out = plan
+            .run(tvec!(tensor.into()))
+            .with_context(|| format!("running stage 1 on {w}x{h}"))?;
+        let out = out[0].try_as_plain_ram()?;
+        let shape = out.shape().to_vec();
+        ensure!(
+            shape.len() == 4 && shape[0] == 1 && shape[1] == 2,
+            "stage-1 output has shape {shape:?}, [1, 2, H, W] expected"
+        );
+        let (mh, mw) = (shape[2], shape[3]);
+        let expect = |n: usize| (n - self.patch_size) / self.stride + 1;
+        ensure!(
+            (mh, mw) == (expect(h), expect(w)),
+            "stage-1 map is {mw}x{mh} for a {w}x{h} input; stride {} and patch {} give {}x{}",
+            self.stride,
+            self.patch_size,
+            expect(w),
+            expect(h)
+        );
+        let data = out.as_slice::<f32>()?[mh * mw..].to_vec();
+        Ok(ProbMap {
+            width: mw,
+            height: mh,
+            data,
+            stride: self.stride,
+            patch_size: self.patch_size,
+        })
+    }
+}
+
+/// The stage-2 patch classifier, optimised for a fixed batch.
+pub struct Stage2Model {
+    plan: Plan,
+    batch: usize,
+    patch_size: usize,
+}
+
+impl Stage2Model {
+    /// Load the manifest's stage-2 model of `variant` (hash checked).
+    pub fn from_manifest(manifest: &Manifest, variant: Variant, batch: usize) -> Result<Self> {
+        let entry = manifest.entry(Role::Stage2, variant)?;
+        let bytes = manifest.verify_file(entry)?;
+        Self::load(&bytes, batch, entry.patch_size)
+            .with_context(|| format!("loading {}", manifest.path_of(entry).display()))
+    }
+
+    /// Load from ONNX bytes; prefer [`Stage2Model::from_manifest`], which checks the hash.
+    pub fn load(bytes: &[u8], batch: usize, patch_size: usize) -> Result<Self> {
+        ensure!(batch > 0, "stage-2 batch must be positive");
+        let p = patch_size;
+        let plan = parse(bytes, "stage-2")?
+            .with_input_fact(0, f32::fact([batch, CHANNELS, p, p]).into())
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .with_context(|| format!("optimising the stage-2 model for batch {batch}"))?;
+        Ok(Self {
+            plan,
+            batch,
+            patch_size,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Values per patch (CHW).
+    pub fn patch_len(&self) -> usize {
+        CHANNELS * self.patch_size * self.patch_size
+    }
+
+    /// MA probability of each of the `n` patches in `patches` (`n` CHW patches back to
+    /// back, as `PatchGeometry::extract` writes them).
+    pub fn run(&self, patches: &[f32], n: usize) -> Result<Vec<f32>> {
+        let len = self.patch_len();
+        ensure!(
+            patches.len() == n * len,
+            "{} values for {n} patches of {len}",
+            patches.len()
+        );
+        let p = self.patch_size;
+        let mut probs = Vec::with_capacity(n);
+        let mut padded = Vec::new();
+        for chunk in patches.chunks(self.batch * len) {
+            let count = chunk.len() / len;
+            let full = if count == self.batch {
+                chunk
+            } else {
+                padded.clear();
+                padded.extend_from_slice(chunk);
+                padded.resize(self.batch * len, 0.0);
+                &padded
+            };
+            let tensor = Tensor::from_shape(&[self.batch, CHANNELS, p, p], full)?;
+            let out = self
+                .plan
+                .run(tvec!(tensor.into()))
+                .context("running stage 2")?;
+            let out = out[0].try_as_plain_ram()?;
+            ensure!(
+                out.shape() == [self.batch, 2],
+                "stage-2 output has shape {:?}, [{}, 2] expected",
+                out.shape(),
+                self.batch
+            );
+            let values = out.as_slice::<f32>()?;
+            probs.extend((0..count).map(|i| values[2 * i + 1]));
+        }
+        Ok(probs)
+    }
+}

@@ -1,0 +1,254 @@
+//! FROC curve plot to PNG.
+//!
+//! Text is drawn with DejaVu Sans embedded from the `dejavu` crate (Bitstream Vera licence,
+//! DejaVu changes public domain) through plotters' `ab_glyph` backend, so plotting works on
+//! machines without any system fonts.
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{Context, Result, anyhow};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::{FontStyle, register_font};
+
+use crate::froc::{FP_RATES, FrocReport};
+
+/// Width and height of the PNG in pixels.
+pub const PLOT_SIZE: (u32, u32) = (900, 640);
+
+/// Font family name the plot registers and uses.
+const FONT: &str = "sans-serif";
+
+/// x axis in log2(FP/image): a little room left of 1/16 (where 0 FP/image is drawn) and
+/// right of 8.
+const X_MIN: f64 = -4.25;
+const X_MAX: f64 = 3.5;
+
+static FONTS: Once = Once::new();
+
+fn register_fonts() -> Result<()> {
+    let mut ok = true;
+    FONTS.call_once(|| {
+        ok = register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_ok()
+            && register_font(FONT, FontStyle::Bold, dejavu::sans::bold()).is_ok();
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!("the embedded DejaVu Sans font could not be parsed"))
+    }
+}
+
+/// x position of an FP/image rate; 0 (and anything below 1/16) sits at the left edge.
+fn x_of(fp_per_image: f64) -> f64 {
+    if fp_per_image <= 0.0 {
+        X_MIN
+    } else {
+        fp_per_image.log2().max(X_MIN)
+    }
+}
+
+fn rate_label(log2: f64) -> String {
+    let e = log2.round() as i32;
+    if e >= 0 {
+        format!("{}", 1 << e)
+    } else {
+        format!("1/{}", 1 << -e)
+    }
+}
+
+/// The curve as the step function "best sensitivity at FP/image <= x", in plot coordinates,
+/// cut at the right edge.
+fn staircase(report: &FrocReport) -> Vec<(f64, f64)> {
+    let mut points = vec![(X_MIN, report.curve[0].sensitivity)];
+    let mut level = report.curve[0].sensitivity;
+    for p in &report.curve[1..] {
+        let x = x_of(p.fp_per_image);
+        if x > X_MAX {
+            break;
+        }
+        points.push((x, level));
+        points.push((x, p.sensitivity));
+        level = p.sensitivity;
+    }
+    points.push((X_MAX, level));
+    points
+}
+
+/// Draw the FROC curve of `report` with markers at the CPM points and a title naming
+/// `dataset` and the CPM, to a PNG of [`PLOT_SIZE`] at `path`.
+pub fn write_froc_png(path: &Path, report: &FrocReport, dataset: &str) -> Result<()> {
+    register_fonts()?;
+    draw(path, report, dataset)
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("cannot write FROC plot {}", path.display()))
+}
+
+fn draw(
+    path: &Path,
+    report: &FrocReport,
+    dataset: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let root = BitMapBackend::new(path, PLOT_SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title = format!(
+        "FROC, {dataset}: CPM {:.3} ({} images, {} lesions)",
+        report.cpm, report.images, report.lesions
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 24).into_font().style(FontStyle::Bold))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(60)
+        .build_cartesian_2d(X_MIN..X_MAX, 0.0..1.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("false positives per image")
+        .y_desc("sensitivity (lesion level)")
+        // At most 9 labels over a span of 7.75 makes plotters pick the integers -4..=3.
+        .x_labels(9)
+        .y_labels(11)
+        .x_label_formatter(&|v| rate_label(*v))
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .label_style((FONT, 16))
+        .axis_desc_style((FONT, 18))
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.15))
+        .draw()?;
+
+    let curve_colour = RGBColor(31, 119, 180);
+    let marker_colour = RGBColor(214, 39, 40);
+    chart
+        .draw_series(LineSeries::new(
+            staircase(report),
+            curve_colour.stroke_width(2),
+        ))?
+        .label("FROC curve")
+        .legend(move |(x, y)| {
+            PathElement::new([(x, y), (x + 20, y)], curve_colour.stroke_width(2))
+        });
+
+    let marks: Vec<(f64, f64)> = FP_RATES
+        .iter()
+        .zip(&report.sensitivities)
+        .map(|(&f, p)| (f.log2(), p.sensitivity))
+        .collect();
+    chart
+        .draw_series(
+            marks
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 5, marker_colour.filled())),
+        )?
+        .label("sensitivity at 1/8 ... 8 FP/image")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 5, marker_colour.filled()));
+    chart.draw_series(marks.iter().map(|&(x, y)| {
+        // Value labels above the markers, kept inside the plot at the top.
+        let pos = (x, (y + 0.025).min(0.97));
+        let style = (FONT, 14)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Bottom));
+        Text::new(format!("{y:.2}"), pos, style)
+    }))?;
+
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font((FONT, 15))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.4))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::froc::ImageOutcome;
+    use crate::ground_truth::{GroundTruth, Lesion};
+    use ma_device::detection::Detection;
+
+    fn sample_report() -> FrocReport {
+        let truth = GroundTruth {
+            width: 200,
+            height: 200,
+            lesions: (0..10)
+                .map(|i| Lesion {
+                    pixels: vec![(10 + 18 * i, 20)],
+                })
+                .collect(),
+            uncertain: None,
+        };
+        // Lesion i found with score 1 - i/20, and FPs interleaved.
+        let mut dets: Vec<Detection> = (0..10)
+            .map(|i| Detection {
+                x: 10.0 + 18.0 * i as f64,
+                y: 20.0,
+                score: 1.0 - i as f64 / 20.0,
+            })
+            .collect();
+        dets.extend((0..30).map(|k| Detection {
+            x: 5.0 + 6.0 * k as f64,
+            y: 150.0,
+            score: 0.97 - k as f64 / 40.0,
+        }));
+        let outcomes = vec![
+            ImageOutcome::score("a", &truth, &dets).unwrap(),
+            ImageOutcome::score("b", &truth, &dets[..5]).unwrap(),
+        ];
+        FrocReport::from_outcomes(&outcomes).unwrap()
+    }
+
+    #[test]
+    fn writes_a_non_blank_png_of_the_expected_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("froc.png");
+        let report = sample_report();
+        write_froc_png(&path, &report, "unit test").unwrap();
+
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "not a PNG signature"
+        );
+        let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), PLOT_SIZE);
+        let white = img.pixels().filter(|p| p.0 == [255, 255, 255]).count();
+        let total = (PLOT_SIZE.0 * PLOT_SIZE.1) as usize;
+        assert!(white < total * 98 / 100, "plot is (nearly) blank");
+        // The curve colour and the marker colour are both present.
+        assert!(img.pixels().any(|p| p.0 == [31, 119, 180]));
+        assert!(img.pixels().any(|p| p.0 == [214, 39, 40]));
+        // Text was rendered: dark pixels in the title band.
+        let title_dark = (0..PLOT_SIZE.0)
+            .flat_map(|x| (0..40).map(move |y| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&c| c < 100))
+            .count();
+        assert!(
+            title_dark > 200,
+            "no title text drawn ({title_dark} dark pixels)"
+        );
+
+        if let Ok(dir) = std::env::var("MA_KEEP_PLOT") {
+            std::fs::copy(&path, Path::new(&dir).join("froc-unit.png")).unwrap();
+        }
+    }
+
+    #[test]
+    fn staircase_starts_left_and_ends_right() {
+        let report = sample_report();
+        let s = staircase(&report);
+        assert_eq!(s.first().unwrap().0, X_MIN);
+        assert_eq!(s.last().unwrap().0, X_MAX);
+        assert!(s.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+    }
+
+    #[test]
+    fn rate_labels() {
+        assert_eq!(rate_label(-4.0), "1/16");
+        assert_eq!(rate_label(0.0), "1");
+        assert_eq!(rate_label(3.0), "8");
+    }
+}
