@@ -1,0 +1,466 @@
+//! ONNX export of the two CNNs for the device.
+//!
+//! `tch` has no ONNX exporter, so the graph is written from [`Stage::layers`] (the same
+//! description that builds the training net) with tract-onnx's protobuf types. Only ops
+//! that both tract (device) and onnxruntime (reference check) implement are used: Conv,
+//! LeakyRelu, MaxPool, Flatten, Gemm, Softmax and, for int8 weights, DequantizeLinear.
+//!
+//! Layout:
+//! - stage 1: input `image` float `[1, 3, height, width]` (symbolic H and W, the net is
+//!   fully convolutional), output `prob` = Softmax over axis 1 of the logits,
+//!   `[1, 2, map_height, map_width]`, channel 1 = MA probability, output stride 8.
+//! - stage 2: input `patches` float `[batch, 3, 101, 101]`, output `prob` `[batch, 2]`.
+//!
+//! Dropout is the identity at inference and is not written.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use prost::Message;
+use tch::{Device, Kind, Tensor};
+use tract_onnx::pb;
+use tract_onnx::pb::tensor_proto::DataType;
+use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
+
+use crate::nets::{Layer, Stage};
+
+/// ONNX IR version written (IR 8 goes with opsets up to 17; onnxruntime and tract read it).
+pub const IR_VERSION: i64 = 8;
+/// Default-domain opset: 13 is the first with per-axis DequantizeLinear and Softmax over
+/// a single axis (the older Softmax flattened every axis from `axis` on).
+pub const OPSET: i64 = 13;
+/// LeakyReLU slope of [`Layer::LeakyRelu`] (tch's default).
+pub const LEAKY_RELU_ALPHA: f32 = 0.01;
+/// Side of the square patch both nets classify.
+pub const PATCH_SIZE: i64 = 101;
+
+/// How weights are stored in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Everything float32.
+    Float,
+    /// Conv and Gemm weights as int8 with a float scale per output channel (symmetric,
+    /// zero point 0) feeding `DequantizeLinear`; biases float. The runtime folds the
+    /// dequantisation into float weights at load: a 4x smaller file, float speed.
+    Int8Weights,
+}
+
+impl WeightFormat {
+    /// Name used in file names and the manifest (`variant`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Float => "float",
+            WeightFormat::Int8Weights => "int8",
+        }
+    }
+}
+
+/// Graph input and output names.
+pub fn input_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Basic => "image",
+        Stage::Final => "patches",
+    }
+}
+
+pub const OUTPUT_NAME: &str = "prob";
+
+/// The ONNX model of `stage` with the weights of `vs`.
+///
+/// The net must have been built on the var store's root (`Net::new(&vs.root(), stage)`),
+/// so its variables are named `<layer>.weight` / `<layer>.bias`.
+pub fn onnx_model(
+    stage: Stage,
+    vs: &tch::nn::VarStore,
+    weights: WeightFormat,
+) -> Result<pb::ModelProto> {
+    let vars = vs.variables();
+    let mut b = GraphBuilder::default();
+    let input = input_name(stage);
+    let mut x = input.to_string();
+    let layers: Vec<Layer> = stage.layers();
+    for (i, layer) in layers.iter().enumerate() {
+        let out = format!("t{i}");
+        match *layer {
+            Layer::Conv {
+                name,
+                in_channels,
+                out_channels,
+                kernel,
+                pad,
+            } => {
+                let (w, bias) = b.weights(
+                    &vars,
+                    name,
+                    &[out_channels, in_channels, kernel, kernel],
+                    weights,
+                )?;
+                b.node(
+                    "Conv",
+                    name,
+                    &[&x, &w, &bias],
+                    &out,
+                    vec![
+                        ints("kernel_shape", &[kernel, kernel]),
+                        ints("pads", &[pad, pad, pad, pad]),
+                        ints("strides", &[1, 1]),
+                        ints("dilations", &[1, 1]),
+                        int("group", 1),
+                    ],
+                );
+            }
+            Layer::Linear {
+                name,
+                inputs,
+                outputs,
+            } => {
+                // tch stores Linear weights [out, in] and computes x W^T + b: Gemm transB.
+                let (w, bias) = b.weights(&vars, name, &[outputs, inputs], weights)?;
+                b.node(
+                    "Gemm",
+                    name,
+                    &[&x, &w, &bias],
+                    &out,
+                    vec![
+                        float("alpha", 1.0),
+                        float("beta", 1.0),
+                        int("transA", 0),
+                        int("transB", 1),
+                    ],
+                );
+            }
+            Layer::LeakyRelu => b.node(
+                "LeakyRelu",
+                &format!("leaky_relu{i}"),
+                &[&x],
+                &out,
+                vec![float("alpha", LEAKY_RELU_ALPHA)],
+            ),
+            Layer::MaxPool2 => b.node(
+                "MaxPool",
+                &format!("max_pool{i}"),
+                &[&x],
+                &out,
+                vec![
+                    ints("kernel_shape", &[2, 2]),
+                    ints("strides", &[2, 2]),
+                    ints("pads", &[0, 0, 0, 0]),
+                    int("ceil_mode", 0),
+                ],
+            ),
+            Layer::Flatten => b.node(
+                "Flatten",
+                &format!("flatten{i}"),
+                &[&x],
+                &out,
+                vec![int("axis", 1)],
+            ),
+            Layer::Dropout(_) => continue,
+        }
+        x = out;
+    }
+    b.node(
+        "Softmax",
+        "softmax",
+        &[&x],
+        OUTPUT_NAME,
+        vec![int("axis", 1)],
+    );
+    b.check_all_used(&vars)?;
+
+    let (input_dims, output_dims) = match stage {
+        Stage::Basic => (
+            vec![val(1), val(3), param("height"), param("width")],
+            vec![val(1), val(2), param("map_height"), param("map_width")],
+        ),
+        Stage::Final => (
+            vec![param("batch"), val(3), val(PATCH_SIZE), val(PATCH_SIZE)],
+            vec![param("batch"), val(2)],
+        ),
+    };
+    let graph = pb::GraphProto {
+        name: format!("ma_{}", stage.name()),
+        node: b.nodes,
+        initializer: b.initializers,
+        input: vec![value_info(input, input_dims)],
+        output: vec![value_info(OUTPUT_NAME, output_dims)],
+        doc_string: match stage {
+            Stage::Basic => "Stage 1: MA probability map (channel 1), output stride 8, \
+                             receptive field 101x101"
+                .into(),
+            Stage::Final => "Stage 2: MA probability (column 1) of 101x101 patches".into(),
+        },
+        ..Default::default()
+    };
+    let mut metadata = vec![
+        meta("stage", stage.name()),
+        meta("weights", weights.name()),
+        meta("patch_size", &PATCH_SIZE.to_string()),
+    ];
+    if stage == Stage::Basic {
+        metadata.push(meta("output_stride", &Stage::BASIC_STRIDE.to_string()));
+    }
+    Ok(pb::ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "ma-trainer".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: "Microaneurysm detector CNN; research use only".into(),
+        graph: Some(graph),
+        metadata_props: metadata,
+        ..Default::default()
+    })
+}
+
+/// Encode `model` to `path`.
+pub fn write_onnx(path: impl AsRef<Path>, model: &pb::ModelProto) -> Result<()> {
+    let path = path.as_ref();
+    std::fs::write(path, model.encode_to_vec())
+        .with_context(|| format!("writing ONNX model {}", path.display()))
+}
+
+/// Symmetric per-output-channel int8 quantisation of a weight whose first axis is the
+/// output channel: `(values, scales)` with `w ~= q * scale`, `q` in -127..=127.
+///
+/// -128 is left unused so the range is symmetric; an all-zero channel gets scale 1.
+pub fn quantize_per_channel(data: &[f32], out_channels: usize) -> (Vec<i8>, Vec<f32>) {
+    assert!(
+        out_channels > 0 && data.len().is_multiple_of(out_channels),
+        "weight of {} values does not split into {out_channels} channels",
+        data.len()
+    );
+    let per = data.len() / out_channels;
+    let mut q = Vec::with_capacity(data.len());
+    let mut scales = Vec::with_capacity(out_channels);
+    for channel in data.chunks(per) {
+        let max = channel.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        q.extend(
+            channel
+                .iter()
+                .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8),
+        );
+        scales.push(scale);
+    }
+    (q, scales)
+}
+
+/// What `DequantizeLinear` computes from [`quantize_per_channel`]'s output.
+pub fn dequantize_per_channel(q: &[i8], scales: &[f32]) -> Vec<f32> {
+    let per = q.len() / scales.len();
+    q.chunks(per)
+        .zip(scales)
+        .flat_map(|(c, &s)| c.iter().map(move |&v| v as f32 * s))
+        .collect()
+}
+
+/// A tensor of the var store as a flat f32 vector, checking its shape.
+pub fn tensor_values(vars: &HashMap<String, Tensor>, name: &str, dims: &[i64]) -> Result<Vec<f32>> {
+    let t = vars.get(name).with_context(|| {
+        let mut names: Vec<_> = vars.keys().collect();
+        names.sort();
+        format!("var store has no `{name}` (has {names:?}); build the net on the root path")
+    })?;
+    ensure!(
+        t.size() == dims,
+        "`{name}` has shape {:?}, the layer description wants {dims:?}",
+        t.size()
+    );
+    let flat = t
+        .detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous()
+        .flatten(0, -1);
+    Vec::<f32>::try_from(&flat).with_context(|| format!("reading `{name}`"))
+}
+
+#[derive(Default)]
+struct GraphBuilder {
+    nodes: Vec<pb::NodeProto>,
+    initializers: Vec<pb::TensorProto>,
+    used: Vec<String>,
+}
+
+impl GraphBuilder {
+    fn node(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[&str],
+        output: &str,
+        attribute: Vec<pb::AttributeProto>,
+    ) {
+        self.nodes.push(pb::NodeProto {
+            op_type: op.into(),
+            name: name.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            attribute,
+            ..Default::default()
+        });
+    }
+
+    /// Adds the weight and bias of layer `name` and returns the names of the tensors the
+    /// layer's node reads.
+    fn weights(
+        &mut self,
+        vars: &HashMap<String, Tensor>,
+        name: &str,
+        dims: &[i64],
+        format: WeightFormat,
+    ) -> Result<(String, String)> {
+        let (w_name, b_name) = (format!("{name}.weight"), format!("{name}.bias"));
+        let w = tensor_values(vars, &w_name, dims)?;
+        let bias = tensor_values(vars, &b_name, &dims[..1])?;
+        if let Some(bad) = w.iter().chain(&bias).find(|v| !v.is_finite()) {
+            bail!("layer `{name}` has a non-finite weight ({bad}); refusing to export");
+        }
+        self.used.extend([w_name.clone(), b_name.clone()]);
+        self.initializers
+            .push(float_tensor(&b_name, &dims[..1], &bias));
+        match format {
+            WeightFormat::Float => self.initializers.push(float_tensor(&w_name, dims, &w)),
+            WeightFormat::Int8Weights => {
+                let out = dims[0];
+                let (q, scales) = quantize_per_channel(&w, out as usize);
+                let (q_name, s_name, z_name) = (
+                    format!("{w_name}_quantized"),
+                    format!("{w_name}_scale"),
+                    format!("{w_name}_zero_point"),
+                );
+                self.initializers.push(pb::TensorProto {
+                    name: q_name.clone(),
+                    dims: dims.to_vec(),
+                    data_type: DataType::Int8 as i32,
+                    raw_data: q.iter().map(|&v| v as u8).collect(),
+                    ..Default::default()
+                });
+                self.initializers
+                    .push(float_tensor(&s_name, &[out], &scales));
+                self.initializers.push(pb::TensorProto {
+                    name: z_name.clone(),
+                    dims: vec![out],
+                    data_type: DataType::Int8 as i32,
+                    raw_data: vec![0; out as usize],
+                    ..Default::default()
+                });
+                // The node's output takes the float weight's name, so the Conv/Gemm node
+                // is the same in both formats.
+                self.node(
+                    "DequantizeLinear",
+                    &format!("{w_name}_dequantize"),
+                    &[&q_name, &s_name, &z_name],
+                    &w_name,
+                    vec![int("axis", 0)],
+                );
+            }
+        }
+        Ok((w_name, b_name))
+    }
+
+    /// Every variable of the var store must be in the graph: a leftover means the
+    /// layer description and the trained net disagree.
+    fn check_all_used(&self, vars: &HashMap<String, Tensor>) -> Result<()> {
+        let mut unused: Vec<_> = vars.keys().filter(|k| !self.used.contains(k)).collect();
+        unused.sort();
+        ensure!(
+            unused.is_empty(),
+            "var store has variables the layer description does not use: {unused:?}"
+        );
+        Ok(())
+    }
+}
+
+fn float_tensor(name: &str, dims: &[i64], data: &[f32]) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Float as i32,
+        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+fn value_info(name: &str, dims: Vec<Dimension>) -> pb::ValueInfoProto {
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(pb::TensorShapeProto { dim: dims }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn val(v: i64) -> Dimension {
+    Dimension {
+        value: Some(dimension::Value::DimValue(v)),
+        ..Default::default()
+    }
+}
+
+fn param(name: &str) -> Dimension {
+    Dimension {
+        value: Some(dimension::Value::DimParam(name.into())),
+        ..Default::default()
+    }
+}
+
+fn meta(key: &str, value: &str) -> pb::StringStringEntryProto {
+    pb::StringStringEntryProto {
+        key: key.into(),
+        value: value.into(),
+    }
+}
+
+fn int(name: &str, i: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn float(name: &str, f: f32) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Float as i32,
+        f,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantisation_round_trips_within_half_a_step() {
+        let w = [0.5f32, -1.0, 0.25, 0.0, 0.0, 0.0, 3.0, -0.1, 0.2];
+        let (q, s) = quantize_per_channel(&w, 3);
+        assert_eq!(q[1], -127);
+        assert_eq!(s[1], 1.0, "all-zero channel");
+        let back = dequantize_per_channel(&q, &s);
+        for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+            assert!((a - b).abs() <= s[i / 3] / 2.0 + 1e-7, "{a} vs {b}");
+        }
+    }
+}

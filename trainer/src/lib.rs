@@ -1,0 +1,14 @@
+//! `ma-trainer`: dataset readers, FROC evaluation and (with `tch`) the two-stage training.
+
+pub mod cv;
+pub mod datasets;
+pub mod eval;
+pub mod export;
+pub mod froc;
+pub mod ground_truth;
+pub mod nets;
+pub mod patches;
+pub mod pipeline;
+pub mod plot;
+pub mod prepare;
+pub mod train;

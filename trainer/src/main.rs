@@ -1,0 +1,264 @@
+//! `ma-trainer` command line. Kept thin: each subcommand parses its arguments and calls the
+//! library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ma_device::preprocess::PreprocessConfig;
+use ma_trainer::cv::cross_validate;
+use ma_trainer::datasets::{Dataset, LoadOptions};
+use ma_trainer::datasets::{DatasetKind, Split};
+use ma_trainer::eval::{self, EvalOptions};
+use ma_trainer::pipeline::{PipelineConfig, train_cascade};
+use ma_trainer::prepare::{PreparedImage, prepare_all};
+
+#[derive(Parser)]
+#[command(
+    name = "ma-trainer",
+    version,
+    about = "Microaneurysm detector: training, dataset readers and FROC evaluation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score a `ma-device detect` output file against a dataset's ground truth (lesion-level
+    /// FROC, CPM and image-level AUC).
+    #[command(
+        long_about = "Score a `ma-device detect` output file against a dataset's ground \
+        truth.\n\nA detection within 5 px of a lesion (or inside it) finds that lesion; each \
+        lesion counts once, with its best score. DiaretDB1 'uncertain' pixels are ignored; \
+        every other detection, and any outside the image, is a false positive. Reports the \
+        sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per image, their mean \
+        (CPM), the image-level AUC and operating score thresholds.\n\nDetection lines are \
+        matched to dataset images by file name. Every image of the dataset (or split) needs \
+        one successful line; lines for other images are ignored and counted."
+    )]
+    Eval(EvalArgs),
+    /// Train both stages of the cascade on a dataset (all images of the split).
+    ///
+    /// Stage 1 (basic CNN) learns from balanced MA / non-MA patches with a fresh negative
+    /// draw every epoch; its false alarms on the training images become the hard
+    /// negatives of stage 2 (final CNN). Checkpoints are written every epoch to
+    /// OUT/checkpoints; the trained weights to OUT/stage1.safetensors and
+    /// OUT/stage2.safetensors. Runs on CUDA when available, else CPU.
+    Train(TrainArgs),
+    /// K-fold cross-validation: train on K-1 folds, score the held-out fold with the
+    /// lesion-level FROC rules, for every fold; prints per-fold and mean CPM and the
+    /// recall of stage-1 candidates against candidates per image.
+    Cv {
+        #[command(flatten)]
+        train: TrainArgs,
+        /// Number of folds (image i, in name order, is in fold i mod K).
+        #[arg(long, default_value_t = 4)]
+        folds: usize,
+        /// Run only this fold (1-based), e.g. to spread a long CV over several sessions.
+        #[arg(long)]
+        fold: Option<usize>,
+    },
+    /// Show the libtorch device training would use, CUDA availability and torch threads.
+    Info,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Which dataset reader to use for --root.
+    #[arg(long, value_enum)]
+    dataset: DatasetKind,
+    /// Dataset root folder, laid out as its publisher ships it (e.g.
+    /// ../shared/datasets/diaretdb1).
+    #[arg(long)]
+    root: PathBuf,
+    /// DiaretDB1 only: score this published split; omit for every image the dataset has.
+    #[arg(long, value_enum)]
+    split: Option<Split>,
+    /// JSONL file written by `ma-device detect` (one line per image, every candidate with
+    /// its score).
+    #[arg(long)]
+    detections: PathBuf,
+    /// DiaretDB1 only: a pixel belongs to an MA when its fused expert confidence
+    /// (value/252) is at least this; pixels with lower non-zero confidence are uncertain and
+    /// ignored.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f64,
+    /// Also write the FROC curve to this PNG file.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
+    /// Also print a table of counts per image.
+    #[arg(long)]
+    per_image: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Which dataset reader to use for --root.
+    #[arg(long, value_enum, default_value = "diaretdb1")]
+    dataset: DatasetKind,
+    /// Dataset root folder (e.g. ../shared/datasets/diaretdb1).
+    #[arg(long)]
+    root: PathBuf,
+    /// DiaretDB1 only: the published split to train on.
+    #[arg(long, value_enum, default_value = "train")]
+    split: Split,
+    /// DiaretDB1 only: fused-confidence threshold that makes a pixel part of an MA.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f64,
+    /// Output folder for checkpoints, weights and reports.
+    #[arg(long)]
+    out: PathBuf,
+    /// Epochs of stage 1.
+    #[arg(long, default_value_t = 8)]
+    epochs1: usize,
+    /// Epochs of stage 2.
+    #[arg(long, default_value_t = 8)]
+    epochs2: usize,
+    /// Positives drawn per lesion and epoch (each differently shifted and augmented).
+    #[arg(long, default_value_t = 8)]
+    repeats: usize,
+    /// Seed of everything random (sampling, augmentation, initialisation, dropout).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Continue from the last checkpoint in OUT instead of starting over.
+    #[arg(long)]
+    resume: bool,
+}
+
+impl TrainArgs {
+    fn pipeline(&self) -> PipelineConfig {
+        let mut cfg = PipelineConfig::default();
+        cfg.stage1.epochs = self.epochs1;
+        cfg.stage2.epochs = self.epochs2;
+        cfg.stage1.seed = self.seed;
+        cfg.stage2.seed = self.seed + 1;
+        cfg.positive_repeats = self.repeats;
+        cfg
+    }
+
+    fn prepare(&self) -> Result<Vec<PreparedImage>> {
+        let split = (self.dataset == DatasetKind::Diaretdb1).then_some(self.split);
+        let opts = LoadOptions {
+            split,
+            confidence_threshold: self.threshold,
+        };
+        let dataset = Dataset::load(self.dataset, &self.root, &opts)?;
+        if dataset.images.iter().any(|i| !i.has_truth()) {
+            anyhow::bail!(
+                "training needs ground truth: the {} dataset at {} has none",
+                self.dataset,
+                self.root.display()
+            );
+        }
+        prepare_all(&dataset.images, &PreprocessConfig::default())
+    }
+}
+
+fn train(a: &TrainArgs) -> Result<()> {
+    let started = Instant::now();
+    let images = a.prepare()?;
+    let all: Vec<usize> = (0..images.len()).collect();
+    let cascade = train_cascade(&images, &all, &[], &a.pipeline(), &a.out, a.resume)?;
+    for (stage, (vs, _)) in [("stage1", &cascade.stage1), ("stage2", &cascade.stage2)] {
+        let path = a.out.join(format!("{stage}.safetensors"));
+        vs.save(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{stage} weights: {}", path.display());
+    }
+    println!(
+        "trained on {} images in {:.1} min",
+        images.len(),
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
+    let started = Instant::now();
+    let images = a.prepare()?;
+    if fold == Some(0) {
+        anyhow::bail!("--fold counts from 1");
+    }
+    let results = cross_validate(
+        &images,
+        folds,
+        fold.map(|f| f - 1),
+        &a.pipeline(),
+        &a.out,
+        a.resume,
+    )?;
+    println!("fold  images  lesions  CPM    recall@50  recall@100  recall@150  minutes");
+    for r in &results {
+        let at = |k| {
+            r.recall
+                .iter()
+                .find(|(kk, _)| *kk == k)
+                .map_or(f64::NAN, |(_, v)| *v)
+        };
+        println!(
+            "{:>4}  {:>6}  {:>7}  {:.3}  {:>9.3}  {:>10.3}  {:>10.3}  {:>7.1}",
+            r.fold + 1,
+            r.report.images,
+            r.report.lesions,
+            r.report.cpm,
+            at(50),
+            at(100),
+            at(150),
+            r.seconds / 60.0
+        );
+    }
+    let mean = results.iter().map(|r| r.report.cpm).sum::<f64>() / results.len() as f64;
+    println!("mean CPM over {} fold(s): {mean:.3}", results.len());
+    println!(
+        "held-out detections are in {} (score with `ma-trainer eval`)",
+        a.out.display()
+    );
+    println!("total {:.1} min", started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}
+
+fn info() {
+    let device = tch::Device::cuda_if_available();
+    println!("training device: {device:?}");
+    println!("CUDA available: {}", tch::Cuda::is_available());
+    println!("CUDA devices: {}", tch::Cuda::device_count());
+    println!("cuDNN available: {}", tch::Cuda::cudnn_is_available());
+    println!("torch threads: {}", tch::get_num_threads());
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Eval(a) => {
+            let opts = EvalOptions {
+                kind: a.dataset,
+                root: a.root,
+                split: a.split,
+                detections: a.detections,
+                confidence_threshold: a.threshold,
+                progress: true,
+            };
+            eval::run(&opts, a.plot.as_deref(), a.per_image)
+        }
+        Command::Train(a) => train(&a),
+        Command::Cv { train, folds, fold } => cv(&train, folds, fold),
+        Command::Info => {
+            info();
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ma-trainer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
