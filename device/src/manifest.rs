@@ -33,6 +33,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::cascade::candidates::CandidateConfig;
 use crate::preprocess::PreprocessConfig;
 
 /// File name of the manifest inside the models folder.
@@ -145,7 +146,8 @@ pub struct PreprocessParams {
     pub clip: f32,
 }
 
-/// Stage-1 candidate extraction parameters (used by `cascade::candidates`).
+/// Stage-1 candidate extraction parameters: a stored
+/// [`crate::cascade::candidates::CandidateConfig`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stage1Params {
@@ -153,8 +155,32 @@ pub struct Stage1Params {
     pub threshold: f32,
     /// At most this many candidates per image (highest first).
     pub max_candidates: usize,
-    /// Non-maximum suppression radius, canonical pixels.
-    pub nms_radius: f32,
+    /// Refinement searches this many canonical pixels around a map cell's centre.
+    pub search_radius: usize,
+    /// Candidates closer than this (canonical pixels) are merged.
+    pub merge_distance: f64,
+}
+
+impl From<&Stage1Params> for CandidateConfig {
+    fn from(p: &Stage1Params) -> Self {
+        Self {
+            threshold: p.threshold,
+            max_candidates: p.max_candidates,
+            search_radius: p.search_radius,
+            merge_distance: p.merge_distance,
+        }
+    }
+}
+
+impl From<&CandidateConfig> for Stage1Params {
+    fn from(c: &CandidateConfig) -> Self {
+        Self {
+            threshold: c.threshold,
+            max_candidates: c.max_candidates,
+            search_radius: c.search_radius,
+            merge_distance: c.merge_distance,
+        }
+    }
 }
 
 /// Stage-2 score thresholds giving 1, 2 and 4 false positives per image on
@@ -390,7 +416,8 @@ mod tests {
             stage1: Stage1Params {
                 threshold: 0.3,
                 max_candidates: 400,
-                nms_radius: 6.0,
+                search_radius: 6,
+                merge_distance: 4.0,
             },
             operating_points: OperatingPoints {
                 fp_per_image_1: 0.91,
@@ -453,7 +480,7 @@ mod tests {
         let path = tmp.path().join(FILE_NAME);
         let text = std::fs::read_to_string(&path).unwrap();
         for (from, to) in [
-            ("[stage1]\n", "[stage1]\nnms_radius_px = 3.0\n"),
+            ("[stage1]\n", "[stage1]\nnms_radius = 3.0\n"),
             ("version = ", "colour = \"red\"\nversion = "),
             ("role = \"stage2\"", "role = \"stage2\"\nthreads = 4"),
         ] {

@@ -16,7 +16,8 @@ pub struct ProbMap {
     pub width: usize,
     pub height: usize,
     pub stride: usize,
-    /// Canonical coordinate of cell (0, 0)'s centre (negative when the input was padded).
+    /// Coordinate of cell (0, 0)'s centre in the pixels the map describes: 0 for a map
+    /// of a whole image padded by half a patch, half a patch for an unpadded input.
     pub offset: isize,
     pub data: Vec<f32>,
 }
@@ -163,7 +164,8 @@ impl<'a> BlobResponse<'a> {
         sum
     }
 
-    /// Darkest (3x3-summed) FOV pixel within `radius` of (cx, cy); ties to raster order.
+    /// Darkest (3x3-summed, then own value) FOV pixel within `radius` of (cx, cy); ties
+    /// to raster order.
     fn darkest_near(
         &self,
         cx: isize,
@@ -172,15 +174,17 @@ impl<'a> BlobResponse<'a> {
         fov: &Mask,
     ) -> Option<(usize, usize)> {
         let r = radius as isize;
-        let mut best: Option<(f32, usize, usize)> = None;
+        let mut best: Option<((f32, f32), usize, usize)> = None;
         for y in (cy - r).max(0)..=(cy + r).min(self.height as isize - 1) {
             for x in (cx - r).max(0)..=(cx + r).min(self.width as isize - 1) {
                 if !fov.get(x as i64, y as i64) {
                     continue;
                 }
-                let v = self.at(x as usize, y as usize);
+                // The 3x3 sum is flat around a 1-2 px spot: its own value breaks ties.
+                let (x, y) = (x as usize, y as usize);
+                let v = (self.at(x, y), self.green[y * self.width + x]);
                 if best.is_none_or(|(b, _, _)| v < b) {
-                    best = Some((v, x as usize, y as usize));
+                    best = Some((v, x, y));
                 }
             }
         }

@@ -1,4 +1,143 @@
-//! The CNN cascade on the device: stage-1 map -> candidates -> stage-2 verdicts.
+//! The CNN cascade on the device: preprocess -> stage-1 map -> candidates -> stage-2
+//! verdicts -> detections in original image coordinates.
 
 pub mod candidates;
 pub mod onnx;
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use image::RgbImage;
+
+use crate::detection::Detection;
+use crate::geometry::PatchGeometry;
+use crate::manifest::{Manifest, Variant};
+use crate::preprocess::{FovSource, PreprocessConfig, preprocess};
+use candidates::{CandidateConfig, find_candidates};
+use onnx::{STAGE2_BATCH, Stage1Model, Stage2Model};
+
+/// Candidates scoring below this after stage 2 are not reported (the `detect` contract
+/// asks for every candidate with score >= 0.01).
+pub const MIN_REPORTED_SCORE: f64 = 0.01;
+
+/// Where the time of one image went, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timings {
+    pub preprocess: f64,
+    pub stage1: f64,
+    pub stage2: f64,
+    pub total: f64,
+}
+
+/// What the cascade says about one image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageResult {
+    pub width: u32,
+    pub height: u32,
+    /// Every candidate with score >= [`MIN_REPORTED_SCORE`], best first, in original
+    /// image coordinates.
+    pub detections: Vec<Detection>,
+    /// Candidates stage 1 handed to stage 2.
+    pub candidates: usize,
+    pub timings: Timings,
+}
+
+impl ImageResult {
+    /// MAs at or above an operating-point score.
+    pub fn ma_count(&self, threshold: f64) -> usize {
+        self.detections
+            .iter()
+            .filter(|d| d.score >= threshold)
+            .count()
+    }
+}
+
+/// The loaded models and the settings they were trained with.
+pub struct Cascade {
+    pub manifest: Manifest,
+    pub variant: Variant,
+    stage1: Stage1Model,
+    stage2: Stage2Model,
+    preprocess: PreprocessConfig,
+    candidates: CandidateConfig,
+    geometry: PatchGeometry,
+}
+
+impl Cascade {
+    /// Load the models listed in `models_dir/manifest.toml` (each file's sha256 checked
+    /// before it is parsed). `variant` defaults to the manifest's.
+    pub fn load(models_dir: &Path, variant: Option<Variant>) -> Result<Self> {
+        let manifest = Manifest::load(models_dir)?;
+        let variant = variant.unwrap_or(manifest.default_variant);
+        let geometry = PatchGeometry::new(manifest.patch_size).with_context(|| {
+            format!(
+                "patch_size in {}",
+                models_dir.join(crate::manifest::FILE_NAME).display()
+            )
+        })?;
+        let stage1 = Stage1Model::from_manifest(&manifest, variant)?;
+        let stage2 = Stage2Model::from_manifest(&manifest, variant, STAGE2_BATCH)?;
+        ensure!(
+            stage1.patch_size() == geometry.size && stage2.patch_len() == geometry.len(),
+            "the models in {} disagree with the manifest's patch size {}",
+            models_dir.display(),
+            geometry.size
+        );
+        Ok(Self {
+            preprocess: manifest.preprocess_config(),
+            candidates: (&manifest.stage1).into(),
+            manifest,
+            variant,
+            stage1,
+            stage2,
+            geometry,
+        })
+    }
+
+    /// Run the whole cascade on one decoded image.
+    pub fn detect(&self, image: &RgbImage) -> Result<ImageResult> {
+        let started = Instant::now();
+        let pre = preprocess(image, FovSource::Estimate, &self.preprocess)?;
+        let t_pre = started.elapsed().as_secs_f64() * 1e3;
+
+        let map = self.stage1.run_on_image(&pre.planes)?;
+        let found = find_candidates(&map, &pre.planes, &pre.fov, &self.candidates);
+        let t_stage1 = started.elapsed().as_secs_f64() * 1e3 - t_pre;
+
+        let len = self.geometry.len();
+        let mut patches = vec![0.0f32; found.len() * len];
+        for (c, patch) in found.iter().zip(patches.chunks_exact_mut(len)) {
+            self.geometry
+                .extract(&pre.planes, c.x as i64, c.y as i64, patch);
+        }
+        let scores = self.stage2.run(&patches, found.len())?;
+        let mut detections: Vec<Detection> = found
+            .iter()
+            .zip(&scores)
+            .filter(|(_, s)| **s as f64 >= MIN_REPORTED_SCORE)
+            .map(|(c, &s)| {
+                let (x, y) = pre.scale.to_original(c.x as f64, c.y as f64);
+                Detection {
+                    x,
+                    y,
+                    score: s as f64,
+                }
+            })
+            .collect();
+        detections.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let total = started.elapsed().as_secs_f64() * 1e3;
+        Ok(ImageResult {
+            width: image.width(),
+            height: image.height(),
+            detections,
+            candidates: found.len(),
+            timings: Timings {
+                preprocess: t_pre,
+                stage1: t_stage1,
+                stage2: total - t_pre - t_stage1,
+                total,
+            },
+        })
+    }
+}

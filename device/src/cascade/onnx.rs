@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail, ensure};
 use tract_onnx::prelude::*;
 
+use crate::cascade::candidates::ProbMap;
 use crate::geometry::{CHANNELS, Planes};
 use crate::manifest::{Manifest, Role, Variant};
 
@@ -36,32 +37,6 @@ pub fn set_threads(n: usize) {
         set_default_executor(Executor::SingleThread);
     } else {
         set_default_executor(Executor::multithread(n));
-    }
-}
-
-/// Stage-1 output: MA probability of the patch whose top-left corner is input pixel
-/// `(stride * col, stride * row)`, i.e. centred on `(stride * col + patch_size / 2,
-/// stride * row + patch_size / 2)`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ProbMap {
-    pub width: usize,
-    pub height: usize,
-    /// Row-major, `width * height` MA probabilities.
-    pub data: Vec<f32>,
-    pub stride: usize,
-    /// Receptive field of one value.
-    pub patch_size: usize,
-}
-
-impl ProbMap {
-    pub fn get(&self, col: usize, row: usize) -> f32 {
-        self.data[row * self.width + col]
-    }
-
-    /// Input-pixel centre of the patch that value `(col, row)` classifies.
-    pub fn centre(&self, col: usize, row: usize) -> (usize, usize) {
-        let h = self.patch_size / 2;
-        (self.stride * col + h, self.stride * row + h)
     }
 }
 
@@ -219,8 +194,19 @@ impl Stage1Model {
             height: mh,
             data,
             stride: self.stride,
-            patch_size: self.patch_size,
+            // Value (0, 0) classifies the patch centred half a patch into the input.
+            offset: (self.patch_size / 2) as isize,
         })
+    }
+
+    /// MA probability map of a whole preprocessed image: the planes are padded by half
+    /// a patch (zeros, as outside the FOV), so the map covers the image up to its edges
+    /// and its cell centres are in the image's (canonical) coordinates.
+    pub fn run_on_image(&self, planes: &Planes) -> Result<ProbMap> {
+        let pad = self.patch_size / 2;
+        let mut map = self.run(&pad_planes(planes, pad))?;
+        map.offset -= pad as isize;
+        Ok(map)
     }
 }
 
@@ -303,5 +289,46 @@ impl Stage2Model {
             probs.extend((0..count).map(|i| values[2 * i + 1]));
         }
         Ok(probs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Stage1Model>();
+        send_sync::<Stage2Model>();
+    }
+
+    #[test]
+    fn padding_centres_the_map_on_the_image() {
+        let mut planes = Planes::zeros(3, 2);
+        for (i, v) in planes.data.iter_mut().enumerate() {
+            *v = i as f32 + 1.0;
+        }
+        let padded = pad_planes(&planes, 2);
+        assert_eq!((padded.width, padded.height), (7, 6));
+        for c in 0..CHANNELS {
+            for y in 0..2 {
+                for x in 0..3 {
+                    assert_eq!(padded.get(c, x + 2, y + 2), planes.get(c, x, y));
+                }
+            }
+        }
+        let total: f32 = padded.data.iter().sum();
+        assert_eq!(total, planes.data.iter().sum::<f32>());
+        let map = ProbMap {
+            width: 2,
+            height: 1,
+            data: vec![0.1, 0.9],
+            stride: 8,
+            offset: 2,
+        };
+        // Value (row 0, column 1) of a patch-5 net is centred on input pixel (8 + 2, 2).
+        assert_eq!(map.centre(0, 1), (8 + 2, 2));
+        assert_eq!(map.get(0, 1), 0.9);
     }
 }
