@@ -37,8 +37,9 @@
 //!
 //! Everything dark (vessels, macula, haemorrhages, MAs) is one *absorption* layer
 //! with values in [0, 1]; the final colour is `retina * (1 - ABSORPTION * a)` per
-//! channel. Blood absorbs green most, so that is where vessels and MAs are darkest,
-//! as in real photographs.
+//! channel. Blood absorbs green and blue strongly and red weakly; blue is dim to
+//! begin with, so, as in real photographs, vessels and MAs show the most contrast
+//! in green while the red channel stays bright.
 
 use image::RgbImage;
 use rand::{Rng, RngCore, SeedableRng};
@@ -54,15 +55,15 @@ pub const MIN_SEPARATION: f64 = 40.0;
 /// and the frame edges, so their surroundings are retina, not black surround.
 pub const RIM_MARGIN: f64 = 20.0;
 
-/// Smallest MA radius in pixels, whatever the FOV size: smaller dots are not MAs
-/// any detector could be expected to see.
+/// Smallest MA radius in pixels, whatever the FOV size: MA radii scale with the
+/// FOV, and without a floor the dots on small test images would be sub-pixel.
 pub const MA_MIN_RADIUS: f64 = 1.5;
 
 /// FOV diameter at which lesion and vessel sizes are "nominal" (DiaretDB1-like).
 const REFERENCE_FOV_DIAMETER: f64 = 1400.0;
 
 /// Fraction of the red, green and blue retina colour removed at absorption 1.
-const ABSORPTION: [f32; 3] = [0.35, 0.85, 0.55];
+const ABSORPTION: [f32; 3] = [0.4, 0.85, 0.8];
 
 /// Relative strength of the background texture per channel.
 const TEXTURE: [f32; 3] = [0.03, 0.05, 0.06];
@@ -128,7 +129,8 @@ pub struct SyntheticLesion {
 pub enum LookalikeKind {
     /// Two vessels crossing; `radius` is half the width of the wider vessel.
     VesselCrossing,
-    /// A small blotchy dark-red blob, larger than any MA; `radius` is its mean radius.
+    /// A small blotchy dark-red blob, larger than any MA; `radius` is its nominal
+    /// radius (the irregular outline reaches about 1.1 radius in places).
     Haemorrhage,
 }
 
@@ -161,16 +163,13 @@ pub struct SyntheticFundus {
 /// the lists are shorter than requested; nothing is dropped silently after drawing.
 pub fn generate(params: &SyntheticParams, seed: u64) -> SyntheticFundus {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let t0 = std::time::Instant::now();
     let scene = Scene::new(params, &mut rng);
 
     // Vessels: each tree is drawn with `max` so its own overlapping segments do not
     // darken each other, then the trees are combined like two transparent films,
     // which makes artery/vein crossings a little darker, as in real photographs.
-    eprintln!("T {:?} before let veins = grow_ves", t0.elapsed());
     let veins = grow_vessel_tree(&scene, VesselKind::Vein, &mut rng);
     let arteries = grow_vessel_tree(&scene, VesselKind::Artery, &mut rng);
-    eprintln!("T {:?} before let mut absorption =", t0.elapsed());
     let mut absorption = Layer::new(scene.width, scene.height);
     for segment in &veins {
         draw_segment(
@@ -195,7 +194,6 @@ pub fn generate(params: &SyntheticParams, seed: u64) -> SyntheticFundus {
     drop(artery_layer);
 
     // Look-alikes, then MAs, each respecting everything already placed.
-    eprintln!("T {:?} before let mut occupied:", t0.elapsed());
     let mut occupied: Vec<(Point, f64)> = Vec::new();
     let n_crossings = params.n_lookalikes.div_ceil(2);
     let n_haemorrhages = params.n_lookalikes - n_crossings;
@@ -207,10 +205,8 @@ pub fn generate(params: &SyntheticParams, seed: u64) -> SyntheticFundus {
         &mut occupied,
         &mut rng,
     );
-    eprintln!("T {:?} before let haemorrhages =", t0.elapsed());
     let haemorrhages =
         place_haemorrhages(&scene, &absorption, n_haemorrhages, &mut occupied, &mut rng);
-    eprintln!("T {:?} before let microaneurysms =", t0.elapsed());
     let microaneurysms = place_microaneurysms(
         &scene,
         &absorption,
@@ -221,7 +217,6 @@ pub fn generate(params: &SyntheticParams, seed: u64) -> SyntheticFundus {
 
     // Lesions are drawn after the macula so their contrast is set against the
     // final local background.
-    eprintln!("T {:?} before draw_macula(", t0.elapsed());
     draw_macula(&scene, &mut absorption);
     for haemorrhage in &haemorrhages {
         draw_haemorrhage(&scene, &mut absorption, haemorrhage);
@@ -236,13 +231,7 @@ pub fn generate(params: &SyntheticParams, seed: u64) -> SyntheticFundus {
         draw_microaneurysm(&scene, &mut absorption, ma, params.blur);
     }
 
-    eprintln!("T {:?} before let image = compose", t0.elapsed());
     let image = compose(&scene, &absorption, params, &mut rng);
-    eprintln!(
-        "T {:?} before SyntheticFundus 
-  ",
-        t0.elapsed()
-    );
     SyntheticFundus {
         image,
         fov_centre: (scene.fov_centre.x, scene.fov_centre.y),
@@ -473,13 +462,16 @@ impl ValueNoise {
         Self { cell, cols, values }
     }
 
-    /// Value in [-1, 1] at a point inside the frame.
-    fn sample(&self, x: f64, y: f64) -> f32 {
-        let (gx, gy) = (x.max(0.0) / self.cell, y.max(0.0) / self.cell);
-        let (ix, iy) = (gx.floor(), gy.floor());
-        let tx = smoothstep(0.0, 1.0, gx - ix) as f32;
-        let ty = smoothstep(0.0, 1.0, gy - iy) as f32;
-        let i = iy as usize * self.cols + ix as usize;
+    /// Grid cell and interpolation weight along one axis, for a coordinate in the frame.
+    fn axis(&self, coord: f64) -> (usize, f32) {
+        let g = coord.max(0.0) / self.cell;
+        (g as usize, smoothstep(0.0, 1.0, g.fract()) as f32)
+    }
+
+    /// Value in [-1, 1] from the results of [`Self::axis`] for x and y; splitting
+    /// the two lets the full-image pass compute each column's part only once.
+    fn sample_axes(&self, (ix, tx): (usize, f32), (iy, ty): (usize, f32)) -> f32 {
+        let i = iy * self.cols + ix;
         let v = |k: usize| self.values.get(k).copied().unwrap_or(0.0);
         let top = v(i) + (v(i + 1) - v(i)) * tx;
         let bottom = v(i + self.cols) + (v(i + self.cols + 1) - v(i + self.cols)) * tx;
@@ -562,7 +554,7 @@ impl Scene {
             tint(rng, 196.0, 0.06),
             tint(rng, 125.0, 0.1),
         ];
-        let vignette = [0.26, 0.38, 0.42];
+        let vignette = [0.3, 0.45, 0.45];
         let gradient_angle = uniform(rng, 0.0, TAU);
         let gradient_strength = uniform(rng, 0.04, 0.1);
         let gradient = (
@@ -615,13 +607,24 @@ impl Scene {
             && p.y <= self.height as f64 - 1.0 - m
     }
 
+    /// Background texture value in [-1, 1] at pixel (x, y).
+    fn texture(&self, x: f64, y: f64) -> f32 {
+        0.65 * self
+            .coarse
+            .sample_axes(self.coarse.axis(x), self.coarse.axis(y))
+            + 0.35 * self.fine.sample_axes(self.fine.axis(x), self.fine.axis(y))
+    }
+
     /// Colour of the bare retina (no vessels or lesions) at pixel (x, y).
     fn retina_colour(&self, x: f64, y: f64) -> [f32; 3] {
+        self.retina_colour_with_texture(x, y, self.texture(x, y))
+    }
+
+    fn retina_colour_with_texture(&self, x: f64, y: f64, texture: f32) -> [f32; 3] {
         let (dx, dy) = (x - self.fov_centre.x, y - self.fov_centre.y);
         let rho2 = ((dx * dx + dy * dy) / (self.fov_radius * self.fov_radius)) as f32;
         let falloff = 0.45 * rho2 + 0.55 * rho2 * rho2;
         let shade = (1.0 + (self.gradient.0 * dx + self.gradient.1 * dy) / self.fov_radius) as f32;
-        let texture = 0.65 * self.coarse.sample(x, y) + 0.35 * self.fine.sample(x, y);
         let mut colour = [0.0f32; 3];
         for (k, c) in colour.iter_mut().enumerate() {
             *c = self.base[k]
@@ -644,7 +647,7 @@ impl Scene {
         }
         let rho = ex.hypot(ey);
         let disc = 1.0 - smoothstep(0.82, 1.08, rho);
-        let halo = 0.25 * (1.0 - smoothstep(1.0, 1.7, rho));
+        let halo = 0.15 * (1.0 - smoothstep(1.0, 1.45, rho));
         let w = disc.max(halo) as f32;
         let cup = 0.85
             * (1.0 - smoothstep(0.4, 1.0, Point::new(x, y).dist(self.cup) / self.cup_radius))
@@ -713,8 +716,9 @@ struct Sprout {
 /// Main trunks follow the anatomy: two temporal arcades arching around the macula,
 /// two nasal trunks, and thin branches towards the macula and nasally. Each
 /// vessel walks in short steps, its heading pulled towards a target plus a random
-/// wiggle, its width decaying exponentially, and sprouts thinner side branches
-/// every 70-160 px (nominal scale) until it is too thin or leaves the FOV.
+/// wiggle, its width decaying towards the minimum, and sprouts thinner side
+/// branches every 90-200 px (nominal scale) until it leaves the FOV, reaches the
+/// macula or has run its length (0.4-1.3 FOV radii, shorter for thinner vessels).
 fn grow_vessel_tree(scene: &Scene, kind: VesselKind, rng: &mut ChaCha8Rng) -> Vec<Segment> {
     const MAX_SEGMENTS: usize = 8000;
     let s = scene.scale;
@@ -725,8 +729,13 @@ fn grow_vessel_tree(scene: &Scene, kind: VesselKind, rng: &mut ChaCha8Rng) -> Ve
         VesselKind::Artery => 10.5 * s,
     }
     .max(2.5 * min_width);
-    // Width falls from trunk width to the minimum over about 0.85 FOV radii.
-    let decay_length = 0.85 * scene.fov_radius / (trunk_width / min_width).ln();
+    // Widths approach the minimum exponentially, so the arcades stay wide past the
+    // macula and thin vessels run on towards the rim. Thinner vessels are shorter.
+    let decay_length = 0.9 * scene.fov_radius;
+    let max_length = |width: f64| {
+        let relative = ((width - min_width) / (trunk_width - min_width)).clamp(0.0, 1.0);
+        scene.fov_radius * (0.4 + 0.9 * relative)
+    };
 
     // (start angle, target angle, pull per nominal px, width fraction), in degrees
     // with 0 = temporal and positive = downwards (image y grows downwards).
@@ -735,8 +744,8 @@ fn grow_vessel_tree(scene: &Scene, kind: VesselKind, rng: &mut ChaCha8Rng) -> Ve
         (75.0, -20.0, 1.0 / 280.0, 0.95),   // inferior temporal arcade
         (-115.0, -165.0, 1.0 / 400.0, 0.7), // superior nasal
         (115.0, 165.0, 1.0 / 400.0, 0.7),   // inferior nasal
-        (-20.0, -8.0, 1.0 / 300.0, 0.35),   // towards the macula, above
-        (22.0, 8.0, 1.0 / 300.0, 0.35),     // towards the macula, below
+        (-32.0, -12.0, 1.0 / 300.0, 0.3),   // towards the macula, above
+        (32.0, 12.0, 1.0 / 300.0, 0.3),     // towards the macula, below
         (180.0, 180.0, 1.0 / 300.0, 0.4),   // nasal, horizontal
     ];
     // Mirror angles when the macula is on the left (temporal = -x).
@@ -771,14 +780,19 @@ fn grow_vessel_tree(scene: &Scene, kind: VesselKind, rng: &mut ChaCha8Rng) -> Ve
             pull,
             mut width,
         } = sprout;
+        let max_length = max_length(width);
         let mut next_branch = uniform(rng, 40.0, 120.0) * s;
-        let mut travelled = 0.0;
-        while segments.len() < MAX_SEGMENTS {
-            heading += (target - heading) * (pull * step).min(1.0) + 0.035 * normal(rng);
-            let new_width = width * (-step / decay_length).exp();
+        let mut since_branch = 0.0;
+        let mut length = 0.0;
+        // Curvature wanders smoothly (a mean-reverting random walk), giving gently
+        // tortuous vessels rather than jagged ones.
+        let mut curvature = 0.0;
+        while segments.len() < MAX_SEGMENTS && length < max_length {
+            curvature = 0.85 * curvature + 0.012 * normal(rng);
+            heading += (target - heading) * (pull * step).min(1.0) + curvature;
+            let new_width = min_width + (width - min_width) * (-step / decay_length).exp();
             let new_pos = pos.step(heading, step);
-            if new_width < min_width
-                || new_pos.dist(scene.fov_centre) > scene.fov_radius + 5.0
+            if new_pos.dist(scene.fov_centre) > scene.fov_radius + 5.0
                 || new_pos.dist(scene.macula) < scene.macula_radius
             {
                 break;
@@ -791,26 +805,24 @@ fn grow_vessel_tree(scene: &Scene, kind: VesselKind, rng: &mut ChaCha8Rng) -> Ve
             });
             pos = new_pos;
             width = new_width;
-            travelled += step;
+            length += step;
+            since_branch += step;
 
-            if travelled >= next_branch {
-                travelled = 0.0;
-                next_branch = uniform(rng, 70.0, 160.0) * s;
-                let child_width = width * uniform(rng, 0.45, 0.75);
-                if child_width >= 1.25 * min_width {
-                    let side = if rng.random::<bool>() { 1.0 } else { -1.0 };
-                    let child_heading = heading + side * uniform(rng, 0.45, 1.1);
-                    stack.push(Sprout {
-                        pos,
-                        heading: child_heading,
-                        target: child_heading + side * uniform(rng, -0.2, 0.4),
-                        pull: 1.0 / (300.0 * s),
-                        width: child_width,
-                    });
-                    // The parent loses some calibre and kinks away from the branch.
-                    width = (width * uniform(rng, 0.85, 0.95)).max(min_width);
-                    heading -= side * uniform(rng, 0.05, 0.2);
-                }
+            if since_branch >= next_branch && width >= 1.5 * min_width {
+                since_branch = 0.0;
+                next_branch = uniform(rng, 90.0, 200.0) * s;
+                let side = if rng.random::<bool>() { 1.0 } else { -1.0 };
+                let child_heading = heading + side * uniform(rng, 0.45, 1.1);
+                stack.push(Sprout {
+                    pos,
+                    heading: child_heading,
+                    target: child_heading + side * uniform(rng, -0.2, 0.4),
+                    pull: 1.0 / (300.0 * s),
+                    width: min_width + (width - min_width) * uniform(rng, 0.25, 0.6),
+                });
+                // The parent loses some calibre and kinks away from the branch.
+                width = min_width + (width - min_width) * uniform(rng, 0.85, 0.95);
+                heading -= side * uniform(rng, 0.05, 0.2);
             }
         }
     }
@@ -870,35 +882,68 @@ struct Crossing {
 
 /// All points where a segment of `first` crosses one of `second` at an angle of
 /// at least 25 degrees (shallower overlaps look like one wide vessel, not an X).
+///
+/// Segments are short, so `second` is bucketed by midpoint on a grid with cells at
+/// least as large as any segment: a crossing pair then has midpoints in the same
+/// or neighbouring cells, and each pair is tested once.
 fn find_crossings(first: &[Segment], second: &[Segment]) -> Vec<Crossing> {
-    let min_sin = 25f64.to_radians().sin();
     let mut found = Vec::new();
+    if first.is_empty() || second.is_empty() {
+        return found;
+    }
+    let mid = |s: &Segment| s.a.lerp(s.b, 0.5);
+    let longest = first
+        .iter()
+        .chain(second)
+        .map(|s| s.a.dist(s.b))
+        .fold(0.0, f64::max);
+    let cell = longest.max(8.0);
+    let (min_x, min_y) = second
+        .iter()
+        .map(mid)
+        .fold((f64::MAX, f64::MAX), |(x, y), m| (x.min(m.x), y.min(m.y)));
+    let (max_x, max_y) = second
+        .iter()
+        .map(mid)
+        .fold((f64::MIN, f64::MIN), |(x, y), m| (x.max(m.x), y.max(m.y)));
+    let cols = ((max_x - min_x) / cell) as usize + 1;
+    let rows = ((max_y - min_y) / cell) as usize + 1;
+    let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); cols * rows];
+    for (i, s) in second.iter().enumerate() {
+        let m = mid(s);
+        buckets[((m.y - min_y) / cell) as usize * cols + ((m.x - min_x) / cell) as usize].push(i);
+    }
+
+    let min_sin = 25f64.to_radians().sin();
     for p in first {
+        let m = mid(p);
+        let (cx, cy) = ((m.x - min_x) / cell, (m.y - min_y) / cell);
+        if cx < -1.0 || cy < -1.0 || cx >= cols as f64 + 1.0 || cy >= rows as f64 + 1.0 {
+            continue;
+        }
+        let (cx, cy) = (cx.floor() as i64, cy.floor() as i64);
         let (rx, ry) = (p.b.x - p.a.x, p.b.y - p.a.y);
-        for q in second {
-            // Cheap bounding-box rejection first.
-            if p.a.x.max(p.b.x) < q.a.x.min(q.b.x)
-                || q.a.x.max(q.b.x) < p.a.x.min(p.b.x)
-                || p.a.y.max(p.b.y) < q.a.y.min(q.b.y)
-                || q.a.y.max(q.b.y) < p.a.y.min(p.b.y)
-            {
-                continue;
-            }
-            let (sx, sy) = (q.b.x - q.a.x, q.b.y - q.a.y);
-            let denom = rx * sy - ry * sx;
-            let lengths = rx.hypot(ry) * sx.hypot(sy);
-            if lengths == 0.0 || denom.abs() < min_sin * lengths {
-                continue;
-            }
-            let (qx, qy) = (q.a.x - p.a.x, q.a.y - p.a.y);
-            let t = (qx * sy - qy * sx) / denom;
-            let u = (qx * ry - qy * rx) / denom;
-            if (0.0..=1.0).contains(&t) && (0.0..=1.0).contains(&u) {
-                found.push(Crossing {
-                    at: p.a.lerp(p.b, t),
-                    width_1: p.width_a + (p.width_b - p.width_a) * t,
-                    width_2: q.width_a + (q.width_b - q.width_a) * u,
-                });
+        for gy in (cy - 1).max(0)..=(cy + 1).min(rows as i64 - 1) {
+            for gx in (cx - 1).max(0)..=(cx + 1).min(cols as i64 - 1) {
+                for &j in &buckets[gy as usize * cols + gx as usize] {
+                    let q = &second[j];
+                    let (sx, sy) = (q.b.x - q.a.x, q.b.y - q.a.y);
+                    let denom = rx * sy - ry * sx;
+                    let lengths = rx.hypot(ry) * sx.hypot(sy);
+                    if lengths == 0.0 || denom.abs() < min_sin * lengths {
+                        continue;
+                    }
+                    let (qx, qy) = (q.a.x - p.a.x, q.a.y - p.a.y);
+                    let t = (qx * sy - qy * sx) / denom;
+                    let u = (qx * ry - qy * rx) / denom;
+                    if (0.0..=1.0).contains(&t) && (0.0..=1.0).contains(&u) {
+                        found.push(Crossing {
+                            at: p.a.lerp(p.b, t),
+                            width_1: p.width_a + (p.width_b - p.width_a) * t,
+                            width_2: q.width_a + (q.width_b - q.width_a) * u,
+                        });
+                    }
+                }
             }
         }
     }
@@ -996,10 +1041,9 @@ fn place_crossings(
 struct Haemorrhage {
     centre: Point,
     radius: f64,
-    /// (amplitude, phase) of the 2nd, 3rd and 4th harmonic of the outline.
-    lobes: [(f64, f64); 3],
-    /// Two plane waves (kx, ky, phase) whose product makes the blotchy interior.
-    blotch: [(f64, f64, f64); 2],
+    /// Overlapping flat-topped blobs (offset from the centre, radius, darkness):
+    /// their union is an irregular, blotchy outline about `radius` in size.
+    blobs: Vec<(Point, f64, f64)>,
     green_drop: f64,
 }
 
@@ -1027,17 +1071,20 @@ fn place_haemorrhages(
         {
             continue;
         }
-        let lobes = [(); 3].map(|_| (uniform(rng, 0.04, 0.15), uniform(rng, 0.0, TAU)));
-        let blotch = [(); 2].map(|_| {
-            let k = TAU / (radius * uniform(rng, 0.9, 1.4));
-            let dir = uniform(rng, 0.0, TAU);
-            (k * dir.cos(), k * dir.sin(), uniform(rng, 0.0, TAU))
-        });
+        // A central blob (darkest, so the recorded centre is dark) plus satellites.
+        let mut blobs = vec![(Point::new(0.0, 0.0), 0.6 * radius, 1.0)];
+        for _ in 0..rng.random_range(3..7) {
+            let offset = point_in_disc(Point::new(0.0, 0.0), 0.5 * radius, rng);
+            blobs.push((
+                offset,
+                uniform(rng, 0.35, 0.6) * radius,
+                uniform(rng, 0.7, 0.95),
+            ));
+        }
         placed.push(Haemorrhage {
             centre,
             radius,
-            lobes,
-            blotch,
+            blobs,
             green_drop: uniform(rng, 45.0, 70.0),
         });
         occupied.push((centre, radius));
@@ -1063,22 +1110,18 @@ fn absorption_for_green_drop(
 
 fn draw_haemorrhage(scene: &Scene, layer: &mut Layer, h: &Haemorrhage) {
     let peak = absorption_for_green_drop(scene, layer, h.centre, h.green_drop, 1.0);
-    let reach = h.radius * 1.5 + 2.0;
+    let reach = h.radius * 1.2 + 2.0;
     layer.paint(h.centre, reach, Combine::Screen, |x, y| {
         let (dx, dy) = (x - h.centre.x, y - h.centre.y);
-        let theta = dy.atan2(dx);
-        let outline: f64 = h
-            .lobes
+        let darkness = h
+            .blobs
             .iter()
-            .zip(2..)
-            .map(|(&(amp, phase), k)| amp * (k as f64 * theta + phase).cos())
-            .sum();
-        let rho = dx.hypot(dy) / (h.radius * (1.0 + outline));
-        let edge = 1.0 - smoothstep(0.7, 1.05, rho);
-        let [(k1x, k1y, p1), (k2x, k2y, p2)] = h.blotch;
-        let blotch =
-            0.8 + 0.2 * (k1x * dx + k1y * dy + p1).sin() * (k2x * dx + k2y * dy + p2).sin();
-        (peak * edge * blotch) as f32
+            .map(|&(offset, r, level)| {
+                let d = (dx - offset.x).hypot(dy - offset.y);
+                level * (1.0 - smoothstep(0.5, 1.0, d / r))
+            })
+            .fold(0.0, f64::max);
+        (peak * darkness) as f32
     });
 }
 
@@ -1174,8 +1217,12 @@ fn compose(
     let outer2 = (r + 1.0).powi(2);
     let sigma = params.noise_sigma.max(0.0);
     let mut buf = vec![0.0f32; w * h * 3];
+    // Texture interpolation split per axis: columns computed once, rows per row.
+    let coarse_x: Vec<_> = (0..w).map(|x| scene.coarse.axis(x as f64)).collect();
+    let fine_x: Vec<_> = (0..w).map(|x| scene.fine.axis(x as f64)).collect();
     for y in 0..h {
         let dy = y as f64 - scene.fov_centre.y;
+        let (coarse_y, fine_y) = (scene.coarse.axis(y as f64), scene.fine.axis(y as f64));
         for x in 0..w {
             let dx = x as f64 - scene.fov_centre.x;
             let d2 = dx * dx + dy * dy;
@@ -1193,7 +1240,9 @@ fn compose(
             }
             let i = y * w + x;
             let a = absorption.data[i];
-            let colour = scene.retina_colour(x as f64, y as f64);
+            let texture = 0.65 * scene.coarse.sample_axes(coarse_x[x], coarse_y)
+                + 0.35 * scene.fine.sample_axes(fine_x[x], fine_y);
+            let colour = scene.retina_colour_with_texture(x as f64, y as f64, texture);
             for (k, out) in buf[3 * i..3 * i + 3].iter_mut().enumerate() {
                 let v = colour[k] * (1.0 - ABSORPTION[k] * a) + sigma * fast_normal(rng);
                 *out = v.max(0.0) * coverage;
@@ -1439,13 +1488,9 @@ mod tests {
                 match l.kind {
                     LookalikeKind::Haemorrhage => {
                         assert!(l.radius > max_ma, "{l:?} not larger than MAs");
-                        let ring = mean(&ring_green(
-                            &f.image,
-                            l.x,
-                            l.y,
-                            2.0 * l.radius,
-                            3.0 * l.radius,
-                        ));
+                        // Outside the blotch, but within the margin it keeps from the rim.
+                        let (r_in, r_out) = (1.4 * l.radius, l.radius + RIM_MARGIN - 2.0);
+                        let ring = mean(&ring_green(&f.image, l.x, l.y, r_in, r_out));
                         assert!(
                             ring - centre > 15.0,
                             "{l:?}: drop {:.1}, seed {seed}",
@@ -1552,26 +1597,5 @@ mod tests {
             assert!(f.microaneurysms.len() <= p.n_microaneurysms);
             assert!(f.lookalikes.len() <= p.n_lookalikes);
         }
-    }
-}
-#[cfg(test)]
-mod tmp_dump {
-    #[test]
-    #[ignore]
-    fn dump() {
-        let p = super::SyntheticParams::default();
-        let _ = super::generate(&p, 1);
-        let t = std::time::Instant::now();
-        let n = 5;
-        for s in 0..n {
-            let _ = super::generate(&p, s);
-        }
-        eprintln!("TIME per default image: {:?}", t.elapsed() / n as u32);
-        let f = super::generate(&p, 1);
-        f.image.save("/tmp/synthetic_default.png").unwrap();
-        eprintln!("{:?}", f.microaneurysms);
-        eprintln!("{:?}", f.lookalikes);
-        let s = super::generate(&super::SyntheticParams::small(), 1);
-        s.image.save("/tmp/synthetic_small.png").unwrap();
     }
 }

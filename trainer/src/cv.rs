@@ -21,6 +21,33 @@ pub fn fold_of(index: usize, folds: usize) -> usize {
     index % folds
 }
 
+/// What `cv` measured, saved as `cv-summary.json` for `export` (operating points and the
+/// CPM quoted in the manifest come from here, never from the training images themselves).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CvSummary {
+    pub folds: usize,
+    /// Folds actually run (1-based).
+    pub folds_run: Vec<usize>,
+    pub cpm_per_fold: Vec<f64>,
+    pub mean_cpm: f64,
+    /// Stage-2 score thresholds at 1, 2 and 4 FP/image over the pooled held-out images.
+    pub operating_points: [f64; 3],
+    pub images: usize,
+    pub lesions: usize,
+}
+
+impl CvSummary {
+    pub const FILE_NAME: &'static str = "cv-summary.json";
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE_NAME);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("cannot read {} (run `ma-trainer cv` first)", path.display())
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("malformed {}", path.display()))
+    }
+}
+
 pub struct FoldResult {
     pub fold: usize,
     pub report: FrocReport,
@@ -61,6 +88,7 @@ pub fn cross_validate(
     // Evaluation looks at more candidates than the shipped cap to draw the recall curve.
     eval_cfg.max_candidates = *RECALL_KS.last().expect("non-empty");
     let mut results = Vec::new();
+    let mut pooled = Vec::new();
     for fold in (0..folds).filter(|f| only.is_none_or(|o| o == *f)) {
         let started = Instant::now();
         let (val, train): (Vec<usize>, Vec<usize>) =
@@ -117,6 +145,7 @@ pub fn cross_validate(
             cands.push((i, c));
         }
         let report = FrocReport::from_outcomes(&outcomes)?;
+        pooled.extend(outcomes);
         let recall = candidate_recall(&cands, images, &RECALL_KS)?;
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(

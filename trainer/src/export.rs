@@ -23,7 +23,11 @@ use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
 
+use ma_device::manifest::{Manifest, ModelEntry, OperatingPoints, Role, Training, Variant};
+use ma_device::preprocess::PreprocessConfig;
+
 use crate::nets::{Layer, Stage};
+use crate::pipeline::PipelineConfig;
 
 /// ONNX IR version written (IR 8 goes with opsets up to 17; onnxruntime and tract read it).
 pub const IR_VERSION: i64 = 8;
@@ -446,6 +450,62 @@ fn float(name: &str, f: f32) -> pb::AttributeProto {
         f,
         ..Default::default()
     }
+}
+
+/// Write a shippable model set into `out`: both stages as float and int8-weight ONNX,
+/// and `manifest.toml` with every file's sha256, the preprocessing and candidate settings
+/// of this build, the operating points (stage-2 scores at 1, 2 and 4 FP/image) and the
+/// training provenance.
+pub fn export_model_set(
+    stage1: &tch::nn::VarStore,
+    stage2: &tch::nn::VarStore,
+    out: &Path,
+    version: &str,
+    default_variant: Variant,
+    operating_points: [f64; 3],
+    training: Training,
+) -> Result<Manifest> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let patch = PATCH_SIZE as usize;
+    let mut models = Vec::new();
+    for (stage, vs, role) in [
+        (Stage::Basic, stage1, Role::Stage1),
+        (Stage::Final, stage2, Role::Stage2),
+    ] {
+        for (format, variant) in [
+            (WeightFormat::Float, Variant::Float),
+            (WeightFormat::Int8Weights, Variant::Int8),
+        ] {
+            let file = format!("{}-{}.onnx", stage.name(), format.name());
+            write_onnx(out.join(&file), &onnx_model(stage, vs, format)?)?;
+            models.push(ModelEntry::for_file(
+                out,
+                &file,
+                role,
+                variant,
+                patch,
+                Stage::BASIC_STRIDE,
+            )?);
+        }
+    }
+    let [op1, op2, op4] = operating_points;
+    let manifest = Manifest {
+        version: version.to_string(),
+        default_variant,
+        patch_size: patch,
+        preprocess: (&PreprocessConfig::default()).into(),
+        stage1: (&PipelineConfig::default().candidates).into(),
+        operating_points: OperatingPoints {
+            fp_per_image_1: op1,
+            fp_per_image_2: op2,
+            fp_per_image_4: op4,
+        },
+        training,
+        models,
+        dir: out.to_path_buf(),
+    };
+    manifest.write(out)?;
+    Ok(manifest)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `ma-trainer` command line. Kept thin: each subcommand parses its arguments and calls the
 //! library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use std::time::Instant;
@@ -9,12 +9,17 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ma_device::preprocess::PreprocessConfig;
-use ma_trainer::cv::cross_validate;
+
+use ma_device::manifest::{Training, Variant};
+use ma_trainer::cv::{CvSummary, cross_validate};
 use ma_trainer::datasets::{Dataset, LoadOptions};
 use ma_trainer::datasets::{DatasetKind, Split};
 use ma_trainer::eval::{self, EvalOptions};
+use ma_trainer::export::export_model_set;
+use ma_trainer::nets::Stage;
 use ma_trainer::pipeline::{PipelineConfig, train_cascade};
 use ma_trainer::prepare::{PreparedImage, prepare_all};
+use ma_trainer::train::load_net;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +67,26 @@ enum Command {
         /// Run only this fold (1-based), e.g. to spread a long CV over several sessions.
         #[arg(long)]
         fold: Option<usize>,
+    },
+    /// Write the trained networks as ONNX (float and int8-weight variants) with a
+    /// manifest (sha256 of every file, preprocessing, candidate settings, operating
+    /// points and CV figures from `cv`) into a models folder.
+    Export {
+        /// Folder of `ma-trainer train` (stage1.safetensors, stage2.safetensors).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Folder of `ma-trainer cv` (cv-summary.json: operating points and CV CPM).
+        #[arg(long)]
+        cv: PathBuf,
+        /// Where to write the models and manifest.toml.
+        #[arg(long, default_value = "models")]
+        out: PathBuf,
+        /// Release name written into the manifest (shown in records and on screen).
+        #[arg(long)]
+        version: String,
+        /// Variant the device loads by default.
+        #[arg(long, default_value = "float")]
+        default_variant: Variant,
     },
     /// Show the libtorch device training would use, CUDA availability and torch threads.
     Info,
@@ -122,6 +147,10 @@ struct TrainArgs {
     /// Positives drawn per lesion and epoch (each differently shifted and augmented).
     #[arg(long, default_value_t = 8)]
     repeats: usize,
+    /// Fraction of stage-1 negatives drawn on dark structures (vessels, haemorrhages)
+    /// rather than anywhere in the field of view.
+    #[arg(long, default_value_t = 0.5)]
+    dark_fraction: f64,
     /// Seed of everything random (sampling, augmentation, initialisation, dropout).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -138,6 +167,7 @@ impl TrainArgs {
         cfg.stage1.seed = self.seed;
         cfg.stage2.seed = self.seed + 1;
         cfg.positive_repeats = self.repeats;
+        cfg.stage1_dark_fraction = self.dark_fraction;
         cfg
     }
 
@@ -222,6 +252,43 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+fn export(
+    weights: &Path,
+    cv: &Path,
+    out: &Path,
+    version: &str,
+    default_variant: Variant,
+) -> Result<()> {
+    let summary = CvSummary::load(cv)?;
+    let (vs1, _) = load_net(&weights.join("stage1.safetensors"), Stage::Basic)?;
+    let (vs2, _) = load_net(&weights.join("stage2.safetensors"), Stage::Final)?;
+    let training = Training {
+        data: "DiaretDB1 v1.1 training split (28 images), redsmalldots >= 0.5".to_string(),
+        images: 28,
+        licence: "research use only (trained on research-use datasets)".to_string(),
+        cv_cpm: summary.mean_cpm,
+    };
+    let manifest = export_model_set(
+        &vs1,
+        &vs2,
+        out,
+        version,
+        default_variant,
+        summary.operating_points,
+        training,
+    )?;
+    for m in &manifest.models {
+        println!("wrote {}", out.join(&m.file).display());
+    }
+    println!(
+        "wrote {} (CV CPM {:.3} over folds {:?})",
+        out.join(ma_device::manifest::FILE_NAME).display(),
+        summary.mean_cpm,
+        summary.folds_run
+    );
+    Ok(())
+}
+
 fn info() {
     let device = tch::Device::cuda_if_available();
     println!("training device: {device:?}");
@@ -246,6 +313,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(a) => train(&a),
         Command::Cv { train, folds, fold } => cv(&train, folds, fold),
+        Command::Export {
+            weights,
+            cv,
+            out,
+            version,
+            default_variant,
+        } => export(&weights, &cv, &out, &version, default_variant),
         Command::Info => {
             info();
             Ok(())

@@ -134,6 +134,45 @@ pub fn random_negatives(
     out
 }
 
+/// `n` negatives on dark structures (vessels, haemorrhages, pigment: normalised green
+/// below `max_green`), spread evenly over the images of `subset`. Random FOV pixels are
+/// mostly plain background; these are the look-alikes stage 1 must learn to reject.
+pub fn dark_negatives(
+    images: &[PreparedImage],
+    subset: &[usize],
+    n: usize,
+    max_green: f32,
+    aug: Augment,
+    rng: &mut impl Rng,
+) -> Vec<Sample> {
+    let mut out = Vec::with_capacity(n);
+    if subset.is_empty() {
+        return out;
+    }
+    for k in 0..n {
+        let i = subset[k % subset.len()];
+        let img = &images[i];
+        let Some((x0, y0, x1, y1)) = img.pre.fov.bounding_box() else {
+            continue;
+        };
+        let green = img.pre.planes.channel(1);
+        // Dark pixels are a few percent of the FOV: allow more tries than for random ones.
+        for _ in 0..20_000 {
+            let x = rng.random_range(x0..=x1);
+            let y = rng.random_range(y0..=y1);
+            let i_px = y as usize * img.pre.planes.width + x as usize;
+            if green[i_px] < max_green
+                && img.pre.fov.get(x as i64, y as i64)
+                && !img.exclusion.get(x as i64, y as i64)
+            {
+                out.push(Sample::new(i, x as i64, y as i64, false, aug, rng));
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// Cut, augment and stack samples into an N x 3 x S x S tensor and an N label tensor.
 pub fn batch(images: &[PreparedImage], samples: &[Sample], geo: PatchGeometry) -> (Tensor, Tensor) {
     let len = geo.len();

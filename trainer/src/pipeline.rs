@@ -19,7 +19,7 @@ use tch::{Device, Tensor, nn};
 
 use crate::froc::ImageOutcome;
 use crate::nets::{Net, Stage};
-use crate::patches::{Augment, Sample, batch, positives, random_negatives};
+use crate::patches::{Augment, Sample, batch, dark_negatives, positives, random_negatives};
 use crate::prepare::PreparedImage;
 use crate::train::{StageConfig, train_stage};
 
@@ -39,6 +39,10 @@ pub struct PipelineConfig {
     pub candidates: CandidateConfig,
     /// Random negatives added to stage 2's hard negatives, as a fraction of them.
     pub stage2_random_fraction: f64,
+    /// Fraction of stage 1's negatives drawn on dark structures instead of anywhere.
+    pub stage1_dark_fraction: f64,
+    /// Normalised green below which a pixel counts as dark for those negatives.
+    pub dark_green: f32,
 }
 
 impl Default for PipelineConfig {
@@ -64,6 +68,8 @@ impl Default for PipelineConfig {
                 ..CandidateConfig::default()
             },
             stage2_random_fraction: 0.25,
+            stage1_dark_fraction: 0.5,
+            dark_green: -2.0,
         }
     }
 }
@@ -120,7 +126,22 @@ pub fn train_cascade(
             ));
         }
         let n = s.len();
-        s.extend(random_negatives(images, train, n, Augment::DEFAULT, rng));
+        let dark = (n as f64 * cfg.stage1_dark_fraction) as usize;
+        s.extend(dark_negatives(
+            images,
+            train,
+            dark,
+            cfg.dark_green,
+            Augment::DEFAULT,
+            rng,
+        ));
+        s.extend(random_negatives(
+            images,
+            train,
+            n - dark,
+            Augment::DEFAULT,
+            rng,
+        ));
         s
     };
     let stage1 = train_stage(

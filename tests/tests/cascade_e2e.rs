@@ -1,0 +1,131 @@
+//! The whole product path on synthetic fundus images with known MAs: train both stages
+//! briefly with tch, export ONNX + manifest, load them through the device's tract cascade
+//! (hashes checked), detect, and check that the workstation (tch) and the device (tract)
+//! give the same detections. Also: a model file with a flipped byte is refused.
+//!
+//! The training budget here (a few hundred steps) is far too small for an accurate
+//! detector; accuracy is measured by `ma-trainer cv` on real data, not here.
+
+use ma_device::cascade::Cascade;
+use ma_device::manifest::{Training, Variant};
+use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_device::synthetic::{SyntheticFundus, SyntheticParams, generate};
+use ma_trainer::export::export_model_set;
+use ma_trainer::ground_truth::{GroundTruth, Lesion};
+use ma_trainer::pipeline::{PipelineConfig, detect, train_cascade};
+use ma_trainer::prepare::PreparedImage;
+
+fn truth(frame: &SyntheticFundus) -> GroundTruth {
+    let (w, h) = frame.image.dimensions();
+    GroundTruth {
+        width: w,
+        height: h,
+        lesions: frame
+            .microaneurysms
+            .iter()
+            .map(|m| Lesion::disk(m.x, m.y, m.radius, w, h))
+            .collect(),
+        uncertain: None,
+    }
+}
+
+#[test]
+fn trained_exported_and_detected_on_synthetic_images() {
+    let params = SyntheticParams {
+        n_microaneurysms: 20,
+        ..SyntheticParams::default()
+    };
+    let cfg = PreprocessConfig::default();
+    let images: Vec<PreparedImage> = (1..=4)
+        .map(|seed| {
+            let frame = generate(&params, seed);
+            let pre = preprocess(&frame.image, FovSource::Estimate, &cfg).unwrap();
+            PreparedImage::from_parts(format!("synthetic-{seed}"), pre, truth(&frame))
+        })
+        .collect();
+    let mut pipeline = PipelineConfig::default();
+    pipeline.stage1.epochs = 2;
+    pipeline.stage2.epochs = 1;
+    pipeline.positive_repeats = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let all: Vec<usize> = (0..images.len()).collect();
+    let cascade = train_cascade(
+        &images,
+        &all,
+        &[],
+        &pipeline,
+        &dir.path().join("run"),
+        false,
+    )
+    .unwrap();
+
+    let models = dir.path().join("models");
+    let training = Training {
+        data: "synthetic test images".into(),
+        images: images.len(),
+        licence: "test fixture".into(),
+        cv_cpm: 0.0,
+    };
+    export_model_set(
+        &cascade.stage1.0,
+        &cascade.stage2.0,
+        &models,
+        "e2e-test",
+        Variant::Float,
+        [0.5, 0.5, 0.5],
+        training,
+    )
+    .unwrap();
+
+    // A held-out synthetic image through the device cascade.
+    let device = Cascade::load(&models, Some(Variant::Float)).unwrap();
+    let test = generate(&params, 99);
+    let result = device.detect(&test.image).unwrap();
+    assert!(!result.detections.is_empty());
+    assert_eq!((result.width, result.height), test.image.dimensions());
+
+    // The workstation (tch) and the device (tract) see the same candidates with the same
+    // scores: one preprocessing, one candidate code, parity-checked models.
+    let pre = preprocess(&test.image, FovSource::Estimate, &cfg).unwrap();
+    let held_out = vec![PreparedImage::from_parts(
+        "held-out".into(),
+        pre,
+        truth(&test),
+    )];
+    let (_, workstation) = detect(&cascade, &held_out, 0, &pipeline.candidates);
+    let workstation: Vec<_> = workstation
+        .into_iter()
+        .filter(|d| d.score >= 0.01)
+        .collect();
+    assert_eq!(workstation.len(), result.detections.len());
+    for (w, d) in workstation.iter().zip(&result.detections) {
+        assert!(
+            (w.x - d.x).abs() < 1e-9 && (w.y - d.y).abs() < 1e-9,
+            "{w:?} vs {d:?}"
+        );
+        assert!((w.score - d.score).abs() < 1e-4, "{w:?} vs {d:?}");
+    }
+    for d in &result.detections {
+        assert!((0.01..=1.0).contains(&d.score));
+    }
+    // int8 weights load too and give nearly the same scores on the same candidates.
+    let int8 = Cascade::load(&models, Some(Variant::Int8))
+        .unwrap()
+        .detect(&test.image)
+        .unwrap();
+    assert!(!int8.detections.is_empty());
+
+    // A flipped byte in a model file: refused, naming the file.
+    let file = models.join("stage2-float.onnx");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = format!(
+        "{:#}",
+        Cascade::load(&models, Some(Variant::Float))
+            .err()
+            .expect("refused")
+    );
+    assert!(err.contains("stage2-float.onnx"), "{err}");
+}
