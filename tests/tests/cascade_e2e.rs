@@ -11,22 +11,12 @@ use ma_device::manifest::{Training, Variant};
 use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
 use ma_device::synthetic::{SyntheticFundus, SyntheticParams, generate};
 use ma_trainer::export::export_model_set;
-use ma_trainer::ground_truth::{GroundTruth, Lesion};
+use ma_trainer::ground_truth::GroundTruth;
 use ma_trainer::pipeline::{PipelineConfig, detect, train_cascade};
 use ma_trainer::prepare::PreparedImage;
 
 fn truth(frame: &SyntheticFundus) -> GroundTruth {
-    let (w, h) = frame.image.dimensions();
-    GroundTruth {
-        width: w,
-        height: h,
-        lesions: frame
-            .microaneurysms
-            .iter()
-            .map(|m| Lesion::disk(m.x, m.y, m.radius, w, h))
-            .collect(),
-        uncertain: None,
-    }
+    GroundTruth::from_synthetic(frame)
 }
 
 #[test]

@@ -5,20 +5,10 @@ use ma_device::detection::Detection;
 use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
 use ma_device::synthetic::{SyntheticFundus, SyntheticParams, generate};
 use ma_trainer::froc::{FrocReport, ImageOutcome};
-use ma_trainer::ground_truth::{GroundTruth, Lesion};
+use ma_trainer::ground_truth::GroundTruth;
 
 fn truth(frame: &SyntheticFundus) -> GroundTruth {
-    let (w, h) = frame.image.dimensions();
-    GroundTruth {
-        width: w,
-        height: h,
-        lesions: frame
-            .microaneurysms
-            .iter()
-            .map(|m| Lesion::disk(m.x, m.y, m.radius, w, h))
-            .collect(),
-        uncertain: None,
-    }
+    GroundTruth::from_synthetic(frame)
 }
 
 fn frames() -> Vec<SyntheticFundus> {

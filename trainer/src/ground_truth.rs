@@ -63,3 +63,21 @@ pub struct GroundTruth {
     /// (DiaretDB1: 0 < confidence < threshold). `None` when the dataset has none.
     pub uncertain: Option<Mask>,
 }
+
+impl GroundTruth {
+    /// The MAs a synthetic frame was drawn with, as disk lesions (look-alikes are not
+    /// lesions: detections on them are false positives).
+    pub fn from_synthetic(frame: &ma_device::synthetic::SyntheticFundus) -> Self {
+        let (width, height) = frame.image.dimensions();
+        Self {
+            width,
+            height,
+            lesions: frame
+                .microaneurysms
+                .iter()
+                .map(|m| Lesion::disk(m.x, m.y, m.radius, width, height))
+                .collect(),
+            uncertain: None,
+        }
+    }
+}

@@ -111,27 +111,8 @@ pub fn random_negatives(
     aug: Augment,
     rng: &mut impl Rng,
 ) -> Vec<Sample> {
-    let mut out = Vec::with_capacity(n);
-    if subset.is_empty() {
-        return out;
-    }
-    for k in 0..n {
-        let i = subset[k % subset.len()];
-        let img = &images[i];
-        let Some((x0, y0, x1, y1)) = img.pre.fov.bounding_box() else {
-            continue;
-        };
-        // Rejection sampling: the FOV fills most of its bounding box.
-        for _ in 0..1000 {
-            let x = rng.random_range(x0..=x1);
-            let y = rng.random_range(y0..=y1);
-            if img.pre.fov.get(x as i64, y as i64) && !img.exclusion.get(x as i64, y as i64) {
-                out.push(Sample::new(i, x as i64, y as i64, false, aug, rng));
-                break;
-            }
-        }
-    }
-    out
+    // The FOV fills most of its bounding box: few tries are needed.
+    negatives_where(images, subset, n, 1000, |_, _| true, aug, rng)
 }
 
 /// `n` negatives on dark structures (vessels, haemorrhages, pigment: normalised green
@@ -145,6 +126,24 @@ pub fn dark_negatives(
     aug: Augment,
     rng: &mut impl Rng,
 ) -> Vec<Sample> {
+    // Dark pixels are a few percent of the FOV: allow more tries.
+    let dark = |img: &PreparedImage, (x, y): (u32, u32)| {
+        img.pre.planes.get(1, x as usize, y as usize) < max_green
+    };
+    negatives_where(images, subset, n, 20_000, dark, aug, rng)
+}
+
+/// Rejection sampling of negatives: FOV pixels outside the exclusion zone for which
+/// `keep` holds, at most `tries` draws per negative.
+fn negatives_where(
+    images: &[PreparedImage],
+    subset: &[usize],
+    n: usize,
+    tries: usize,
+    keep: impl Fn(&PreparedImage, (u32, u32)) -> bool,
+    aug: Augment,
+    rng: &mut impl Rng,
+) -> Vec<Sample> {
     let mut out = Vec::with_capacity(n);
     if subset.is_empty() {
         return out;
@@ -155,15 +154,11 @@ pub fn dark_negatives(
         let Some((x0, y0, x1, y1)) = img.pre.fov.bounding_box() else {
             continue;
         };
-        let green = img.pre.planes.channel(1);
-        // Dark pixels are a few percent of the FOV: allow more tries than for random ones.
-        for _ in 0..20_000 {
-            let x = rng.random_range(x0..=x1);
-            let y = rng.random_range(y0..=y1);
-            let i_px = y as usize * img.pre.planes.width + x as usize;
-            if green[i_px] < max_green
-                && img.pre.fov.get(x as i64, y as i64)
+        for _ in 0..tries {
+            let (x, y) = (rng.random_range(x0..=x1), rng.random_range(y0..=y1));
+            if img.pre.fov.get(x as i64, y as i64)
                 && !img.exclusion.get(x as i64, y as i64)
+                && keep(img, (x, y))
             {
                 out.push(Sample::new(i, x as i64, y as i64, false, aug, rng));
                 break;
