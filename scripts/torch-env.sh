@@ -4,8 +4,10 @@
 #   LIBTORCH_USE_PYTORCH=1   torch-sys finds libtorch inside the venv's torch wheel
 #   LD_LIBRARY_PATH          so binaries and tests find libtorch_cpu.so at run time
 #   MA_VENV                  the venv (its python has torch, numpy, onnx, onnxruntime)
-#   CARGO_TARGET_DIR         a cache outside the clone, so a fresh clone on the same
-#                            machine (CI) reuses compiled dependencies
+#   CARGO_TARGET_DIR         a build cache outside the checkout, one per checkout path:
+#                            it survives `git clean`, and two checkouts never share one
+#                            (cargo would take one's test binaries, which embed their
+#                            source path, as fresh for the other)
 # Everything lives under MA_CACHE_DIR (default ~/.cache/ma-detector).
 
 MA_CACHE_DIR="${MA_CACHE_DIR:-$HOME/.cache/ma-detector}"
@@ -41,4 +43,6 @@ export MA_CACHE_DIR MA_VENV
 export LIBTORCH_USE_PYTORCH=1
 export PATH="$MA_VENV/bin:$PATH"
 export LD_LIBRARY_PATH="$MA_TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MA_CACHE_DIR/target}"
+MA_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MA_REPO_KEY="$(printf '%s' "$MA_REPO" | sha256sum | cut -c1-12)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MA_CACHE_DIR/target-$MA_REPO_KEY}"
