@@ -118,45 +118,68 @@ fn check_size(width: u32, height: u32) -> Result<()> {
     Ok(())
 }
 
-/// The JPEG decoder fills a truncated scan with grey and reports success, so check that
-/// the end-of-image marker follows the first start-of-scan. Entropy-coded data cannot
-/// contain `FF D9` (0xFF bytes are stuffed), so finding it after SOS means the scan ended.
+/// A JPEG file whose scan was cut off decodes "successfully" with grey: refuse it.
 fn check_jpeg_complete(bytes: &[u8]) -> Result<()> {
-    let sos =
-        first_sos_offset(bytes).context("JPEG has no image data (no start-of-scan marker)")?;
-    let complete = bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9]);
-    if !complete {
+    if !scan_markers(bytes)?.scan_complete(bytes) {
         bail!("JPEG is truncated (no end-of-image marker after the image data)");
     }
     Ok(())
 }
 
-/// Walk the marker segments from the start of file to the first SOS (FF DA).
-fn first_sos_offset(bytes: &[u8]) -> Option<usize> {
+const EOI: u8 = 0xD9;
+const SOS: u8 = 0xDA;
+const DHT: u8 = 0xC4;
+
+/// Where the first scan starts and whether Huffman tables come before it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct JpegLayout {
+    /// Offset of the first start-of-scan marker (FF DA).
+    pub sos: usize,
+    /// A DHT segment (FF C4) appears before the first scan.
+    pub has_dht: bool,
+}
+
+impl JpegLayout {
+    /// The end-of-image marker follows the scan. Entropy-coded data cannot contain FF D9
+    /// (0xFF bytes are stuffed), so finding it after SOS means the scan ended: decoders
+    /// fill a truncated scan with grey and report success.
+    pub fn scan_complete(&self, bytes: &[u8]) -> bool {
+        bytes[self.sos..].windows(2).any(|w| w == [0xFF, EOI])
+    }
+}
+
+/// Walk the marker segments from SOI to the first SOS.
+pub fn scan_markers(bytes: &[u8]) -> Result<JpegLayout> {
+    let mut has_dht = false;
     let mut i = 2; // after SOI
-    while i + 4 <= bytes.len() {
+    loop {
+        if i + 2 > bytes.len() {
+            bail!("JPEG ends before its image data (no start-of-scan marker)");
+        }
         if bytes[i] != 0xFF {
-            return None;
+            bail!("corrupt JPEG header: expected a marker at byte {i}");
         }
         let marker = bytes[i + 1];
-        if marker == 0xFF {
-            i += 1; // fill byte
-            continue;
+        match marker {
+            0xFF => i += 1, // fill byte
+            SOS => return Ok(JpegLayout { sos: i, has_dht }),
+            EOI => bail!("JPEG ends before its image data (end-of-image before start-of-scan)"),
+            0x01 | 0xD0..=0xD8 => i += 2, // markers without a length
+            _ => {
+                if i + 4 > bytes.len() {
+                    bail!("JPEG header is truncated at byte {i}");
+                }
+                let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+                if len < 2 {
+                    bail!("corrupt JPEG header: segment length {len} at byte {i}");
+                }
+                if marker == DHT {
+                    has_dht = true;
+                }
+                i += 2 + len;
+            }
         }
-        if marker == 0xDA {
-            return Some(i);
-        }
-        if (0xD0..=0xD9).contains(&marker) || marker == 0x01 {
-            i += 2; // markers without a length
-            continue;
-        }
-        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
-        if len < 2 {
-            return None;
-        }
-        i += 2 + len;
     }
-    None
 }
 
 /// Error texts go into one-line JSON fields: fold newlines.

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use image::codecs::jpeg::JpegDecoder;
 use image::{DynamicImage, ImageDecoder, Limits, RgbImage};
 
+pub use crate::image_io::{JpegLayout, scan_markers};
 use crate::image_io::{MAX_SIDE, one_line};
 
 /// The two formats UVC cameras commonly offer.
@@ -147,8 +148,6 @@ pub fn yuv_to_rgb(y: u8, u: u8, v: u8) -> [u8; 3] {
 }
 
 const SOI: u8 = 0xD8;
-const EOI: u8 = 0xD9;
-const SOS: u8 = 0xDA;
 const DHT: u8 = 0xC4;
 
 /// Decode one MJPEG frame, inserting the standard Huffman tables when it has none.
@@ -160,9 +159,8 @@ fn decode_mjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage> {
         );
     }
     let layout = scan_markers(bytes)?;
-    // Entropy-coded data cannot contain FF D9 (0xFF is stuffed), so EOI after SOS means
-    // the scan is complete; a USB transfer error otherwise yields a grey-filled frame.
-    if !bytes[layout.sos..].windows(2).any(|w| w == [0xFF, EOI]) {
+    // A USB transfer error otherwise yields a grey-filled frame.
+    if !layout.scan_complete(bytes) {
         bail!("MJPEG frame is truncated (no end-of-image marker after the image data)");
     }
     let jpeg: Cow<[u8]> = if layout.has_dht {
@@ -195,49 +193,6 @@ fn decode_mjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage> {
         );
     }
     Ok(img.to_rgb8())
-}
-
-/// Where the first scan starts and whether Huffman tables come before it.
-#[derive(Debug, PartialEq, Eq)]
-pub struct JpegLayout {
-    /// Offset of the first start-of-scan marker (FF DA).
-    pub sos: usize,
-    /// A DHT segment (FF C4) appears before the first scan.
-    pub has_dht: bool,
-}
-
-/// Walk the marker segments from SOI to the first SOS.
-pub fn scan_markers(bytes: &[u8]) -> Result<JpegLayout> {
-    let mut has_dht = false;
-    let mut i = 2; // after SOI
-    loop {
-        if i + 2 > bytes.len() {
-            bail!("JPEG ends before its image data (no start-of-scan marker)");
-        }
-        if bytes[i] != 0xFF {
-            bail!("corrupt JPEG header: expected a marker at byte {i}");
-        }
-        let marker = bytes[i + 1];
-        match marker {
-            0xFF => i += 1, // fill byte
-            SOS => return Ok(JpegLayout { sos: i, has_dht }),
-            EOI => bail!("JPEG ends before its image data (end-of-image before start-of-scan)"),
-            0x01 | 0xD0..=0xD8 => i += 2, // markers without a length
-            _ => {
-                if i + 4 > bytes.len() {
-                    bail!("JPEG header is truncated at byte {i}");
-                }
-                let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
-                if len < 2 {
-                    bail!("corrupt JPEG header: segment length {len} at byte {i}");
-                }
-                if marker == DHT {
-                    has_dht = true;
-                }
-                i += 2 + len;
-            }
-        }
-    }
 }
 
 /// Copy of `jpeg` with the JPEG Annex K (K.3-K.6) Huffman tables inserted before the
