@@ -50,9 +50,9 @@ pub struct Manifest {
     /// Side of the square patches both nets were trained on.
     pub patch_size: usize,
     /// Preprocessing the models were trained with; the device must use the same.
-    pub preprocess: PreprocessParams,
+    pub preprocess: PreprocessConfig,
     /// Stage-1 candidate extraction.
-    pub stage1: Stage1Params,
+    pub stage1: CandidateConfig,
     /// Stage-2 score thresholds measured on cross-validation.
     pub operating_points: OperatingPoints,
     /// Where the models come from.
@@ -134,55 +134,6 @@ pub struct ModelEntry {
     pub dynamic_batch: bool,
 }
 
-/// The [`PreprocessConfig`] values, as stored.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PreprocessParams {
-    pub canonical_fov_diameter: f64,
-    pub scale_tolerance: f64,
-    pub background_window: usize,
-    pub background_subsample: usize,
-    pub background_floor: f32,
-    pub clip: f32,
-}
-
-/// Stage-1 candidate extraction parameters: a stored
-/// [`crate::cascade::candidates::CandidateConfig`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Stage1Params {
-    /// Minimum stage-1 MA probability of a candidate.
-    pub threshold: f32,
-    /// At most this many candidates per image (highest first).
-    pub max_candidates: usize,
-    /// Refinement searches this many canonical pixels around a map cell's centre.
-    pub search_radius: usize,
-    /// Candidates closer than this (canonical pixels) are merged.
-    pub merge_distance: f64,
-}
-
-impl From<&Stage1Params> for CandidateConfig {
-    fn from(p: &Stage1Params) -> Self {
-        Self {
-            threshold: p.threshold,
-            max_candidates: p.max_candidates,
-            search_radius: p.search_radius,
-            merge_distance: p.merge_distance,
-        }
-    }
-}
-
-impl From<&CandidateConfig> for Stage1Params {
-    fn from(c: &CandidateConfig) -> Self {
-        Self {
-            threshold: c.threshold,
-            max_candidates: c.max_candidates,
-            search_radius: c.search_radius,
-            merge_distance: c.merge_distance,
-        }
-    }
-}
-
 /// Stage-2 score thresholds giving 1, 2 and 4 false positives per image on
 /// cross-validation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -205,32 +156,6 @@ pub struct Training {
     pub licence: String,
     /// Cross-validated competition performance metric (mean sensitivity at 1/8..8 FP/image).
     pub cv_cpm: f64,
-}
-
-impl From<&PreprocessConfig> for PreprocessParams {
-    fn from(c: &PreprocessConfig) -> Self {
-        Self {
-            canonical_fov_diameter: c.canonical_fov_diameter,
-            scale_tolerance: c.scale_tolerance,
-            background_window: c.background_window,
-            background_subsample: c.background_subsample,
-            background_floor: c.background_floor,
-            clip: c.clip,
-        }
-    }
-}
-
-impl From<&PreprocessParams> for PreprocessConfig {
-    fn from(p: &PreprocessParams) -> Self {
-        Self {
-            canonical_fov_diameter: p.canonical_fov_diameter,
-            scale_tolerance: p.scale_tolerance,
-            background_window: p.background_window,
-            background_subsample: p.background_subsample,
-            background_floor: p.background_floor,
-            clip: p.clip,
-        }
-    }
 }
 
 /// Lower-case hex SHA-256 of `bytes`.
@@ -294,11 +219,6 @@ impl Manifest {
         let text = toml::to_string_pretty(self).context("serialising the model manifest")?;
         std::fs::write(&path, text)
             .with_context(|| format!("writing model manifest {}", path.display()))
-    }
-
-    /// The preprocessing the models expect.
-    pub fn preprocess_config(&self) -> PreprocessConfig {
-        (&self.preprocess).into()
     }
 
     /// The entry for `role` and `variant`.
@@ -412,8 +332,8 @@ mod tests {
             version: "test-1".into(),
             default_variant: Variant::Float,
             patch_size: 101,
-            preprocess: (&PreprocessConfig::default()).into(),
-            stage1: Stage1Params {
+            preprocess: PreprocessConfig::default(),
+            stage1: CandidateConfig {
                 threshold: 0.3,
                 max_candidates: 400,
                 search_radius: 6,
@@ -442,7 +362,7 @@ mod tests {
         m.write(tmp.path()).unwrap();
         let back = Manifest::load(tmp.path()).unwrap();
         assert_eq!(back, m);
-        assert_eq!(back.preprocess_config(), PreprocessConfig::default());
+        assert_eq!(back.preprocess, PreprocessConfig::default());
         assert_eq!(
             back.model_bytes(Role::Stage2, Variant::Int8).unwrap(),
             b"stage two int8"

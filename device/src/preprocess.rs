@@ -33,8 +33,10 @@ use crate::geometry::{CHANNELS, Planes, ScaleMap};
 use crate::mask::Mask;
 use crate::median::masked_median;
 
-/// Parameters of preprocessing. Models record the values they were trained with.
-#[derive(Clone, Debug, PartialEq)]
+/// Parameters of preprocessing. Models record the values they were trained with (the
+/// `[preprocess]` table of the model manifest).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PreprocessConfig {
     /// FOV diameter, in pixels, at which everything runs.
     pub canonical_fov_diameter: f64,

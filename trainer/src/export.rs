@@ -493,8 +493,8 @@ pub fn export_model_set(
         version: version.to_string(),
         default_variant,
         patch_size: patch,
-        preprocess: (&PreprocessConfig::default()).into(),
-        stage1: (&PipelineConfig::default().candidates).into(),
+        preprocess: PreprocessConfig::default(),
+        stage1: PipelineConfig::default().candidates,
         operating_points: OperatingPoints {
             fp_per_image_1: op1,
             fp_per_image_2: op2,

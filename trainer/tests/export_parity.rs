@@ -7,12 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use ma_device::cascade::candidates::ProbMap;
+use ma_device::cascade::candidates::{CandidateConfig, ProbMap};
 use ma_device::cascade::onnx::{Stage1Model, Stage2Model};
 use ma_device::geometry::Planes;
-use ma_device::manifest::{
-    Manifest, ModelEntry, OperatingPoints, Role, Stage1Params, Training, Variant,
-};
+use ma_device::manifest::{Manifest, ModelEntry, OperatingPoints, Role, Training, Variant};
 use ma_device::preprocess::PreprocessConfig;
 use ma_trainer::export::{
     WeightFormat, dequantize_per_channel, onnx_model, quantize_per_channel, write_onnx,
@@ -199,8 +197,8 @@ fn manifest(dir: &Path, entries: &[(Role, Variant, &str)]) -> Manifest {
         version: "parity-test".into(),
         default_variant: Variant::Float,
         patch_size: 101,
-        preprocess: (&PreprocessConfig::default()).into(),
-        stage1: Stage1Params {
+        preprocess: PreprocessConfig::default(),
+        stage1: CandidateConfig {
             threshold: 0.5,
             max_candidates: 100,
             search_radius: 6,

@@ -36,8 +36,9 @@ impl ProbMap {
     }
 }
 
-/// How candidates are picked.
-#[derive(Clone, Debug, PartialEq)]
+/// How candidates are picked (the `[stage1]` table of the model manifest).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CandidateConfig {
     /// Minimum stage-1 probability.
     pub threshold: f32,

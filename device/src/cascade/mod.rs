@@ -85,8 +85,8 @@ impl Cascade {
             geometry.size
         );
         Ok(Self {
-            preprocess: manifest.preprocess_config(),
-            candidates: (&manifest.stage1).into(),
+            preprocess: manifest.preprocess.clone(),
+            candidates: manifest.stage1.clone(),
             manifest,
             variant,
             stage1,
