@@ -12,7 +12,7 @@ use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
 use ma_device::synthetic::{SyntheticFundus, SyntheticParams, generate};
 use ma_trainer::export::export_model_set;
 use ma_trainer::ground_truth::GroundTruth;
-use ma_trainer::pipeline::{PipelineConfig, detect, train_cascade};
+use ma_trainer::pipeline::{PipelineConfig, detect, reported, train_cascade};
 use ma_trainer::prepare::PreparedImage;
 
 fn truth(frame: &SyntheticFundus) -> GroundTruth {
@@ -83,10 +83,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
         truth(&test),
     )];
     let (_, workstation) = detect(&cascade, &held_out, 0, &pipeline.candidates);
-    let workstation: Vec<_> = workstation
-        .into_iter()
-        .filter(|d| d.score >= 0.01)
-        .collect();
+    let workstation = reported(&workstation);
     assert_eq!(workstation.len(), result.detections.len());
     for (w, d) in workstation.iter().zip(&result.detections) {
         assert!(

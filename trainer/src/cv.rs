@@ -10,7 +10,7 @@ use ma_device::cascade::candidates::Candidate;
 use ma_device::detection::{DetectLine, ImageDetections};
 
 use crate::froc::{FrocReport, ImageOutcome};
-use crate::pipeline::{PipelineConfig, candidate_recall, detect, train_cascade};
+use crate::pipeline::{PipelineConfig, candidate_recall, detect, reported, train_cascade};
 use crate::prepare::PreparedImage;
 
 /// Candidate counts at which recall is reported.
@@ -113,21 +113,7 @@ pub fn cross_validate(
             let t = Instant::now();
             let (c, all) = detect(&cascade, images, i, &eval_cfg);
             // Score as shipped: only the first `max_candidates` go to stage 2.
-            let shipped: Vec<_> = {
-                let kept: Vec<(usize, usize)> = c
-                    .iter()
-                    .take(cfg.candidates.max_candidates)
-                    .map(|c| (c.x, c.y))
-                    .collect();
-                let scale = images[i].pre.scale;
-                all.into_iter()
-                    .filter(|d| {
-                        let (x, y) = scale.to_canonical(d.x, d.y);
-                        kept.contains(&(x.round() as usize, y.round() as usize))
-                    })
-                    .filter(|d| d.score >= 0.01)
-                    .collect()
-            };
+            let shipped = reported(&all[..all.len().min(cfg.candidates.max_candidates)]);
             outcomes.push(ImageOutcome::score(
                 &images[i].name,
                 &images[i].truth,

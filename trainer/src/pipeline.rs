@@ -10,6 +10,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
+use ma_device::cascade::MIN_REPORTED_SCORE;
 use ma_device::cascade::candidates::{Candidate, CandidateConfig, ProbMap, find_candidates};
 use ma_device::detection::Detection;
 use ma_device::geometry::{CHANNELS, PatchGeometry, Planes};
@@ -298,7 +299,8 @@ pub fn stage2_scores(
     out
 }
 
-/// Detections of one image in original coordinates, best first.
+/// Candidates of one image (best stage-1 probability first) and, in the same order, their
+/// detections in original coordinates with stage-2 scores; see [`reported`].
 pub fn detect(
     cascade: &Cascade,
     images: &[PreparedImage],
@@ -308,7 +310,7 @@ pub fn detect(
     let candidates = image_candidates(&cascade.stage1.1, &images[image], cfg);
     let scores = stage2_scores(&cascade.stage2.1, images, image, &candidates);
     let scale = images[image].pre.scale;
-    let mut detections: Vec<Detection> = candidates
+    let detections: Vec<Detection> = candidates
         .iter()
         .zip(&scores)
         .map(|(c, &s)| {
@@ -320,8 +322,19 @@ pub fn detect(
             }
         })
         .collect();
-    detections.sort_by(|a, b| b.score.total_cmp(&a.score));
     (candidates, detections)
+}
+
+/// What `detect` reports of an image's detections: those scoring at least
+/// [`MIN_REPORTED_SCORE`], best first (as the device cascade does).
+pub fn reported(detections: &[Detection]) -> Vec<Detection> {
+    let mut out: Vec<Detection> = detections
+        .iter()
+        .filter(|d| d.score >= MIN_REPORTED_SCORE)
+        .copied()
+        .collect();
+    out.sort_by(|a, b| b.score.total_cmp(&a.score));
+    out
 }
 
 /// Lesion recall of the top-K stage-1 candidates, for each K in `ks`, over `subset`.
