@@ -58,7 +58,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
     };
     export_model_set(
         &cascade.stage1.0,
-        &cascade.stage2.0,
+        (cascade.stage2.1.stage, &cascade.stage2.0),
         &models,
         "e2e-test",
         Variant::Float,

@@ -2,13 +2,15 @@
 //! held-out data.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use ma_device::cascade::candidates::Candidate;
-use ma_device::detection::{DetectLine, ImageDetections};
+use ma_device::cascade::MIN_REPORTED_SCORE;
+use ma_device::detection::{DetectLine, ImageDetections, read_jsonl};
 
+use crate::eval::match_lines;
 use crate::froc::{FrocReport, ImageOutcome};
 use crate::pipeline::{PipelineConfig, candidate_recall, detect, reported, train_cascade};
 use crate::prepare::PreparedImage;
@@ -34,6 +36,8 @@ pub struct CvSummary {
     pub operating_points: [f64; 3],
     pub images: usize,
     pub lesions: usize,
+    /// CPM of the pooled held-out images (one FROC over all folds).
+    pub pooled_cpm: f64,
 }
 
 impl CvSummary {
@@ -56,8 +60,9 @@ pub struct FoldResult {
 }
 
 /// Train on all folds but one, evaluate on it, for every fold. Writes per-fold
-/// checkpoints under `out/fold-K/` and the held-out detections of all folds, in the
-/// `detect` format, to `out/cv-detections.jsonl`.
+/// checkpoints and final weights under `out/fold-K/`, the held-out detections of fold K, in the `detect`
+/// format, to `out/cv-detections-fold-K.jsonl`, and its figures to
+/// `out/fold-K-result.json` (K from 1).
 ///
 /// `only` restricts the run to one fold (0-based), to spread a long CV over sessions.
 pub fn cross_validate(
@@ -78,17 +83,10 @@ pub fn cross_validate(
     if let Some(f) = only.filter(|&f| f >= folds) {
         bail!("--fold {} does not exist with --folds {folds}", f + 1);
     }
-    let det_path = match only {
-        Some(f) => out.join(format!("cv-detections-fold-{}.jsonl", f + 1)),
-        None => out.join("cv-detections.jsonl"),
-    };
-    let mut det_file = std::fs::File::create(&det_path)
-        .with_context(|| format!("cannot create {}", det_path.display()))?;
     let mut eval_cfg = cfg.candidates.clone();
     // Evaluation looks at more candidates than the shipped cap to draw the recall curve.
     eval_cfg.max_candidates = *RECALL_KS.last().expect("non-empty");
     let mut results = Vec::new();
-    let mut pooled = Vec::new();
     for fold in (0..folds).filter(|f| only.is_none_or(|o| o == *f)) {
         let started = Instant::now();
         let (val, train): (Vec<usize>, Vec<usize>) =
@@ -99,14 +97,18 @@ pub fn cross_validate(
             train.len(),
             val.len()
         );
-        let cascade = train_cascade(
-            images,
-            &train,
-            &val,
-            cfg,
-            &out.join(format!("fold-{fold}")),
-            resume,
-        )?;
+        let fold_dir = out.join(format!("fold-{}", fold + 1));
+        let cascade = train_cascade(images, &train, &val, cfg, &fold_dir, resume)?;
+        // The fold's final weights, named as `train` names them, so `export` can turn
+        // them into a model set for the device-path CV (scripts/cv-device.sh).
+        for (stage, (vs, _)) in [("stage1", &cascade.stage1), ("stage2", &cascade.stage2)] {
+            let path = fold_dir.join(format!("{stage}.safetensors"));
+            vs.save(&path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        let det_path = detections_path(out, fold);
+        let mut det_file = std::fs::File::create(&det_path)
+            .with_context(|| format!("cannot create {}", det_path.display()))?;
         let mut outcomes = Vec::new();
         let mut cands: Vec<(usize, Vec<Candidate>)> = Vec::new();
         for &i in &val {
@@ -131,7 +133,6 @@ pub fn cross_validate(
             cands.push((i, c));
         }
         let report = FrocReport::from_outcomes(&outcomes)?;
-        pooled.extend(outcomes);
         let recall = candidate_recall(&cands, images, &RECALL_KS)?;
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
@@ -145,12 +146,197 @@ pub fn cross_validate(
                 .join(" "),
             seconds
         );
-        results.push(FoldResult {
+        let result = FoldResult {
             fold,
             report,
             recall,
             seconds,
-        });
+        };
+        let path = out.join(format!("fold-{}-result.json", fold + 1));
+        std::fs::write(&path, result.to_json())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        results.push(result);
     }
     Ok(results)
+}
+
+/// Held-out detections of fold `fold` (0-based), in the `detect` format.
+pub fn detections_path(out: &Path, fold: usize) -> PathBuf {
+    out.join(format!("cv-detections-fold-{}.jsonl", fold + 1))
+}
+
+impl FoldResult {
+    fn to_json(&self) -> String {
+        serde_json::json!({
+            "fold": self.fold + 1,
+            "cpm": self.report.cpm,
+            "images": self.report.images,
+            "lesions": self.report.lesions,
+            "candidate_recall": self.recall.iter().map(|(k, r)| serde_json::json!({"candidates": k, "recall": r})).collect::<Vec<_>>(),
+            "minutes": self.seconds / 60.0,
+        })
+        .to_string()
+    }
+}
+
+/// Score the held-out detections of every fold run so far in `out` (folds may be run in
+/// separate invocations with `--fold`) and write `cv-summary.json`: per-fold CPM, their
+/// mean, and the operating points over the pooled held-out images. `None` when no fold has
+/// been run yet.
+pub fn summarise(images: &[PreparedImage], folds: usize, out: &Path) -> Result<Option<CvSummary>> {
+    let mut folds_run = Vec::new();
+    let mut cpm_per_fold = Vec::new();
+    let mut pooled = Vec::new();
+    for fold in 0..folds {
+        let path = detections_path(out, fold);
+        if !path.exists() {
+            continue;
+        }
+        let members: Vec<usize> = (0..images.len())
+            .filter(|&i| fold_of(i, folds) == fold)
+            .collect();
+        let names: Vec<&str> = members.iter().map(|&i| images[i].name.as_str()).collect();
+        let lines = read_jsonl(&path)?;
+        let matched = match match_lines(&names, lines) {
+            Ok(m) => m,
+            Err(e) => {
+                // Typically a fold still running in another process: its file fills up
+                // image by image. Left out, and said so; the last run to finish counts it.
+                eprintln!(
+                    "cv summary: fold {} left out: {} does not match it yet ({e:#})",
+                    fold + 1,
+                    path.display()
+                );
+                continue;
+            }
+        };
+        let mut outcomes = Vec::new();
+        for (&i, d) in members.iter().zip(&matched.images) {
+            outcomes.push(ImageOutcome::score(&images[i].name, &images[i].truth, &d.detections)?);
+        }
+        cpm_per_fold.push(FrocReport::from_outcomes(&outcomes)?.cpm);
+        folds_run.push(fold + 1);
+        pooled.extend(outcomes);
+    }
+    if folds_run.is_empty() {
+        return Ok(None);
+    }
+    // The recall curves saved by each fold's run (absent for folds run before they were).
+    let mut curves = Vec::new();
+    for &k in &folds_run {
+        let path = out.join(format!("fold-{k}-result.json"));
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("malformed {}", path.display()))?;
+        let curve: Vec<(usize, f64)> = v["candidate_recall"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p["candidates"].as_u64()? as usize, p["recall"].as_f64()?)))
+            .collect();
+        curves.push((format!("fold {k}"), curve));
+    }
+    if !curves.is_empty() {
+        crate::plot::write_recall_png(&out.join("cv-recall.png"), &curves)?;
+    }
+    let report = FrocReport::from_outcomes(&pooled)?;
+    // A rate the curve never reaches: every reported detection is within the budget.
+    let op = |k: usize| report.operating[k].threshold.unwrap_or(MIN_REPORTED_SCORE);
+    let summary = CvSummary {
+        folds,
+        mean_cpm: cpm_per_fold.iter().sum::<f64>() / cpm_per_fold.len() as f64,
+        cpm_per_fold,
+        folds_run,
+        operating_points: [op(0), op(1), op(2)],
+        images: report.images,
+        lesions: report.lesions,
+        pooled_cpm: report.cpm,
+    };
+    let path = out.join(CvSummary::FILE_NAME);
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Some(summary))
+}
+
+/// How a candidate's final score is formed (compared by `ma-trainer fold-eval`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    Stage1,
+    Stage2,
+    /// Geometric mean of the two probabilities.
+    Both,
+}
+
+impl Scoring {
+    pub const ALL: [Scoring; 3] = [Scoring::Stage1, Scoring::Stage2, Scoring::Both];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scoring::Stage1 => "stage 1 only",
+            Scoring::Stage2 => "stage 2 only",
+            Scoring::Both => "sqrt(stage1 x stage2)",
+        }
+    }
+
+    pub fn combine(self, stage1: f32, stage2: f32) -> f64 {
+        match self {
+            Scoring::Stage1 => stage1 as f64,
+            Scoring::Stage2 => stage2 as f64,
+            Scoring::Both => ((stage1 as f64) * (stage2 as f64)).sqrt(),
+        }
+    }
+}
+
+/// Lesion recall of the top-K candidates, for each K.
+pub type RecallCurve = Vec<(usize, f64)>;
+
+/// Score the held-out images of `fold` (0-based) with trained nets, once per [`Scoring`]:
+/// FROC reports in `Scoring::ALL` order and the candidate recall curve.
+pub fn evaluate_fold(
+    images: &[PreparedImage],
+    folds: usize,
+    fold: usize,
+    net1: &crate::nets::Net,
+    net2: &crate::nets::Net,
+    cfg: &ma_device::cascade::candidates::CandidateConfig,
+) -> Result<(Vec<FrocReport>, RecallCurve)> {
+    let val: Vec<usize> = (0..images.len())
+        .filter(|&i| fold_of(i, folds) == fold)
+        .collect();
+    let mut eval_cfg = cfg.clone();
+    eval_cfg.max_candidates = *RECALL_KS.last().expect("non-empty");
+    let mut outcomes: Vec<Vec<ImageOutcome>> = vec![Vec::new(); Scoring::ALL.len()];
+    let mut cands = Vec::new();
+    for &i in &val {
+        let c = crate::pipeline::image_candidates(net1, &images[i], &eval_cfg);
+        let shipped = &c[..c.len().min(cfg.max_candidates)];
+        let s2 = crate::pipeline::stage2_scores(net2, images, i, shipped);
+        for (k, scoring) in Scoring::ALL.iter().enumerate() {
+            let dets: Vec<ma_device::detection::Detection> = shipped
+                .iter()
+                .zip(&s2)
+                .map(|(c, &p)| {
+                    let (x, y) = images[i].pre.scale.to_original(c.x as f64, c.y as f64);
+                    ma_device::detection::Detection {
+                        x,
+                        y,
+                        score: scoring.combine(c.stage1, p),
+                    }
+                })
+                .collect();
+            outcomes[k].push(ImageOutcome::score(
+                &images[i].name,
+                &images[i].truth,
+                &reported(&dets),
+            )?);
+        }
+        cands.push((i, c));
+    }
+    let reports = outcomes
+        .iter()
+        .map(|o| FrocReport::from_outcomes(o))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((reports, candidate_recall(&cands, images, &RECALL_KS)?))
 }

@@ -56,20 +56,50 @@ pub struct MatchedLines {
     pub unmatched: Vec<String>,
 }
 
+/// Whether two relative paths name the same file: one is a component-wise suffix of the
+/// other (either separator).
+fn same_file(a: &str, b: &str) -> bool {
+    let parts = |p: &str| -> Vec<String> {
+        p.split(['/', '\\'])
+            .filter(|c| !c.is_empty() && *c != ".")
+            .map(str::to_string)
+            .collect()
+    };
+    let (a, b) = (parts(a), parts(b));
+    let n = a.len().min(b.len());
+    n > 0 && a[a.len() - n..] == b[b.len() - n..]
+}
+
 /// Last path component of a line's `image`, whichever separator the detect run used.
 pub fn base_name(image: &str) -> &str {
     image.rsplit(['/', '\\']).next().unwrap_or(image)
 }
 
-/// Match `lines` to the dataset images `names` (file names) by base name. Errors: an image
-/// with no line (up to [`MISSING_LISTED`] named), an image with two lines, an error line for
-/// an image.
+/// Match `lines` to the dataset images `names` (paths relative to the dataset root, or
+/// bare file names). A line belongs to an image when one path is a component-wise suffix
+/// of the other: `image001.png` and `resources/images/ddb1_fundusimages/image001.png` match,
+/// but `ddb1_groundtruth/hardexudates/image001.png` (a ground-truth map that `detect` also
+/// found when run on the dataset root) does not. Errors: an image with no line (up to
+/// [`MISSING_LISTED`] named), an image with two lines, an error line for an image.
 pub fn match_lines(names: &[&str], lines: Vec<DetectLine>) -> Result<MatchedLines> {
-    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let index: HashMap<&str, Vec<usize>> =
+        names
+            .iter()
+            .enumerate()
+            .fold(HashMap::new(), |mut m, (i, n)| {
+                m.entry(base_name(n)).or_default().push(i);
+                m
+            });
     let mut slots: Vec<Option<ImageDetections>> = vec![None; names.len()];
     let mut unmatched = Vec::new();
     for line in lines {
-        let Some(&i) = index.get(base_name(line.image())) else {
+        let found = index.get(base_name(line.image())).and_then(|candidates| {
+            candidates
+                .iter()
+                .copied()
+                .find(|&i| same_file(names[i], line.image()))
+        });
+        let Some(i) = found else {
             unmatched.push(line.image().to_string());
             continue;
         };
@@ -134,7 +164,18 @@ pub fn evaluate(opts: &EvalOptions) -> Result<Evaluation> {
     })?;
     let lines = read_jsonl(&opts.detections)?;
     let detection_lines = lines.len();
-    let names: Vec<&str> = dataset.images.iter().map(|im| im.name.as_str()).collect();
+    // Paths relative to the root, so that lines for other files with the same name (the
+    // ground-truth maps, when `detect` ran on the whole dataset folder) are told apart.
+    let relative: Vec<String> = dataset
+        .images
+        .iter()
+        .map(|im| {
+            im.path
+                .strip_prefix(&opts.root)
+                .map_or_else(|_| im.name.clone(), |p| p.to_string_lossy().into_owned())
+        })
+        .collect();
+    let names: Vec<&str> = relative.iter().map(String::as_str).collect();
     let matched = match_lines(&names, lines)
         .with_context(|| format!("detections file {}", opts.detections.display()))?;
 
@@ -417,6 +458,23 @@ mod tests {
         });
         let m = match_lines(&["a.png"], vec![failed_other, ok("a.png")]).unwrap();
         assert_eq!(m.unmatched.len(), 1);
+    }
+
+    #[test]
+    fn lines_for_other_files_with_the_same_name_are_not_the_image() {
+        // `detect` on a DiaretDB1 root also meets the ground-truth maps, which fail.
+        let gt = DetectLine::Failed(ImageFailure {
+            image: "resources/images/ddb1_groundtruth/hardexudates/image001.png".into(),
+            error: "no field of view found".into(),
+        });
+        let name = "resources/images/ddb1_fundusimages/image001.png";
+        let m = match_lines(&[name], vec![gt.clone(), ok(name)]).unwrap();
+        assert_eq!(m.images[0].image, name);
+        assert_eq!(m.unmatched.len(), 1);
+        // Run on the image folder itself, detect writes bare names: still matched.
+        let m = match_lines(&[name], vec![ok("image001.png")]).unwrap();
+        assert_eq!(m.images.len(), 1);
+        assert!(same_file("a\\b.png", "x/a/b.png") && !same_file("c/b.png", "a/b.png"));
     }
 
     #[test]

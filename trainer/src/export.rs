@@ -64,7 +64,7 @@ impl WeightFormat {
 pub fn input_name(stage: Stage) -> &'static str {
     match stage {
         Stage::Basic => "image",
-        Stage::Final => "patches",
+        Stage::Final | Stage::Refine => "patches",
     }
 }
 
@@ -178,7 +178,7 @@ pub fn onnx_model(
             vec![val(1), val(3), param("height"), param("width")],
             vec![val(1), val(2), param("map_height"), param("map_width")],
         ),
-        Stage::Final => (
+        Stage::Final | Stage::Refine => (
             vec![param("batch"), val(3), val(PATCH_SIZE), val(PATCH_SIZE)],
             vec![param("batch"), val(2)],
         ),
@@ -193,7 +193,9 @@ pub fn onnx_model(
             Stage::Basic => "Stage 1: MA probability map (channel 1), output stride 8, \
                              receptive field 101x101"
                 .into(),
-            Stage::Final => "Stage 2: MA probability (column 1) of 101x101 patches".into(),
+            Stage::Final | Stage::Refine => {
+                "Stage 2: MA probability (column 1) of 101x101 patches".into()
+            }
         },
         ..Default::default()
     };
@@ -458,7 +460,7 @@ fn float(name: &str, f: f32) -> pb::AttributeProto {
 /// training provenance.
 pub fn export_model_set(
     stage1: &tch::nn::VarStore,
-    stage2: &tch::nn::VarStore,
+    stage2: (Stage, &tch::nn::VarStore),
     out: &Path,
     version: &str,
     default_variant: Variant,
@@ -470,7 +472,7 @@ pub fn export_model_set(
     let mut models = Vec::new();
     for (stage, vs, role) in [
         (Stage::Basic, stage1, Role::Stage1),
-        (Stage::Final, stage2, Role::Stage2),
+        (stage2.0, stage2.1, Role::Stage2),
     ] {
         for (format, variant) in [
             (WeightFormat::Float, Variant::Float),

@@ -11,4 +11,5 @@ pub mod patches;
 pub mod pipeline;
 pub mod plot;
 pub mod prepare;
+pub mod tiles;
 pub mod train;

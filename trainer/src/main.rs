@@ -11,15 +11,16 @@ use clap::{Args, Parser, Subcommand};
 use ma_device::preprocess::PreprocessConfig;
 
 use ma_device::manifest::{Training, Variant};
-use ma_trainer::cv::{CvSummary, cross_validate};
+use ma_trainer::cv::{CvSummary, Scoring, cross_validate, evaluate_fold, summarise};
 use ma_trainer::datasets::{Dataset, LoadOptions};
 use ma_trainer::datasets::{DatasetKind, Split};
 use ma_trainer::eval::{self, EvalOptions};
 use ma_trainer::export::export_model_set;
 use ma_trainer::nets::Stage;
 use ma_trainer::pipeline::{PipelineConfig, train_cascade};
+use ma_trainer::tiles::TileGeometry;
 use ma_trainer::prepare::{PreparedImage, prepare_all};
-use ma_trainer::train::load_net;
+use ma_trainer::train::{load_net, load_stage2};
 
 #[derive(Parser)]
 #[command(
@@ -49,9 +50,10 @@ enum Command {
     Eval(EvalArgs),
     /// Train both stages of the cascade on a dataset (all images of the split).
     ///
-    /// Stage 1 (basic CNN) learns from balanced MA / non-MA patches with a fresh negative
-    /// draw every epoch; its false alarms on the training images become the hard
-    /// negatives of stage 2 (final CNN). Checkpoints are written every epoch to
+    /// Stage 1 (basic CNN) learns from tiles whose every output cell is labelled (or,
+    /// with --stage1-tiles 0, from balanced MA / non-MA patches), with a fresh draw every
+    /// epoch; its false alarms on the training images become the hard negatives of stage
+    /// 2 (by default the basic CNN again, started from stage 1's weights). Checkpoints are written every epoch to
     /// OUT/checkpoints; the trained weights to OUT/stage1.safetensors and
     /// OUT/stage2.safetensors. Runs on CUDA when available, else CPU.
     Train(TrainArgs),
@@ -67,6 +69,23 @@ enum Command {
         /// Run only this fold (1-based), e.g. to spread a long CV over several sessions.
         #[arg(long)]
         fold: Option<usize>,
+    },
+    /// Diagnose one trained fold: CPM of its held-out images when candidates are scored
+    /// by stage 1 only, stage 2 only, or both, and the stage-1 candidate recall.
+    FoldEval {
+        #[command(flatten)]
+        train: TrainArgs,
+        #[arg(long, default_value_t = 4)]
+        folds: usize,
+        /// The fold (1-based).
+        #[arg(long)]
+        fold: usize,
+        /// Stage-1 weights (safetensors), e.g. CV_OUT/fold-K/stage1.safetensors.
+        #[arg(long)]
+        weights1: PathBuf,
+        /// Stage-2 weights (safetensors), either architecture.
+        #[arg(long)]
+        weights2: PathBuf,
     },
     /// Write the trained networks as ONNX (float and int8-weight variants) with a
     /// manifest (sha256 of every file, preprocessing, candidate settings, operating
@@ -139,24 +158,50 @@ struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Epochs of stage 1.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 10)]
     epochs1: usize,
     /// Epochs of stage 2.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     epochs2: usize,
-    /// Positives drawn per lesion and epoch (each differently shifted and augmented).
-    #[arg(long, default_value_t = 8)]
+    /// Stage 1: tiles per lesion and epoch (each lesion at a different place, differently
+    /// augmented). With --stage1-tiles 0: positive patches per lesion and epoch.
+    #[arg(long, default_value_t = 4)]
     repeats: usize,
     /// Fraction of stage-1 negatives drawn on dark structures (vessels, haemorrhages)
     /// rather than anywhere in the field of view.
     #[arg(long, default_value_t = 0.5)]
     dark_fraction: f64,
+    /// Stage 1 trains on tiles of N x N output cells, every cell labelled (dense
+    /// training: all of a tile's look-alikes are negatives); 0 trains on single balanced
+    /// 101x101 patches as in the papers.
+    #[arg(long, default_value_t = 12)]
+    stage1_tiles: usize,
+    /// Stage-1 batch size: tiles, or patches with --stage1-tiles 0. Default 16 tiles or
+    /// 64 patches.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    batch1: Option<u32>,
+    /// Stage-1 learning rate (Adam).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Stage-2 architecture: `refine` (the basic CNN started from the trained stage 1,
+    /// fine-tuned on its false alarms) or `final` (the papers' final CNN from scratch).
+    #[arg(long, value_enum, default_value = "refine")]
+    stage2: Stage2Arch,
+    /// Stage-2 learning rate (Adam). Default: 1e-4 for refine, 1e-3 for final.
+    #[arg(long)]
+    lr2: Option<f64>,
     /// Seed of everything random (sampling, augmentation, initialisation, dropout).
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Continue from the last checkpoint in OUT instead of starting over.
     #[arg(long)]
     resume: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Stage2Arch {
+    Refine,
+    Final,
 }
 
 impl TrainArgs {
@@ -168,6 +213,21 @@ impl TrainArgs {
         cfg.stage2.seed = self.seed + 1;
         cfg.positive_repeats = self.repeats;
         cfg.stage1_dark_fraction = self.dark_fraction;
+        cfg.stage1_tiles = (self.stage1_tiles > 0).then_some(TileGeometry {
+            cells: self.stage1_tiles,
+        });
+        cfg.stage1.batch_size = self
+            .batch1
+            .map_or(if self.stage1_tiles > 0 { 16 } else { 64 }, |b| b as usize);
+        cfg.stage1.learning_rate = self.lr;
+        cfg.stage2_arch = match self.stage2 {
+            Stage2Arch::Refine => Stage::Refine,
+            Stage2Arch::Final => Stage::Final,
+        };
+        cfg.stage2.learning_rate = self.lr2.unwrap_or(match self.stage2 {
+            Stage2Arch::Refine => 1e-4,
+            Stage2Arch::Final => 1e-3,
+        });
         cfg
     }
 
@@ -243,12 +303,49 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
         );
     }
     let mean = results.iter().map(|r| r.report.cpm).sum::<f64>() / results.len() as f64;
-    println!("mean CPM over {} fold(s): {mean:.3}", results.len());
+    println!("mean CPM over the {} fold(s) of this run: {mean:.3}", results.len());
+    if let Some(s) = summarise(&images, folds, &a.out)? {
+        println!(
+            "all folds run so far in {} ({:?} of {}): mean CPM {:.3}, pooled CPM {:.3}; operating points (score at 1/2/4 FP per image) {:.3}/{:.3}/{:.3}; written to {}",
+            a.out.display(),
+            s.folds_run,
+            s.folds,
+            s.mean_cpm,
+            s.pooled_cpm,
+            s.operating_points[0],
+            s.operating_points[1],
+            s.operating_points[2],
+            a.out.join(CvSummary::FILE_NAME).display()
+        );
+    }
     println!(
         "held-out detections are in {} (score with `ma-trainer eval`)",
         a.out.display()
     );
     println!("total {:.1} min", started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}
+
+fn fold_eval(a: &TrainArgs, folds: usize, fold: usize, s1: &Path, s2: &Path) -> Result<()> {
+    if fold == 0 || fold > folds {
+        anyhow::bail!("--fold must be between 1 and --folds ({folds}), got {fold}");
+    }
+    let images = a.prepare()?;
+    let (_v1, net1) = load_net(s1, Stage::Basic)?;
+    let (_v2, net2) = load_stage2(s2)?;
+    let cfg = a.pipeline().candidates;
+    let (reports, recall) = evaluate_fold(&images, folds, fold - 1, &net1, &net2, &cfg)?;
+    for (scoring, r) in Scoring::ALL.iter().zip(&reports) {
+        println!("fold {fold}: CPM {:.3} scoring by {}", r.cpm, scoring.name());
+    }
+    println!(
+        "candidate recall: {}",
+        recall
+            .iter()
+            .map(|(k, r)| format!("@{k} {r:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     Ok(())
 }
 
@@ -261,7 +358,7 @@ fn export(
 ) -> Result<()> {
     let summary = CvSummary::load(cv)?;
     let (vs1, _) = load_net(&weights.join("stage1.safetensors"), Stage::Basic)?;
-    let (vs2, _) = load_net(&weights.join("stage2.safetensors"), Stage::Final)?;
+    let (vs2, net2) = load_stage2(&weights.join("stage2.safetensors"))?;
     let training = Training {
         data: "DiaretDB1 v1.1 training split (28 images), redsmalldots >= 0.5".to_string(),
         images: 28,
@@ -270,7 +367,7 @@ fn export(
     };
     let manifest = export_model_set(
         &vs1,
-        &vs2,
+        (net2.stage, &vs2),
         out,
         version,
         default_variant,
@@ -313,6 +410,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(a) => train(&a),
         Command::Cv { train, folds, fold } => cv(&train, folds, fold),
+        Command::FoldEval {
+            train,
+            folds,
+            fold,
+            weights1,
+            weights2,
+        } => fold_eval(&train, folds, fold, &weights1, &weights2),
         Command::Export {
             weights,
             cv,

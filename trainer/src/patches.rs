@@ -194,20 +194,25 @@ pub fn batch(images: &[PreparedImage], samples: &[Sample], geo: PatchGeometry) -
 
 /// Apply one of the 8 symmetries of the square to a CHW patch of side `s`.
 pub fn dihedral(src: &[f32], dst: &mut [f32], s: usize, k: u8) {
-    let (transpose, flip_x, flip_y) = (k & 4 != 0, k & 1 != 0, k & 2 != 0);
     for c in 0..CHANNELS {
-        let (src, dst) = (&src[c * s * s..][..s * s], &mut dst[c * s * s..][..s * s]);
-        for y in 0..s {
-            for x in 0..s {
-                let (mut sx, mut sy) = if transpose { (y, x) } else { (x, y) };
-                if flip_x {
-                    sx = s - 1 - sx;
-                }
-                if flip_y {
-                    sy = s - 1 - sy;
-                }
-                dst[y * s + x] = src[sy * s + sx];
+        dihedral_plane(&src[c * s * s..][..s * s], &mut dst[c * s * s..][..s * s], s, k);
+    }
+}
+
+/// Apply one of the 8 symmetries of the square to one `s` x `s` plane (pixels, or the
+/// labels of a tile's cells).
+pub fn dihedral_plane<T: Copy>(src: &[T], dst: &mut [T], s: usize, k: u8) {
+    let (transpose, flip_x, flip_y) = (k & 4 != 0, k & 1 != 0, k & 2 != 0);
+    for y in 0..s {
+        for x in 0..s {
+            let (mut sx, mut sy) = if transpose { (y, x) } else { (x, y) };
+            if flip_x {
+                sx = s - 1 - sx;
             }
+            if flip_y {
+                sy = s - 1 - sy;
+            }
+            dst[y * s + x] = src[sy * s + sx];
         }
     }
 }

@@ -163,6 +163,72 @@ fn draw(
     Ok(())
 }
 
+/// Stage-1 candidate recall against candidates per image, one line per named curve, with
+/// the target (90% of lesions at 150 candidates) marked.
+pub fn write_recall_png(path: &Path, curves: &[(String, Vec<(usize, f64)>)]) -> Result<()> {
+    register_fonts()?;
+    draw_recall(path, curves)
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("cannot write recall plot {}", path.display()))
+}
+
+fn draw_recall(
+    path: &Path,
+    curves: &[(String, Vec<(usize, f64)>)],
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let root = BitMapBackend::new(path, PLOT_SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let x_max = curves
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|(k, _)| *k))
+        .max()
+        .unwrap_or(300) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Stage-1 candidate recall (held-out folds)",
+            (FONT, 24).into_font().style(FontStyle::Bold),
+        )
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..1.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("candidates per image")
+        .y_desc("lesions with a candidate within 5 px")
+        .y_labels(11)
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .label_style((FONT, 16))
+        .axis_desc_style((FONT, 18))
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.15))
+        .draw()?;
+    let target = RGBColor(214, 39, 40);
+    chart
+        .draw_series(std::iter::once(Circle::new((150.0, 0.9), 6, target.filled())))?
+        .label("target: 0.90 at 150")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 5, target.filled()));
+    for (i, (name, curve)) in curves.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                curve.iter().map(|&(k, r)| (k as f64, r)),
+                colour.stroke_width(2),
+            ))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font((FONT, 15))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.4))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +316,15 @@ mod tests {
         assert_eq!(rate_label(-4.0), "1/16");
         assert_eq!(rate_label(0.0), "1");
         assert_eq!(rate_label(3.0), "8");
+    }
+
+    #[test]
+    fn recall_plot_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("recall.png");
+        let curve = vec![(10, 0.2), (150, 0.8), (300, 0.9)];
+        write_recall_png(&path, &[("fold 1".into(), curve)]).unwrap();
+        let img = image::open(&path).unwrap();
+        assert_eq!((img.width(), img.height()), PLOT_SIZE);
     }
 }

@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::nets::{Net, Stage};
 use crate::patches::{Sample, batch};
@@ -35,12 +35,17 @@ pub struct Validation {
 }
 
 /// Train `stage` from scratch (or from the last checkpoint in `checkpoints` when
-/// `resume`). `draw(epoch, rng)` gives the epoch's samples (fresh negatives each epoch).
-pub fn train_stage(
+/// `resume`). `draw(epoch, rng)` gives the epoch's training items (fresh negatives each
+/// epoch), `loss(net, batch)` the training loss of a batch of them, `validate(net)` the
+/// figure printed after each epoch. `init` (same architecture) gives the starting
+/// weights instead of a random initialisation.
+#[allow(clippy::too_many_arguments)]
+pub fn train_stage<T>(
     stage: Stage,
-    images: &[PreparedImage],
-    draw: &mut dyn FnMut(usize, &mut ChaCha8Rng) -> Vec<Sample>,
-    validation: &[Sample],
+    init: Option<&nn::VarStore>,
+    draw: &mut dyn FnMut(usize, &mut ChaCha8Rng) -> Vec<T>,
+    loss: &dyn Fn(&Net, &[T]) -> Tensor,
+    validate: &dyn Fn(&Net) -> Validation,
     cfg: &StageConfig,
     checkpoints: &Path,
     resume: bool,
@@ -58,6 +63,10 @@ pub fn train_stage(
     } else {
         None
     };
+    if let Some(init) = init.filter(|_| resume_from.is_none()) {
+        vs.copy(init)
+            .with_context(|| format!("{}: cannot start from the given weights", stage.name()))?;
+    }
     if let Some((epoch, path)) = resume_from {
         vs.load(&path)
             .with_context(|| format!("cannot load checkpoint {}", path.display()))?;
@@ -72,7 +81,6 @@ pub fn train_stage(
     let mut opt = nn::Adam::default()
         .build(&vs, cfg.learning_rate)
         .context("cannot build the optimiser")?;
-    let geo = PatchGeometry::DEFAULT;
     for epoch in first_epoch..cfg.epochs {
         let started = Instant::now();
         // Seeded per epoch, so a resumed run draws what an uninterrupted one would.
@@ -101,9 +109,7 @@ pub fn train_stage(
         ));
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         for chunk in samples.chunks(cfg.batch_size) {
-            let (xs, ys) = batch(images, chunk, geo);
-            let logits = net.patch_logits(&xs.to_device(device), true);
-            let loss = logits.cross_entropy_for_logits(&ys.to_device(device));
+            let loss = loss(&net, chunk);
             opt.backward_step(&loss);
             loss_sum += loss.double_value(&[]) * chunk.len() as f64;
             seen += chunk.len();
@@ -111,12 +117,12 @@ pub fn train_stage(
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let v = validate(&net, images, validation, device);
+        let v = validate(&net);
         let path = checkpoint_path(checkpoints, stage, epoch + 1);
         vs.save(&path)
             .with_context(|| format!("cannot write checkpoint {}", path.display()))?;
         eprintln!(
-            "{} epoch {}/{}: {} patches, train loss {:.4}, validation loss {:.4} acc {:.3} AUC {:.3} ({:.0} s)",
+            "{} epoch {}/{}: {} samples, train loss {:.4}, validation loss {:.4} acc {:.3} AUC {:.3} ({:.0} s)",
             stage.name(),
             epoch + 1,
             cfg.epochs,
@@ -129,6 +135,14 @@ pub fn train_stage(
         );
     }
     Ok((vs, net))
+}
+
+/// Softmax cross-entropy of the patch classifier on a batch of samples.
+pub fn patch_loss(net: &Net, images: &[PreparedImage], samples: &[Sample]) -> Tensor {
+    let device = Device::cuda_if_available();
+    let (xs, ys) = batch(images, samples, PatchGeometry::DEFAULT);
+    net.patch_logits(&xs.to_device(device), true)
+        .cross_entropy_for_logits(&ys.to_device(device))
 }
 
 /// Loss, accuracy (at 0.5) and AUC of the patch classifier on `samples`.
@@ -225,6 +239,23 @@ pub fn last_checkpoint(dir: &Path, stage: Stage) -> Result<Option<(usize, PathBu
         }
     }
     Ok(best)
+}
+
+/// The architecture of a stage-2 weights file: the final CNN (it has a `conv4`) or the
+/// refined basic CNN.
+pub fn stage2_architecture(path: &Path) -> Result<Stage> {
+    let tensors = tch::Tensor::read_safetensors(path)
+        .with_context(|| format!("cannot read stage-2 weights {}", path.display()))?;
+    Ok(if tensors.iter().any(|(name, _)| name.starts_with("conv4.")) {
+        Stage::Final
+    } else {
+        Stage::Refine
+    })
+}
+
+/// Load trained stage-2 weights, whichever architecture they are.
+pub fn load_stage2(path: &Path) -> Result<(nn::VarStore, Net)> {
+    load_net(path, stage2_architecture(path)?)
 }
 
 /// Load trained weights into a fresh net (for export and evaluation).

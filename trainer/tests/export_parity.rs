@@ -66,7 +66,7 @@ fn dequantised_copy(stage: Stage, vs: &VarStore) -> (VarStore, Net) {
 /// saturated probabilities, against which any export would "match".
 fn temper(stage: Stage, vs: &VarStore, net: &Net, input: &Tensor) {
     let last = match stage {
-        Stage::Basic => "fc3",
+        Stage::Basic | Stage::Refine => "fc3",
         Stage::Final => "fc2",
     };
     let logits = net.forward_t(input, false);
@@ -317,9 +317,14 @@ fn stage1_export_matches_tch_in_tract_and_onnxruntime() {
 
 #[test]
 fn stage2_export_matches_tch_in_tract_and_onnxruntime() {
+    // The shipped stage 2 (the refined basic CNN) and the papers' final CNN.
+    stage2_parity(Stage::Refine, 12);
+    stage2_parity(Stage::Final, 16);
+}
+
+fn stage2_parity(stage: Stage, seed: i64) {
     let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
-    let stage = Stage::Final;
-    let (vs, net) = net(stage, 12);
+    let (vs, net) = net(stage, seed);
     let patches = Tensor::randn([5, 3, 101, 101], (Kind::Float, Device::Cpu));
     temper(stage, &vs, &net, &patches);
     let (_vs8, net8) = dequantised_copy(stage, &vs);
@@ -351,7 +356,7 @@ fn stage2_export_matches_tch_in_tract_and_onnxruntime() {
     let d_int8 = max_abs_diff(&got8, &want8_ma);
     let d_quant = max_abs_diff(&got8, &got);
     eprintln!(
-        "stage 2: tract vs tch float {d_float:.2e}, int8 {d_int8:.2e}; int8 vs float {d_quant:.2e}; \
+        "stage 2 ({stage:?}): tract vs tch float {d_float:.2e}, int8 {d_int8:.2e}; int8 vs float {d_quant:.2e}; \
          files {float_size} B float, {int8_size} B int8; probabilities {got:?}"
     );
     assert!(d_float <= FLOAT_TOLERANCE, "float: {d_float}");
