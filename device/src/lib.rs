@@ -21,4 +21,5 @@ pub mod mask;
 pub mod median;
 pub mod preprocess;
 pub mod records;
+pub mod run_loop;
 pub mod synthetic;

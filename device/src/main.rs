@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use std::io::Write;
 
+use ma_device::board::BoardConfig;
 use ma_device::cascade::onnx;
 use ma_device::cascade::{Cascade, ImageResult};
 use ma_device::detection::{DetectLine, ImageDetections, ImageFailure};
@@ -17,6 +18,8 @@ use ma_device::display::overlay::{OverlayInfo, STATUS_BAR_HEIGHT, draw_overlay};
 use ma_device::image_io;
 use ma_device::manifest::Variant;
 use ma_device::preprocess::{self, FovSource, PreprocessConfig};
+use ma_device::records;
+use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
 use ma_device::synthetic::{self, SyntheticParams};
 
 #[derive(Parser)]
@@ -27,7 +30,16 @@ use ma_device::synthetic::{self, SyntheticParams};
     long_about = "Offline microaneurysm detector for fundus photographs (device runtime).\n\n\
         Every image is brought to a canonical scale (field-of-view diameter of DiaretDB1 \
         photographs), its background is subtracted and its contrast normalised; the CNN \
-        cascade then marks microaneurysms."
+        cascade then marks microaneurysms.\n\n\
+        On a board, `run` is the main job (camera or replayed photos in, results on the \
+        panel and in the records log); `records` reads that log back. `detect` is the batch \
+        tool for evaluation, `preprocess` and `synth` are for inspection, tests and demos.",
+    after_help = "Examples:\n  \
+        ma-device run --board board-configs/desktop-sim.toml\n  \
+        ma-device records list --log out/records.log\n  \
+        ma-device records export --log out/records.log --format csv --output records.csv\n  \
+        ma-device detect --input photos/ --output detections.jsonl\n\n\
+        `ma-device help <command>` or `ma-device <command> --help` explains each command."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +48,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the device loop on a board: frames in, detections on the panel and in the log.
+    ///
+    /// The board config (TOML, see board-configs/) names the frame source (synthetic
+    /// frames, a folder of photos, or a V4L2 camera with its trigger), the panel (PNG
+    /// files or the Linux framebuffer), the models folder and operating point (1fp, 2fp
+    /// or 4fp: the manifest's score threshold for that many false positives per image),
+    /// and the records log.
+    ///
+    /// For each frame: the cascade runs, one record (time, frame number, source name,
+    /// SHA-256 of the image, every candidate, MA count and referral, model version,
+    /// board) is appended to the log and synced to disk, and only then is the frame
+    /// shown, circles on the MAs and a status bar with the MA count, REFER / no refer,
+    /// latency, frame number, camera state and "saved #N". Unreadable frames and camera
+    /// failures are shown, logged as error records and retried (camera: with back-off);
+    /// they never stop the loop.
+    ///
+    /// Runs until the source is exhausted or SIGINT (Ctrl-C) / SIGTERM: the frame in
+    /// progress is finished and its record written, then the run exits with status 0
+    /// and prints where the screens and the records log are. A second signal exits at
+    /// once. Exit status 1: the board config or models could not be loaded, or some
+    /// record could not be saved.
+    ///
+    /// Relative paths in the config are relative to the current directory.
+    Run {
+        /// The board config.
+        #[arg(long, default_value = "board-configs/desktop-sim.toml")]
+        board: PathBuf,
+    },
+    /// Read the device's records log: list it or export it as JSON lines or CSV.
+    ///
+    /// The log is read without being modified, so this is safe while `run` appends to
+    /// it. Damaged records (CRC mismatch) and a torn final record (power lost while
+    /// writing) are skipped and reported on stderr; the valid records are still output.
+    Records {
+        #[command(subcommand)]
+        command: RecordsCommand,
+    },
     /// Detect microaneurysms in an image or a folder of images (batch tool).
     ///
     /// Writes one JSON line per image, in sorted path order, flushed after each:
@@ -109,6 +158,44 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum RecordsCommand {
+    /// One line per record: index, time, source, MA count and REFER, or FAILED and why.
+    ///
+    /// Each line: the record's index (the "saved #N" of the screen), time (UTC), frame
+    /// number, source, image size, MA count and REFER (or FAILED with the reason), number
+    /// of candidates, processing time, model version, board, first 12 hex digits of the
+    /// image's SHA-256. A count of the records follows on stderr.
+    List {
+        /// The records log (the board config's records.log, e.g. out/records.log).
+        #[arg(long)]
+        log: PathBuf,
+    },
+    /// Every record with every field, as JSON lines or CSV.
+    ///
+    /// jsonl: one JSON object per record with the record's fields (image_sha256 in hex,
+    /// time_unix_ms in milliseconds since 1970 UTC, every candidate with full precision).
+    /// csv: a header row, then one row per record (RFC 4180, CRLF line ends); time is
+    /// ISO-8601 UTC, detections are "x:y:score" joined by ";".
+    Export {
+        /// The records log.
+        #[arg(long)]
+        log: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Output file; default: standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
 fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -163,6 +250,93 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             small,
         } => run_synth(&output_dir, count, seed, small),
+        Command::Run { board } => {
+            let summary = run_board(&board)?;
+            if summary.records_unsaved > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Records { command } => match command {
+            RecordsCommand::List { log } => records_list(&log),
+            RecordsCommand::Export {
+                log,
+                format,
+                output,
+            } => records_export(&log, format, output.as_deref()),
+        },
+    }
+}
+
+/// `run`: the device loop on a board config until the source ends or a signal stops it.
+fn run_board(board: &Path) -> Result<RunSummary> {
+    let config = BoardConfig::load(board)?;
+    // Installed before the models load, so an early Ctrl-C is not lost.
+    let stop = stop_on_signals()?;
+    let (mut station, report) = Station::from_board(&config)
+        .with_context(|| format!("board {} ({})", config.name, board.display()))?;
+    if !report.is_clean() {
+        eprintln!(
+            "warning: records log {}: {report}",
+            station.log.path().display()
+        );
+    }
+    let summary = station.run(&stop);
+    println!("{summary}");
+    Ok(summary)
+}
+
+/// Reads a records log, reporting skipped or torn records on stderr.
+fn read_records(log: &Path) -> Result<Vec<records::Record>> {
+    let (list, report) = records::read_all(log)?;
+    if !report.is_clean() {
+        eprintln!("warning: records log {}: {report}", log.display());
+    }
+    Ok(list)
+}
+
+fn records_list(log: &Path) -> Result<()> {
+    let list = read_records(log)?;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_all(records::list_summary(&list).as_bytes())
+        .and_then(|()| out.flush());
+    ignore_broken_pipe(written.map_err(anyhow::Error::from))?;
+    eprintln!("{} record(s) in {}", list.len(), log.display());
+    Ok(())
+}
+
+fn records_export(log: &Path, format: ExportFormat, output: Option<&Path>) -> Result<()> {
+    let list = read_records(log)?;
+    let write = |w: &mut dyn Write| match format {
+        ExportFormat::Jsonl => records::to_jsonl(&list, w),
+        ExportFormat::Csv => records::to_csv(&list, w),
+    };
+    match output {
+        None => ignore_broken_pipe(write(&mut std::io::stdout().lock())),
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut file = std::io::BufWriter::new(file);
+            write(&mut file).with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("{} record(s) -> {}", list.len(), path.display());
+            Ok(())
+        }
+    }
+}
+
+/// A reader that stopped early (`| head`) is not an error.
+fn ignore_broken_pipe(result: Result<()>) -> Result<()> {
+    match result {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }
 

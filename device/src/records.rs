@@ -65,8 +65,10 @@ pub struct Record {
     pub frame: u64,
     /// Where the frame came from: a file name, or `camera:/dev/video0` and the like.
     pub source: String,
-    /// SHA-256 of the image bytes as captured (file contents or raw camera frame), so a result
-    /// can be tied to the exact image later.
+    /// SHA-256 that ties the result to the exact image: of the file's bytes for a frame
+    /// replayed from a folder; of the decoded RGB8 pixels (rows top to bottom, 3 bytes per
+    /// pixel, no header; `run_loop::pixel_hash`) for camera and synthetic frames, whose raw
+    /// bytes do not reach the device loop. All zero for a source error (no image).
     pub image_sha256: ImageHash,
     pub width: u32,
     pub height: u32,

@@ -1,0 +1,797 @@
+//! The device loop (`ma-device run`, `ma_device::run_loop`) with a real model set through
+//! tract: board configs for the folder and synthetic sources, a recorded camera that fails
+//! and comes back, stopping on SIGTERM (in-process and on the real binary), and the
+//! `records list` / `records export` commands on the log a run wrote.
+//!
+//! The models are untrained nets exported in a temporary folder (no trained models are
+//! shipped yet): what is tested is the loop (records, screens, counts, errors, stopping),
+//! not accuracy. Every test makes what it needs; none is skipped.
+//!
+//! The binary is built (or found fresh) by running `cargo build -p ma-device` from the
+//! test, as in `bad_inputs.rs`: integration tests of another package do not get
+//! `CARGO_BIN_EXE_*`. Set `MA_DEVICE_BIN` to test a given binary instead.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use image::RgbImage;
+use ma_device::board::{BoardConfig, OperatingPoint};
+use ma_device::capture::camera::{CameraConfig, CameraSource};
+use ma_device::capture::trigger::TriggerInput;
+use ma_device::capture::{
+    FakeClock, PixelFormat, RawFrame, RecordedCapture, SyntheticSource, Trigger,
+};
+use ma_device::cascade::{Cascade, ImageResult};
+use ma_device::display::PngSink;
+use ma_device::manifest::{Manifest, Training, Variant};
+use ma_device::records::{self, ImageHash, Record, RecordLog};
+use ma_device::run_loop::{
+    Detector, DisplayTarget, SourceKind, Station, pixel_hash, stop_on_signals,
+};
+use ma_device::synthetic::{SyntheticParams, generate};
+use ma_trainer::export::export_model_set;
+use ma_trainer::nets::{Net, Stage};
+
+/// Operating-point thresholds of the test model set: 1, 2 and 4 FP/image.
+const THRESHOLDS: [f64; 3] = [0.6, 0.5, 0.4];
+/// A run that takes longer than this is killed and fails the test.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+// ---- fixtures --------------------------------------------------------------------------
+
+/// One untrained model set for every test here, exported once per test process into
+/// cargo's scratch folder for integration tests (replaced on every run, never leaked).
+fn models() -> &'static Path {
+    static MODELS: OnceLock<PathBuf> = OnceLock::new();
+    MODELS.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("device-loop-models");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        tch::manual_seed(11);
+        let stage1 = tch::nn::VarStore::new(tch::Device::Cpu);
+        let _net1 = Net::new(&stage1.root(), Stage::Basic);
+        let stage2 = tch::nn::VarStore::new(tch::Device::Cpu);
+        let _net2 = Net::new(&stage2.root(), Stage::Final);
+        let training = Training {
+            data: "none (untrained, device-loop test)".into(),
+            images: 0,
+            licence: "test fixture".into(),
+            cv_cpm: 0.0,
+        };
+        export_model_set(
+            &stage1,
+            (Stage::Final, &stage2),
+            &dir,
+            "loop-test",
+            Variant::Float,
+            THRESHOLDS,
+            training,
+        )
+        .unwrap();
+        dir
+    })
+}
+
+fn small_params() -> SyntheticParams {
+    SyntheticParams {
+        width: 320,
+        height: 288,
+        fov_diameter: 300.0,
+        n_microaneurysms: 3,
+        n_lookalikes: 2,
+        ..SyntheticParams::default()
+    }
+}
+
+/// A board config in `dir` (display in `dir/screens`, log in `dir/log/records.log`).
+fn board_toml(dir: &Path, source: &str, operating_point: &str, models: &Path) -> String {
+    format!(
+        "name = \"test-board\"\ndescription = \"device-loop test\"\n\
+         [source]\n{source}\n\
+         [display]\nkind = \"png\"\noutput_dir = \"{}\"\nwidth = 400\nheight = 272\n\
+         [inference]\nthreads = 1\nmodels = \"{}\"\noperating_point = \"{operating_point}\"\n\
+         [records]\nlog = \"{}\"\n",
+        dir.join("screens").display(),
+        models.display(),
+        dir.join("log/records.log").display()
+    )
+}
+
+fn write_board(dir: &Path, toml: &str) -> PathBuf {
+    let path = dir.join("board.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// The PNG screens in `dir`, sorted.
+fn screens(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn read_log(path: &Path) -> Vec<Record> {
+    let (records, report) = records::read_all(path).unwrap();
+    assert!(report.is_clean(), "{report}");
+    records
+}
+
+/// Checks a processed frame's record against the threshold it was counted at.
+fn check_result_record(r: &Record, threshold: f64) {
+    assert_eq!(r.error, None, "{r:?}");
+    let count = r.detections.iter().filter(|d| d.score >= threshold).count();
+    assert_eq!(r.ma_count as usize, count, "{r:?}");
+    assert_eq!(r.refer, count > 0);
+    assert!(r.detections.iter().all(|d| (0.01..=1.0).contains(&d.score)));
+    assert!(
+        r.detections.windows(2).all(|w| w[0].score >= w[1].score),
+        "best first"
+    );
+    assert_eq!(r.model_version, "loop-test float");
+    assert_eq!(r.board, "test-board");
+    assert!(r.elapsed_ms > 0.0);
+}
+
+/// `a` is `b` read back from JSON: equal, floats to within JSON's shortest-decimal
+/// round trip (serde_json's default parser may be one unit in the last place off).
+fn assert_same(a: &Record, b: &Record) {
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * x.abs().max(1.0);
+    let strip = |r: &Record| Record {
+        detections: Vec::new(),
+        ..r.clone()
+    };
+    assert_eq!(strip(a), strip(b));
+    assert_eq!(a.detections.len(), b.detections.len());
+    for (p, q) in a.detections.iter().zip(&b.detections) {
+        assert!(
+            close(p.x, q.x) && close(p.y, q.y) && close(p.score, q.score),
+            "{p:?} vs {q:?}"
+        );
+    }
+}
+
+/// Wraps a detector and sets `stop` once `after` frames were processed.
+struct StopAfter<D> {
+    inner: D,
+    after: u64,
+    done: AtomicU64,
+    stop: Arc<AtomicBool>,
+}
+
+impl<D: Detector> Detector for StopAfter<D> {
+    fn detect(&self, image: &RgbImage) -> Result<ImageResult> {
+        let result = self.inner.detect(image);
+        if self.done.fetch_add(1, Ordering::SeqCst) + 1 >= self.after {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+    fn model_version(&self) -> String {
+        self.inner.model_version()
+    }
+}
+
+// ---- the loop in-process -----------------------------------------------------------------
+
+#[test]
+fn folder_board_records_every_frame_and_error_before_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(photos.join("left")).unwrap();
+    let a = generate(&small_params(), 1).image;
+    a.save(photos.join("a.png")).unwrap();
+    generate(&small_params(), 2)
+        .image
+        .save(photos.join("left/c.jpg"))
+        .unwrap();
+    // A PNG cut in half: reported, recorded, and the replay goes on.
+    let mut cut = Vec::new();
+    a.write_to(&mut std::io::Cursor::new(&mut cut), image::ImageFormat::Png)
+        .unwrap();
+    std::fs::write(photos.join("b.png"), &cut[..cut.len() / 2]).unwrap();
+
+    let source = format!(
+        "kind = \"folder\"\npath = \"{}\"\nloop = false",
+        photos.display()
+    );
+    let board = write_board(
+        dir.path(),
+        &board_toml(dir.path(), &source, "4fp", models()),
+    );
+    let config = BoardConfig::load(&board).unwrap();
+    let (mut station, report) = Station::from_board(&config).unwrap();
+    assert!(report.created && report.is_clean(), "{report}");
+    assert_eq!(station.threshold, THRESHOLDS[2]);
+    assert_eq!(station.operating_point, OperatingPoint::Fp4);
+    let summary = station.run(&AtomicBool::new(false));
+    drop(station);
+
+    assert!(!summary.stopped, "{summary:?}");
+    assert_eq!(
+        (summary.frames, summary.processed, summary.failed_frames),
+        (2, 2, 0)
+    );
+    assert_eq!(summary.source_errors, 1);
+    assert_eq!((summary.records_saved, summary.records_unsaved), (3, 0));
+    assert_eq!(summary.log, dir.path().join("log/records.log"));
+    let text = summary.to_string();
+    assert!(
+        text.contains(&dir.path().join("screens").display().to_string())
+            && text.contains("records.log"),
+        "{text}"
+    );
+
+    // One screen per record, 400x272.
+    let shown = screens(&dir.path().join("screens"));
+    assert_eq!(shown.len(), 3, "{shown:?}");
+    for s in &shown {
+        assert_eq!(image::image_dimensions(s).unwrap(), (400, 272));
+    }
+
+    let records = read_log(&summary.log);
+    let names: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
+    assert_eq!(names, ["a.png", "b.png", "left/c.jpg"]);
+    // The processed frames: file hash, size, frame numbers, counts at 4 FP/image, and the
+    // same detections as the cascade gives on its own.
+    let cascade = Cascade::load(models(), None).unwrap();
+    for (r, id, file) in [(&records[0], 0, "a.png"), (&records[2], 1, "left/c.jpg")] {
+        check_result_record(r, THRESHOLDS[2]);
+        assert_eq!(r.frame, id);
+        let bytes = std::fs::read(photos.join(file)).unwrap();
+        assert_eq!(r.image_sha256, ImageHash::of(&bytes));
+        assert_eq!((r.width, r.height), (320, 288));
+        let direct = cascade
+            .detect(&ma_device::image_io::read_image(&photos.join(file)).unwrap())
+            .unwrap();
+        assert_eq!(r.detections.len(), direct.detections.len());
+        for (a, b) in r.detections.iter().zip(&direct.detections) {
+            assert_eq!((a.x, a.y, a.score), (b.x, b.y, b.score));
+        }
+    }
+    let bad = &records[1];
+    let error = bad.error.as_deref().unwrap();
+    assert!(error.contains("b.png") && !error.contains('\n'), "{error}");
+    assert_eq!((bad.width, bad.height, bad.ma_count), (0, 0, 0));
+
+    // Round trip through the exports.
+    let mut jsonl = Vec::new();
+    records::to_jsonl(&records, &mut jsonl).unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8(jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (line, r) in lines.iter().zip(&records) {
+        assert_eq!(line["source"], r.source.as_str());
+        assert_eq!(line["image_sha256"], r.image_sha256.to_string().as_str());
+        assert_eq!(line["ma_count"], r.ma_count);
+        assert_eq!(
+            line["detections"].as_array().unwrap().len(),
+            r.detections.len()
+        );
+        let back: Record = serde_json::from_value(line.clone()).unwrap();
+        assert_same(&back, r);
+    }
+    let mut csv = Vec::new();
+    records::to_csv(&records, &mut csv).unwrap();
+    let csv = String::from_utf8(csv).unwrap();
+    assert_eq!(csv.lines().count(), 4);
+    assert!(csv.starts_with(records::CSV_HEADER));
+}
+
+#[test]
+fn synthetic_board_appends_to_the_log_of_an_earlier_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let board = write_board(
+        dir.path(),
+        &board_toml(
+            dir.path(),
+            "kind = \"synthetic\"\ncount = 1\nseed = 5",
+            "2fp",
+            models(),
+        ),
+    );
+    let config = BoardConfig::load(&board).unwrap();
+    for run in 1..=2u64 {
+        let (mut station, report) = Station::from_board(&config).unwrap();
+        assert_eq!(report.records_ok, run - 1);
+        let summary = station.run(&AtomicBool::new(false));
+        assert_eq!((summary.frames, summary.processed), (1, 1), "{summary:?}");
+        assert_eq!((summary.records_saved, summary.screens), (1, 1));
+    }
+    let records = read_log(&dir.path().join("log/records.log"));
+    assert_eq!(records.len(), 2);
+    // The board's synthetic frames are the full-size defaults; seed 5 is frame 0.
+    let frame = generate(&SyntheticParams::default(), 5).image;
+    for r in &records {
+        check_result_record(r, THRESHOLDS[1]);
+        assert_eq!((r.frame, r.source.as_str()), (0, "synthetic seed 5"));
+        assert_eq!(r.image_sha256, pixel_hash(&frame));
+        assert_eq!((r.width, r.height), (1500, 1152));
+    }
+    // PNG numbering restarts per run: the second run's screen replaced the first.
+    assert_eq!(screens(&dir.path().join("screens")).len(), 1);
+}
+
+/// A station on small synthetic frames, built by hand.
+fn small_station(dir: &Path, count: u64, detector: Box<dyn Detector>) -> Station {
+    let (log, _) = RecordLog::open(dir.join("records.log")).unwrap();
+    Station {
+        source: Box::new(SyntheticSource::new(small_params(), 1, count)),
+        source_kind: SourceKind::Other {
+            label: "synthetic".into(),
+        },
+        detector,
+        panel: Box::new(PngSink::new(dir.join("screens"), 320, 240).unwrap()),
+        display: DisplayTarget::PngFolder(dir.join("screens")),
+        log,
+        board: "test-board".into(),
+        operating_point: OperatingPoint::Fp2,
+        threshold: THRESHOLDS[1],
+    }
+}
+
+#[test]
+fn sigterm_stops_the_loop_after_the_frame_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let stop = stop_on_signals().unwrap();
+    let cascade = Cascade::load(models(), None).unwrap();
+    let mut station = small_station(dir.path(), 40, Box::new(cascade));
+    let log = dir.path().join("records.log");
+    // Raise SIGTERM once the first record is on disk (the loop is then in frame 2 or
+    // later, or between frames).
+    let signaller = std::thread::spawn(move || {
+        let start = Instant::now();
+        while records::read_all(&log).map_or(0, |(r, _)| r.len()) == 0 {
+            assert!(start.elapsed() < RUN_TIMEOUT, "no record written");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
+    });
+    let summary = station.run(&stop);
+    signaller.join().unwrap();
+    assert!(stop.load(Ordering::SeqCst));
+    assert!(summary.stopped, "{summary:?}");
+    assert!(
+        (1..40).contains(&summary.frames),
+        "ran {} frames",
+        summary.frames
+    );
+    // The frame in progress was finished: every delivered frame has its record and screen.
+    let records = read_log(&dir.path().join("records.log"));
+    assert_eq!(records.len() as u64, summary.frames);
+    assert_eq!(summary.screens, summary.frames);
+    assert_eq!(
+        screens(&dir.path().join("screens")).len() as u64,
+        summary.frames
+    );
+    for (i, r) in records.iter().enumerate() {
+        check_result_record(r, THRESHOLDS[1]);
+        assert_eq!(r.frame, i as u64);
+    }
+}
+
+#[test]
+fn camera_unplugged_and_bad_frames_are_logged_shown_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    // MJPEG buffers of a small synthetic fundus; every other one is cut short (a corrupt
+    // USB transfer). Reads 1 and 4 fail as an unplugged camera does, and so does the first
+    // reopen.
+    let fundus = generate(&small_params(), 3).image;
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 92)
+        .encode_image(&fundus)
+        .unwrap();
+    let frame = |bytes: Vec<u8>| RawFrame {
+        format: PixelFormat::Mjpeg,
+        width: 320,
+        height: 288,
+        stride: 0,
+        bytes,
+    };
+    let cut = jpeg[..jpeg.len() / 3].to_vec();
+    let capture = RecordedCapture::new("/dev/video7", vec![frame(jpeg.clone()), frame(cut)])
+        .fail_opens(1..2)
+        .fail_reads(1..2)
+        .fail_reads(4..5);
+    let clock = FakeClock::new();
+    let source = CameraSource::with_parts(
+        Box::new(capture),
+        TriggerInput::new(&Trigger::Interval(Duration::ZERO)),
+        CameraConfig::default(),
+        Arc::new(clock.clone()),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let detector = StopAfter {
+        inner: Cascade::load(models(), None).unwrap(),
+        after: 2,
+        done: AtomicU64::new(0),
+        stop: Arc::clone(&stop),
+    };
+    let mut station = small_station(dir.path(), 0, Box::new(detector));
+    station.source = Box::new(source);
+    station.source_kind = SourceKind::Camera {
+        device: "/dev/video7".into(),
+    };
+    let summary = station.run(&stop);
+    assert!(summary.stopped);
+    assert_eq!((summary.frames, summary.processed), (2, 2), "{summary:?}");
+    assert!(summary.source_errors >= 3, "{summary:?}");
+
+    let records = read_log(&dir.path().join("records.log"));
+    assert_eq!(records.len() as u64, summary.frames + summary.source_errors);
+    let errors: Vec<&str> = records.iter().filter_map(|r| r.error.as_deref()).collect();
+    assert!(
+        errors.iter().any(|e| e.contains("cannot read a frame")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("cannot open")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().all(|e| e.contains("/dev/video7")),
+        "{errors:?}"
+    );
+    let frames: Vec<&Record> = records.iter().filter(|r| r.error.is_none()).collect();
+    for (i, r) in frames.iter().enumerate() {
+        check_result_record(r, THRESHOLDS[1]);
+        assert_eq!(
+            (r.frame, r.source.as_str()),
+            (i as u64, "camera:/dev/video7")
+        );
+        assert_eq!((r.width, r.height), (320, 288));
+    }
+    // Every record was shown; the retries waited on the (fake) clock, doubling.
+    assert_eq!(
+        screens(&dir.path().join("screens")).len() as u64,
+        summary.screens
+    );
+    assert!(summary.screens >= records.len() as u64);
+    assert!(clock.sleeps().contains(&Duration::from_millis(500)));
+}
+
+#[test]
+fn board_config_and_model_errors_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let synthetic = "kind = \"synthetic\"\ncount = 1";
+    // No models in the folder: the message names it, and nothing was written.
+    let empty = dir.path().join("empty-models");
+    std::fs::create_dir_all(&empty).unwrap();
+    let config = BoardConfig::parse(&board_toml(dir.path(), synthetic, "1fp", &empty)).unwrap();
+    let e = format!("{:#}", Station::from_board(&config).err().unwrap());
+    assert!(
+        e.contains("empty-models") && e.contains("manifest.toml"),
+        "{e}"
+    );
+    assert!(!dir.path().join("log").exists() && !dir.path().join("screens").exists());
+    // A model file that does not match the manifest: refused, naming the file.
+    let copy = dir.path().join("tampered");
+    std::fs::create_dir_all(&copy).unwrap();
+    let manifest = Manifest::load(models()).unwrap();
+    for entry in &manifest.models {
+        std::fs::copy(models().join(&entry.file), copy.join(&entry.file)).unwrap();
+    }
+    std::fs::copy(models().join("manifest.toml"), copy.join("manifest.toml")).unwrap();
+    let stage1 = copy.join("stage1-float.onnx");
+    let mut bytes = std::fs::read(&stage1).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&stage1, bytes).unwrap();
+    let config = BoardConfig::parse(&board_toml(dir.path(), synthetic, "1fp", &copy)).unwrap();
+    let e = format!("{:#}", Station::from_board(&config).err().unwrap());
+    assert!(e.contains("stage1-float.onnx"), "{e}");
+    // A folder source without images.
+    let source = format!(
+        "kind = \"folder\"\npath = \"{}\"",
+        dir.path().join("empty-models").display()
+    );
+    let config = BoardConfig::parse(&board_toml(dir.path(), &source, "1fp", models())).unwrap();
+    let e = format!("{:#}", Station::from_board(&config).err().unwrap());
+    assert!(e.contains("source.path") && e.contains("no images"), "{e}");
+    // A misspelt key in the board file: named, with the file.
+    let text = board_toml(dir.path(), synthetic, "1fp", models()).replace("threads", "thread");
+    let board = write_board(dir.path(), &text);
+    let e = format!("{:#}", BoardConfig::load(&board).unwrap_err());
+    assert!(e.contains("thread") && e.contains("board.toml"), "{e}");
+}
+
+// ---- the binary ---------------------------------------------------------------------------
+
+/// The `ma-device` binary of this checkout and profile, built if stale.
+fn ma_device_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("MA_DEVICE_BIN") {
+            return PathBuf::from(bin);
+        }
+        // This test runs from <target>/<profile>/deps/.
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+        let target_dir = profile_dir.parent().unwrap();
+        let profile = profile_dir.file_name().unwrap().to_str().unwrap();
+        let profile = if profile == "debug" { "dev" } else { profile };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let out = Command::new(cargo)
+            .current_dir(workspace)
+            .args(["build", "-p", "ma-device", "--bin", "ma-device"])
+            .args([
+                "--profile",
+                profile,
+                "--message-format=json-render-diagnostics",
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("cannot run cargo to build ma-device");
+        assert!(out.status.success(), "cargo build -p ma-device failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "ma-device")
+            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .expect("cargo did not report the ma-device executable")
+    })
+}
+
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `ma-device args` in `cwd` to completion.
+fn ma_device(cwd: &Path, args: &[&str]) -> Output {
+    let out = Command::new(ma_device_binary())
+        .current_dir(cwd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn binary_stops_on_sigterm_with_status_0_and_records_can_be_read_back() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    // Relative paths in the board config are relative to the working directory.
+    let toml = board_toml(
+        Path::new("out"),
+        "kind = \"synthetic\"\ncount = 1000\nseed = 3",
+        "1fp",
+        models(),
+    );
+    write_board(work, &toml);
+    let log = work.join("out/log/records.log");
+
+    let mut child = Command::new(ma_device_binary())
+        .current_dir(work)
+        .args(["run", "--board", "board.toml"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !log.exists() || records::read_all(&log).map_or(0, |(r, _)| r.len()) == 0 {
+        if start.elapsed() > RUN_TIMEOUT || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "no record from ma-device run: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("cannot run kill");
+    assert!(killed.success());
+    let waited = Instant::now();
+    let out = loop {
+        if child.try_wait().unwrap().is_some() {
+            break child.wait_with_output().unwrap();
+        }
+        if waited.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            panic!("ma-device run did not stop within {RUN_TIMEOUT:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        (out.status.code(), out.status.signal()),
+        (Some(0), None),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // It says where the screens and the records are.
+    assert!(stdout.contains("stopped after"), "{stdout}");
+    assert!(
+        stdout.contains("records log: out/log/records.log"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("PNG screens in out/screens/"), "{stdout}");
+
+    let records = read_log(&log);
+    assert!(!records.is_empty() && records.len() < 1000);
+    assert_eq!(screens(&work.join("out/screens")).len(), records.len());
+    for r in &records {
+        check_result_record(r, THRESHOLDS[0]);
+    }
+
+    // records list: one line per record, numbered.
+    let list = ma_device(work, &["records", "list", "--log", "out/log/records.log"]);
+    assert_eq!(list.code, Some(0), "{}", list.stderr);
+    assert_eq!(list.stdout.lines().count(), records.len());
+    assert!(list.stdout.starts_with("#0 "), "{}", list.stdout);
+    assert!(list.stdout.contains("synthetic seed 3"), "{}", list.stdout);
+
+    // records export: JSONL on stdout, CSV into a file; both round-trip.
+    let jsonl = ma_device(
+        work,
+        &[
+            "records",
+            "export",
+            "--log",
+            "out/log/records.log",
+            "--format",
+            "jsonl",
+        ],
+    );
+    assert_eq!(jsonl.code, Some(0), "{}", jsonl.stderr);
+    let back: Vec<Record> = jsonl
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(back.len(), records.len());
+    for (a, b) in back.iter().zip(&records) {
+        assert_same(a, b);
+    }
+    let csv = ma_device(
+        work,
+        &[
+            "records",
+            "export",
+            "--log",
+            "out/log/records.log",
+            "--format",
+            "csv",
+            "--output",
+            "records.csv",
+        ],
+    );
+    assert_eq!(csv.code, Some(0), "{}", csv.stderr);
+    let text = std::fs::read_to_string(work.join("records.csv")).unwrap();
+    assert!(text.starts_with(records::CSV_HEADER));
+    assert_eq!(text.lines().count(), records.len() + 1);
+
+    // A torn final record and a damaged one: reported on stderr, the rest still read.
+    let damaged = work.join("damaged.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let first_end = bytes.iter().skip(6).position(|&b| b == 0).unwrap() + 6;
+    // COBS bytes are never 0: change one without making it a terminator.
+    bytes[first_end - 3] = if bytes[first_end - 3] == 1 { 2 } else { 1 };
+    bytes.extend_from_slice(b"\x05torn");
+    std::fs::File::create(&damaged)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    let list = ma_device(work, &["records", "list", "--log", "damaged.log"]);
+    assert_eq!(list.code, Some(0), "{}", list.stderr);
+    assert_eq!(list.stdout.lines().count(), records.len() - 1);
+    assert!(
+        list.stderr.contains("1 corrupt frames skipped") && list.stderr.contains("torn"),
+        "{}",
+        list.stderr
+    );
+    let jsonl = ma_device(
+        work,
+        &[
+            "records",
+            "export",
+            "--log",
+            "damaged.log",
+            "--format",
+            "jsonl",
+        ],
+    );
+    assert_eq!(jsonl.code, Some(0));
+    assert_eq!(jsonl.stdout.lines().count(), records.len() - 1);
+    assert!(jsonl.stderr.contains("torn"), "{}", jsonl.stderr);
+
+    // A log that does not exist, and a file that is not a log: exit 1, named.
+    let missing = ma_device(work, &["records", "list", "--log", "nope.log"]);
+    assert_eq!(missing.code, Some(1));
+    assert!(missing.stderr.contains("nope.log"), "{}", missing.stderr);
+    let not_a_log = ma_device(
+        work,
+        &[
+            "records",
+            "export",
+            "--log",
+            "board.toml",
+            "--format",
+            "csv",
+        ],
+    );
+    assert_eq!(not_a_log.code, Some(1));
+    assert!(
+        not_a_log.stderr.contains("not an ma-device records log"),
+        "{}",
+        not_a_log.stderr
+    );
+}
+
+#[test]
+fn binary_run_without_models_or_board_says_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    std::fs::create_dir_all(work.join("models")).unwrap();
+    let toml = board_toml(
+        Path::new("out"),
+        "kind = \"synthetic\"\ncount = 1",
+        "2fp",
+        Path::new("models"),
+    );
+    write_board(work, &toml);
+    let run = ma_device(work, &["run", "--board", "board.toml"]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("models/manifest.toml does not exist")
+            && run.stderr.contains("models folder models"),
+        "{}",
+        run.stderr
+    );
+    assert!(!work.join("out").exists());
+    // The default board is board-configs/desktop-sim.toml in the working directory.
+    let run = ma_device(work, &["run"]);
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains("board-configs/desktop-sim.toml"),
+        "{}",
+        run.stderr
+    );
+    // --help explains the commands.
+    let help = ma_device(work, &["--help"]);
+    assert_eq!(help.code, Some(0));
+    for command in ["run", "records", "detect", "preprocess", "synth"] {
+        assert!(help.stdout.contains(command), "{}", help.stdout);
+    }
+    let help = ma_device(work, &["run", "--help"]);
+    assert!(
+        help.stdout.contains("SIGTERM") && help.stdout.contains("--board"),
+        "{}",
+        help.stdout
+    );
+    let help = ma_device(work, &["records", "export", "--help"]);
+    assert!(
+        help.stdout.contains("jsonl") && help.stdout.contains("csv"),
+        "{}",
+        help.stdout
+    );
+}
