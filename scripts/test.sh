@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Every check the project has: formatting, clippy (warnings are errors) and all tests of
-# the workspace. This is the README's test command, and `.ci/run` calls exactly this.
+# Every check the project has: formatting, clippy (warnings are errors), all tests of
+# the workspace, and a short fuzzing run of the input parsers (scripts/fuzz.sh, 60 s per
+# target; MA_FUZZ_SECONDS changes it). This is the README's test command, and `.ci/run`
+# calls exactly this.
 #
 # First run on a fresh machine: creates the torch virtualenv (~5 min) and builds
-# libtorch bindings and dependencies (~10 min). Later runs reuse both (see
-# scripts/torch-env.sh for where they are cached).
+# libtorch bindings and dependencies (~10 min), and builds the fuzz targets with the
+# sanitizer (estimated 13-15 min on an idle 2-core machine). Later runs reuse all of it
+# (see scripts/torch-env.sh and scripts/fuzz.sh for where they are cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,3 +24,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
+echo "== fuzzing"
+scripts/fuzz.sh
