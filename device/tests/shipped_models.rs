@@ -33,10 +33,7 @@ fn shipped_models_find_synthetic_microaneurysms_within_3_px() {
             let best = &result.detections[..result.detections.len().min(2 * mas.len())];
             let hits = mas
                 .iter()
-                .filter(|m| {
-                    best.iter()
-                        .any(|d| (d.x - m.x).hypot(d.y - m.y) <= 3.0)
-                })
+                .filter(|m| best.iter().any(|d| (d.x - m.x).hypot(d.y - m.y) <= 3.0))
                 .count();
             eprintln!(
                 "{variant:?} seed {seed}: {hits}/{} MAs within 3 px among the best {}",

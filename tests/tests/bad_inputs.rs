@@ -20,10 +20,7 @@ use std::time::{Duration, Instant};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, RgbImage, Rgba};
 use ma_device::detection::{DetectLine, read_jsonl};
 use ma_device::image_io::{MAX_SIDE, MIN_SIDE};
-use ma_device::manifest::{Training, Variant};
 use ma_device::synthetic::{SyntheticParams, generate};
-use ma_trainer::export::export_model_set;
-use ma_trainer::nets::{Net, Stage};
 
 /// Peak resident memory allowed for a run whose only input claims a huge size: the models
 /// and the binary, nothing in proportion to the claimed size.
@@ -46,7 +43,7 @@ fn fixture() -> &'static Mutex<Fixture> {
     FIXTURE.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let models = dir.path().join("models");
-        export_untrained_models(&models);
+        ma_tests::export_untrained_models(&models, 7, "bad-inputs-test", [0.5, 0.5, 0.5]);
         Mutex::new(Fixture {
             binary: ma_device_binary(),
             models,
@@ -57,30 +54,6 @@ fn fixture() -> &'static Mutex<Fixture> {
 
 fn lock_fixture() -> std::sync::MutexGuard<'static, Fixture> {
     fixture().lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn export_untrained_models(out: &Path) {
-    tch::manual_seed(7);
-    let stage1 = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _net1 = Net::new(&stage1.root(), Stage::Basic);
-    let stage2 = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _net2 = Net::new(&stage2.root(), Stage::Final);
-    let training = Training {
-        data: "none (untrained, bad-input test)".into(),
-        images: 0,
-        licence: "test fixture".into(),
-        cv_cpm: 0.0,
-    };
-    export_model_set(
-        &stage1,
-        (Stage::Final, &stage2),
-        out,
-        "bad-inputs-test",
-        Variant::Float,
-        [0.5, 0.5, 0.5],
-        training,
-    )
-    .unwrap();
 }
 
 /// The `ma-device` binary of this checkout and profile, built if stale.

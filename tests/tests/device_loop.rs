@@ -28,14 +28,12 @@ use ma_device::capture::{
 };
 use ma_device::cascade::{Cascade, ImageResult};
 use ma_device::display::PngSink;
-use ma_device::manifest::{Manifest, Training, Variant};
+use ma_device::manifest::Manifest;
 use ma_device::records::{self, ImageHash, Record, RecordLog};
 use ma_device::run_loop::{
     Detector, DisplayTarget, SourceKind, Station, pixel_hash, stop_on_signals,
 };
 use ma_device::synthetic::{SyntheticParams, generate};
-use ma_trainer::export::export_model_set;
-use ma_trainer::nets::{Net, Stage};
 
 /// Operating-point thresholds of the test model set: 1, 2 and 4 FP/image.
 const THRESHOLDS: [f64; 3] = [0.6, 0.5, 0.4];
@@ -53,27 +51,7 @@ fn models() -> &'static Path {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).unwrap();
         }
-        tch::manual_seed(11);
-        let stage1 = tch::nn::VarStore::new(tch::Device::Cpu);
-        let _net1 = Net::new(&stage1.root(), Stage::Basic);
-        let stage2 = tch::nn::VarStore::new(tch::Device::Cpu);
-        let _net2 = Net::new(&stage2.root(), Stage::Final);
-        let training = Training {
-            data: "none (untrained, device-loop test)".into(),
-            images: 0,
-            licence: "test fixture".into(),
-            cv_cpm: 0.0,
-        };
-        export_model_set(
-            &stage1,
-            (Stage::Final, &stage2),
-            &dir,
-            "loop-test",
-            Variant::Float,
-            THRESHOLDS,
-            training,
-        )
-        .unwrap();
+        ma_tests::export_untrained_models(&dir, 11, "loop-test", THRESHOLDS);
         dir
     })
 }

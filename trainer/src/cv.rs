@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use ma_device::cascade::candidates::Candidate;
 use ma_device::cascade::MIN_REPORTED_SCORE;
+use ma_device::cascade::candidates::Candidate;
 use ma_device::detection::{DetectLine, ImageDetections, read_jsonl};
 
 use crate::eval::match_lines;
@@ -212,7 +212,11 @@ pub fn summarise(images: &[PreparedImage], folds: usize, out: &Path) -> Result<O
         };
         let mut outcomes = Vec::new();
         for (&i, d) in members.iter().zip(&matched.images) {
-            outcomes.push(ImageOutcome::score(&images[i].name, &images[i].truth, &d.detections)?);
+            outcomes.push(ImageOutcome::score(
+                &images[i].name,
+                &images[i].truth,
+                &d.detections,
+            )?);
         }
         cpm_per_fold.push(FrocReport::from_outcomes(&outcomes)?.cpm);
         folds_run.push(fold + 1);

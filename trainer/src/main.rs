@@ -18,8 +18,8 @@ use ma_trainer::eval::{self, EvalOptions};
 use ma_trainer::export::export_model_set;
 use ma_trainer::nets::Stage;
 use ma_trainer::pipeline::{PipelineConfig, train_cascade};
-use ma_trainer::tiles::TileGeometry;
 use ma_trainer::prepare::{PreparedImage, prepare_all};
+use ma_trainer::tiles::TileGeometry;
 use ma_trainer::train::{load_net, load_stage2};
 
 #[derive(Parser)]
@@ -303,7 +303,10 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
         );
     }
     let mean = results.iter().map(|r| r.report.cpm).sum::<f64>() / results.len() as f64;
-    println!("mean CPM over the {} fold(s) of this run: {mean:.3}", results.len());
+    println!(
+        "mean CPM over the {} fold(s) of this run: {mean:.3}",
+        results.len()
+    );
     if let Some(s) = summarise(&images, folds, &a.out)? {
         println!(
             "all folds run so far in {} ({:?} of {}): mean CPM {:.3}, pooled CPM {:.3}; operating points (score at 1/2/4 FP per image) {:.3}/{:.3}/{:.3}; written to {}",
@@ -336,7 +339,11 @@ fn fold_eval(a: &TrainArgs, folds: usize, fold: usize, s1: &Path, s2: &Path) -> 
     let cfg = a.pipeline().candidates;
     let (reports, recall) = evaluate_fold(&images, folds, fold - 1, &net1, &net2, &cfg)?;
     for (scoring, r) in Scoring::ALL.iter().zip(&reports) {
-        println!("fold {fold}: CPM {:.3} scoring by {}", r.cpm, scoring.name());
+        println!(
+            "fold {fold}: CPM {:.3} scoring by {}",
+            r.cpm,
+            scoring.name()
+        );
     }
     println!(
         "candidate recall: {}",

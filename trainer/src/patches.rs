@@ -195,7 +195,12 @@ pub fn batch(images: &[PreparedImage], samples: &[Sample], geo: PatchGeometry) -
 /// Apply one of the 8 symmetries of the square to a CHW patch of side `s`.
 pub fn dihedral(src: &[f32], dst: &mut [f32], s: usize, k: u8) {
     for c in 0..CHANNELS {
-        dihedral_plane(&src[c * s * s..][..s * s], &mut dst[c * s * s..][..s * s], s, k);
+        dihedral_plane(
+            &src[c * s * s..][..s * s],
+            &mut dst[c * s * s..][..s * s],
+            s,
+            k,
+        );
     }
 }
 

@@ -22,7 +22,9 @@ use crate::froc::ImageOutcome;
 use crate::nets::{Net, Stage};
 use crate::patches::{Augment, Sample, batch, dark_negatives, positives, random_negatives};
 use crate::prepare::PreparedImage;
-use crate::tiles::{Tile, TileGeometry, balanced_cell_loss, lesion_tiles, random_tiles, tile_batch};
+use crate::tiles::{
+    Tile, TileGeometry, balanced_cell_loss, lesion_tiles, random_tiles, tile_batch,
+};
 use crate::train::{StageConfig, patch_loss, train_stage, validate};
 
 /// Everything that sets how the cascade is trained.
@@ -141,7 +143,10 @@ pub fn train_cascade(
             let loss = |net: &Net, chunk: &[Tile]| {
                 let device = Device::cuda_if_available();
                 let (xs, ys) = tile_batch(images, chunk, geo, cfg.stage1_jitter);
-                balanced_cell_loss(&net.forward_t(&xs.to_device(device), true), &ys.to_device(device))
+                balanced_cell_loss(
+                    &net.forward_t(&xs.to_device(device), true),
+                    &ys.to_device(device),
+                )
             };
             train_stage(
                 Stage::Basic,

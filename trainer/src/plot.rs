@@ -205,7 +205,11 @@ fn draw_recall(
         .draw()?;
     let target = RGBColor(214, 39, 40);
     chart
-        .draw_series(std::iter::once(Circle::new((150.0, 0.9), 6, target.filled())))?
+        .draw_series(std::iter::once(Circle::new(
+            (150.0, 0.9),
+            6,
+            target.filled(),
+        )))?
         .label("target: 0.90 at 150")
         .legend(move |(x, y)| Circle::new((x + 10, y), 5, target.filled()));
     for (i, (name, curve)) in curves.iter().enumerate() {

@@ -127,10 +127,9 @@ pub fn tile_labels(image: &PreparedImage, tile: &Tile, geo: TileGeometry, jitter
     for i in 0..geo.cells {
         for j in 0..geo.cells {
             let (x, y) = (tile.cx + geo.cell_offset(j), tile.cy + geo.cell_offset(i));
-            let near_lesion = image
-                .lesion_centres
-                .iter()
-                .any(|&(lx, ly)| (lx as i64 - x).abs() <= jitter && (ly as i64 - y).abs() <= jitter);
+            let near_lesion = image.lesion_centres.iter().any(|&(lx, ly)| {
+                (lx as i64 - x).abs() <= jitter && (ly as i64 - y).abs() <= jitter
+            });
             labels.push(if near_lesion {
                 1
             } else if !image.pre.fov.get(x, y) || image.exclusion.get(x, y) {
@@ -180,7 +179,12 @@ pub fn tile_batch(
         }
         // The cell grid is symmetric about the tile centre, so the same symmetry maps
         // the labels onto the cells of the transformed tile.
-        dihedral_plane(&tile_labels(img, t, geo, jitter), lab, geo.cells, t.dihedral);
+        dihedral_plane(
+            &tile_labels(img, t, geo, jitter),
+            lab,
+            geo.cells,
+            t.dihedral,
+        );
     }
     let (n, s, k) = (tiles.len() as i64, side as i64, geo.cells as i64);
     (
@@ -205,17 +209,21 @@ pub fn balanced_cell_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nets::Net;
     use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
     use ma_device::synthetic::{SyntheticParams, generate};
-    use crate::nets::Net;
     use tch::{Device, nn};
 
     use crate::ground_truth::GroundTruth;
 
     fn synthetic_image() -> PreparedImage {
         let frame = generate(&SyntheticParams::small(), 5);
-        let pre = preprocess(&frame.image, FovSource::Estimate, &PreprocessConfig::default())
-            .expect("preprocess");
+        let pre = preprocess(
+            &frame.image,
+            FovSource::Estimate,
+            &PreprocessConfig::default(),
+        )
+        .expect("preprocess");
         PreparedImage::from_parts("s".into(), pre, GroundTruth::from_synthetic(&frame))
     }
 
@@ -284,7 +292,10 @@ mod tests {
         assert_eq!(labels[5 + 2], IGNORE);
         let images = [img];
         for k in 0..8u8 {
-            let t = Tile { dihedral: k, ..tile };
+            let t = Tile {
+                dihedral: k,
+                ..tile
+            };
             let (_, lab) = tile_batch(&images, &[t], geo, 4);
             let lab = Vec::<i64>::try_from(lab.flatten(0, -1)).expect("labels");
             let mut want = vec![0i64; 25];
@@ -301,8 +312,8 @@ mod tests {
         let ce = |d: f64| (1.0 + (-d).exp()).ln();
         // Cells: MA predicted well (d = 2), two non-MA cells (d = 1 and d = -1), and an
         // ignored cell whose terrible logits must not count.
-        let logits = Tensor::from_slice(&[0.0f32, 0.0, 0.0, 0.0, 2.0, 1.0, -1.0, 50.0])
-            .view([1, 2, 2, 2]);
+        let logits =
+            Tensor::from_slice(&[0.0f32, 0.0, 0.0, 0.0, 2.0, 1.0, -1.0, 50.0]).view([1, 2, 2, 2]);
         let labels = Tensor::from_slice(&[1i64, 0, 0, IGNORE]).view([1, 2, 2]);
         let got = balanced_cell_loss(&logits, &labels).double_value(&[]);
         let want = 0.5 * ce(2.0) + 0.5 * (ce(-1.0) + ce(1.0)) / 2.0;

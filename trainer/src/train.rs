@@ -246,11 +246,13 @@ pub fn last_checkpoint(dir: &Path, stage: Stage) -> Result<Option<(usize, PathBu
 pub fn stage2_architecture(path: &Path) -> Result<Stage> {
     let tensors = tch::Tensor::read_safetensors(path)
         .with_context(|| format!("cannot read stage-2 weights {}", path.display()))?;
-    Ok(if tensors.iter().any(|(name, _)| name.starts_with("conv4.")) {
-        Stage::Final
-    } else {
-        Stage::Refine
-    })
+    Ok(
+        if tensors.iter().any(|(name, _)| name.starts_with("conv4.")) {
+            Stage::Final
+        } else {
+            Stage::Refine
+        },
+    )
 }
 
 /// Load trained stage-2 weights, whichever architecture they are.
