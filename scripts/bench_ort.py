@@ -18,6 +18,12 @@ Subcommands (each prints one JSON object on stdout, except `report`):
          (OpenBLAS) and a 2048^3 MatMul in onnxruntime (MLAS), at N threads.
   report --tract A.json ... --ort B.json ... --macs C.json ... --peak D.json ...
          The side-by-side table (markdown).
+  rewrite SRC.onnx DST.onnx [--pool-before-relu] [--sigmoid-head]
+         Experimental copies of an exported model with the same outputs (for
+         `ma-bench --stage1-onnx/--stage2-onnx`): MaxPool moved before LeakyRelu (they
+         commute, the activation then runs on a quarter of the values); the two-class
+         Softmax replaced by a Sigmoid over a last layer holding weight differences
+         (softmax([a, b]) == [sigmoid(a - b), sigmoid(b - a)]). Float models only.
 """
 
 import argparse
@@ -558,6 +564,50 @@ def cmd_report(a):
     print("\n".join(lines))
 
 
+def cmd_rewrite(a):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(a.src)
+    g = m.graph
+    if a.pool_before_relu:
+        nodes = list(g.node)
+        i = 0
+        while i < len(nodes) - 1:
+            x, y = nodes[i], nodes[i + 1]
+            if x.op_type == "LeakyRelu" and y.op_type == "MaxPool" and y.input[0] == x.output[0]:
+                src, mid, dst = x.input[0], x.output[0], y.output[0]
+                y.input[0], y.output[0] = src, mid
+                x.input[0], x.output[0] = mid, dst
+                nodes[i], nodes[i + 1] = y, x
+                i += 2
+            else:
+                i += 1
+        del g.node[:]
+        g.node.extend(nodes)
+    if a.sigmoid_head:
+        inits = {i.name: i for i in g.initializer}
+        soft = next(n for n in g.node if n.op_type == "Softmax")
+        prod = next(n for n in g.node if soft.input[0] in n.output)
+        while prod.op_type in ("Flatten", "Reshape"):
+            prod = next(n for n in g.node if prod.input[0] in n.output)
+        if prod.op_type not in ("Conv", "Gemm") or prod.input[1] not in inits:
+            sys.exit(f"rewrite: the Softmax is fed by {prod.op_type}, not a float Conv/Gemm")
+        w = numpy_helper.to_array(inits[prod.input[1]])
+        b = numpy_helper.to_array(inits[prod.input[2]])
+        if w.shape[0] != 2:
+            sys.exit("rewrite: --sigmoid-head needs a two-class output")
+        w2 = np.stack([w[0] - w[1], w[1] - w[0]]).astype(w.dtype)
+        b2 = np.array([b[0] - b[1], b[1] - b[0]], b.dtype)
+        inits[prod.input[1]].CopyFrom(numpy_helper.from_array(w2, prod.input[1]))
+        inits[prod.input[2]].CopyFrom(numpy_helper.from_array(b2, prod.input[2]))
+        soft.op_type = "Sigmoid"
+        del soft.attribute[:]
+    onnx.checker.check_model(m)
+    onnx.save(m, a.dst)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -582,8 +632,14 @@ def main():
     r = sub.add_parser("report")
     for k in ("tract", "ort", "macs", "peak"):
         r.add_argument(f"--{k}", nargs="*", default=[])
+    w = sub.add_parser("rewrite")
+    w.add_argument("src")
+    w.add_argument("dst")
+    w.add_argument("--pool-before-relu", action="store_true")
+    w.add_argument("--sigmoid-head", action="store_true")
     a = ap.parse_args()
-    {"ort": cmd_ort, "macs": cmd_macs, "peak": cmd_peak, "report": cmd_report}[a.cmd](a)
+    {"ort": cmd_ort, "macs": cmd_macs, "peak": cmd_peak, "report": cmd_report,
+     "rewrite": cmd_rewrite}[a.cmd](a)
 
 
 if __name__ == "__main__":

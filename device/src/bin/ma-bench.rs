@@ -376,46 +376,42 @@ fn emulate(a: &Args, bytes: &[u8]) -> Result<Value> {
     let stage2 = Stage2Model::from_manifest(&manifest, variant, a.stage2_batch)?;
     let geometry = PatchGeometry::new(manifest.patch_size)?;
     let len = geometry.len();
-    let detect = || -> Result<([f64; 4], Vec<f32>)> {
-        let t = Instant::now();
+    // Wall and calling-thread CPU ms of preprocessing, stage 1, stage 2 and the total.
+    let detect = || -> Result<([f64; 8], Vec<f32>)> {
+        let (c, t) = (thread_cpu_ms(), Instant::now());
         let img = image_io::decode_image(bytes)?;
-        let t_decode = ms(t);
+        let mut marks = vec![(ms(t), thread_cpu_ms() - c)];
         let pre = preprocess(&img, FovSource::Estimate, &manifest.preprocess)?;
         drop(img);
-        let t_pre = ms(t);
+        marks.push((ms(t), thread_cpu_ms() - c));
         let map = stage1_in_bands(&stage1, &pre.planes, a.stage1_bands)?;
         let found = find_candidates(&map, &pre.planes, &pre.fov, &manifest.stage1);
-        let t_s1 = ms(t);
+        marks.push((ms(t), thread_cpu_ms() - c));
         let mut patches = vec![0.0f32; found.len() * len];
         for (c, patch) in found.iter().zip(patches.chunks_exact_mut(len)) {
             geometry.extract(&pre.planes, c.x as i64, c.y as i64, patch);
         }
         let mut scores = stage2.run(&patches, found.len())?;
-        let t_total = ms(t);
+        marks.push((ms(t), thread_cpu_ms() - c));
         scores.sort_by(|x, y| y.total_cmp(x));
-        Ok((
-            [
-                t_pre - t_decode,
-                t_s1 - t_pre,
-                t_total - t_s1,
-                t_total - t_decode,
-            ],
-            scores,
-        ))
+        let d = |i: usize, j: usize| (marks[j].0 - marks[i].0, marks[j].1 - marks[i].1);
+        let (p, s1, s2, all) = (d(0, 1), d(1, 2), d(2, 3), d(0, 3));
+        Ok(([p.0, s1.0, s2.0, all.0, p.1, s1.1, s2.1, all.1], scores))
     };
     let t = Instant::now();
     let (_, scores) = detect()?;
     let first_ms = ms(t);
-    let (mut pre, mut s1, mut s2, mut total) = (vec![], vec![], vec![], vec![]);
+    let mut samples = vec![Samples::default(); 4];
     for i in 0..a.warmup + a.runs.max(1) {
         let (times, _) = detect()?;
         if i >= a.warmup {
-            pre.push(times[0]);
-            s1.push(times[1]);
-            s2.push(times[2]);
-            total.push(times[3]);
+            for (k, s) in samples.iter_mut().enumerate() {
+                s.wall.push(times[k]);
+                s.cpu.push(times[k + 4]);
+            }
         }
     }
+    let [pre, s1, s2, total] = [0, 1, 2, 3].map(|k| stats(&samples[k]));
     Ok(json!({
         "emulate": true,
         "image": a.image,
@@ -427,10 +423,10 @@ fn emulate(a: &Args, bytes: &[u8]) -> Result<Value> {
         "candidates": scores.len(),
         "top_scores": scores.iter().take(5).collect::<Vec<_>>(),
         "ms": {
-            "preprocess": stats(&Samples::wall_only(pre)),
-            "stage1": stats(&Samples::wall_only(s1)),
-            "stage2": stats(&Samples::wall_only(s2)),
-            "detect": stats(&Samples::wall_only(total)),
+            "preprocess": pre,
+            "stage1": s1,
+            "stage2": s2,
+            "detect": total,
         },
         "peak_rss_mib": proc_status_mib("VmHWM:"),
         "loadavg": loadavg(),

@@ -21,9 +21,11 @@ use crate::manifest::{Manifest, Role, Variant};
 /// Optimised plans kept by [`Stage1Model`] (one per input size).
 const STAGE1_PLAN_CACHE: usize = 4;
 
-/// Default stage-2 batch: large enough to amortise per-call overhead, small enough that
-/// padding the last batch costs little.
-pub const STAGE2_BATCH: usize = 32;
+/// Stage-2 batch: one patch per call. Above batch 1 tract builds each convolution's whole
+/// im2col matrix on one thread (127 MB for 32 patches): measured with `ma-bench`, stage 2
+/// took 263 ms at batch 1 against 466 ms at 32, and the peak RSS of `detect` fell from 349
+/// to 296 MiB (BENCHMARKS.md).
+pub const STAGE2_BATCH: usize = 1;
 
 type Plan = Arc<TypedRunnableModel>;
 
