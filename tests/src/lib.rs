@@ -1,6 +1,8 @@
 //! Cross-crate tests live in `tests/tests/`; this library holds the fixtures they share.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use ma_device::manifest::{Training, Variant};
 use ma_trainer::export::export_model_set;
@@ -31,4 +33,43 @@ pub fn export_untrained_models(out: &Path, seed: i64, version: &str, operating_p
         training,
     )
     .expect("exporting an untrained model set");
+}
+
+/// The `ma-device` binary of this checkout and test profile, built if stale (a binary of
+/// another package is not in `CARGO_BIN_EXE_*`). `MA_DEVICE_BIN` overrides it.
+pub fn ma_device_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("MA_DEVICE_BIN") {
+            return PathBuf::from(bin);
+        }
+        // Tests run from <target>/<profile>/deps/.
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+        let target_dir = profile_dir.parent().unwrap();
+        let profile = profile_dir.file_name().unwrap().to_str().unwrap();
+        let profile = if profile == "debug" { "dev" } else { profile };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let out = Command::new(cargo)
+            .current_dir(workspace)
+            .args(["build", "-p", "ma-device", "--bin", "ma-device"])
+            .args([
+                "--profile",
+                profile,
+                "--message-format=json-render-diagnostics",
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("cannot run cargo to build ma-device");
+        assert!(out.status.success(), "cargo build -p ma-device failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "ma-device")
+            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .expect("cargo did not report the ma-device executable")
+    })
 }

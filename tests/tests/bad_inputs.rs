@@ -45,7 +45,7 @@ fn fixture() -> &'static Mutex<Fixture> {
         let models = dir.path().join("models");
         ma_tests::export_untrained_models(&models, 7, "bad-inputs-test", [0.5, 0.5, 0.5]);
         Mutex::new(Fixture {
-            binary: ma_device_binary(),
+            binary: ma_tests::ma_device_binary().to_path_buf(),
             models,
             _dir: dir,
         })
@@ -54,41 +54,6 @@ fn fixture() -> &'static Mutex<Fixture> {
 
 fn lock_fixture() -> std::sync::MutexGuard<'static, Fixture> {
     fixture().lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The `ma-device` binary of this checkout and profile, built if stale.
-fn ma_device_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("MA_DEVICE_BIN") {
-        return PathBuf::from(bin);
-    }
-    // This test runs from <target>/<profile>/deps/.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let target_dir = profile_dir.parent().unwrap();
-    let profile = profile_dir.file_name().unwrap().to_str().unwrap();
-    let profile = if profile == "debug" { "dev" } else { profile };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["build", "-p", "ma-device", "--bin", "ma-device"])
-        .args([
-            "--profile",
-            profile,
-            "--message-format=json-render-diagnostics",
-        ])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("cannot run cargo to build ma-device");
-    assert!(out.status.success(), "cargo build -p ma-device failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "ma-device")
-        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .expect("cargo did not report the ma-device executable")
 }
 
 /// What one `ma-device detect` run did.

@@ -487,44 +487,6 @@ fn board_config_and_model_errors_are_named() {
 
 // ---- the binary ---------------------------------------------------------------------------
 
-/// The `ma-device` binary of this checkout and profile, built if stale.
-fn ma_device_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("MA_DEVICE_BIN") {
-            return PathBuf::from(bin);
-        }
-        // This test runs from <target>/<profile>/deps/.
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-        let target_dir = profile_dir.parent().unwrap();
-        let profile = profile_dir.file_name().unwrap().to_str().unwrap();
-        let profile = if profile == "debug" { "dev" } else { profile };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let out = Command::new(cargo)
-            .current_dir(workspace)
-            .args(["build", "-p", "ma-device", "--bin", "ma-device"])
-            .args([
-                "--profile",
-                profile,
-                "--message-format=json-render-diagnostics",
-            ])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("cannot run cargo to build ma-device");
-        assert!(out.status.success(), "cargo build -p ma-device failed");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "ma-device")
-            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-            .expect("cargo did not report the ma-device executable")
-    })
-}
-
 struct Output {
     code: Option<i32>,
     stdout: String,
@@ -533,7 +495,7 @@ struct Output {
 
 /// Runs `ma-device args` in `cwd` to completion.
 fn ma_device(cwd: &Path, args: &[&str]) -> Output {
-    let out = Command::new(ma_device_binary())
+    let out = Command::new(ma_tests::ma_device_binary())
         .current_dir(cwd)
         .args(args)
         .stdin(Stdio::null())
@@ -562,7 +524,7 @@ fn binary_stops_on_sigterm_with_status_0_and_records_can_be_read_back() {
     write_board(work, &toml);
     let log = work.join("out/log/records.log");
 
-    let mut child = Command::new(ma_device_binary())
+    let mut child = Command::new(ma_tests::ma_device_binary())
         .current_dir(work)
         .args(["run", "--board", "board.toml"])
         .stdin(Stdio::null())
