@@ -16,6 +16,20 @@ if [ ! -d ../shared/datasets ]; then
     exit 1
 fi
 
+# A clean build of everything here takes about 6 GB (test build 3 GB, fuzz build 2.4 GB)
+# plus 5 GB for the torch virtualenv when it is made; a full disk makes the linker die
+# with SIGBUS, which says nothing about the cause. Check first.
+MA_CACHE_DIR="${MA_CACHE_DIR:-$HOME/.cache/ma-detector}"
+mkdir -p "$MA_CACHE_DIR"
+need_gb="${MA_MIN_FREE_GB:-$([ -d "$MA_CACHE_DIR/venv" ] && echo 8 || echo 13)}"
+free_gb=$(( $(df -Pk "$MA_CACHE_DIR" | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+if [ "$free_gb" -lt "$need_gb" ]; then
+    echo "scripts/test.sh: only ${free_gb} GB free on the disk of $MA_CACHE_DIR; the build needs" \
+        "about ${need_gb} GB. Free space (old build caches: $MA_CACHE_DIR/target-*)" \
+        "or set MA_MIN_FREE_GB to override" >&2
+    exit 1
+fi
+
 . scripts/torch-env.sh
 
 echo "== cargo fmt --check"
