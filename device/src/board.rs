@@ -183,8 +183,8 @@ pub struct InferenceConfig {
     pub models: PathBuf,
     /// Which of the manifest's FROC operating points sets the score threshold.
     pub operating_point: OperatingPoint,
-    /// Ed25519 public key that model bundles must be signed with (carried for the signed
-    /// bundle loader; unused when absent).
+    /// Ed25519 public key file (`ma-trainer keygen`) the model bundle must be signed
+    /// with. Required to run, unless `run --allow-unsigned` (development).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<PathBuf>,
 }

@@ -27,7 +27,16 @@ pub fn has_image_extension(path: &Path) -> bool {
 pub fn find_images(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
+    // Folders already searched, by canonical path: a symlink back up the tree (or two
+    // links to one folder) would otherwise loop forever or list images twice.
+    let mut seen = std::collections::HashSet::new();
     while let Some(d) = stack.pop() {
+        let canonical = d
+            .canonicalize()
+            .with_context(|| format!("cannot resolve folder {}", d.display()))?;
+        if !seen.insert(canonical) {
+            continue;
+        }
         let entries =
             std::fs::read_dir(&d).with_context(|| format!("cannot list folder {}", d.display()))?;
         for entry in entries {
@@ -50,6 +59,15 @@ pub fn find_images(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
 
 /// Read and decode an image file. Errors name the file.
 pub fn read_image(path: &Path) -> Result<RgbImage> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Opening a FIFO or a device named *.png would block or never end.
+    if !meta.is_file() {
+        bail!(
+            "cannot read {}: not a regular file (a folder, FIFO, socket or device)",
+            path.display()
+        );
+    }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     decode_image(&bytes).with_context(|| format!("{}", path.display()))
 }

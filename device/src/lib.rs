@@ -22,4 +22,5 @@ pub mod median;
 pub mod preprocess;
 pub mod records;
 pub mod run_loop;
+pub mod signing;
 pub mod synthetic;

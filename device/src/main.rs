@@ -20,6 +20,7 @@ use ma_device::manifest::Variant;
 use ma_device::preprocess::{self, FovSource, PreprocessConfig};
 use ma_device::records;
 use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
+use ma_device::signing::{ModelTrust, PublicKey};
 use ma_device::synthetic::{self, SyntheticParams};
 
 #[derive(Parser)]
@@ -70,11 +71,19 @@ enum Command {
     /// once. Exit status 1: the board config or models could not be loaded, or some
     /// record could not be saved.
     ///
+    /// Model bundles must be signed (ed25519, manifest.toml.sig) by the key named in the
+    /// board config's inference.public_key; anything else is refused before a model is
+    /// parsed.
+    ///
     /// Relative paths in the config are relative to the current directory.
     Run {
         /// The board config.
         #[arg(long, default_value = "board-configs/desktop-sim.toml")]
         board: PathBuf,
+        /// Development only: run models whose signature is missing or not checked. Said
+        /// on stderr and on every screen.
+        #[arg(long)]
+        allow_unsigned: bool,
     },
     /// Read the device's records log: list it or export it as JSON lines or CSV.
     ///
@@ -92,6 +101,9 @@ enum Command {
     /// with every candidate scoring >= 0.01, best first, in original pixel
     /// coordinates. An image that cannot be read or processed gives
     /// {"image", "error"}; the run goes on and the exit code is 1 at the end.
+    ///
+    /// The model bundle must be signed by the release key built into this binary
+    /// (keys/models.pub) or by --public-key.
     Detect {
         /// Folder with manifest.toml and the ONNX models. Default: ./models if it
         /// exists, else the models/ folder of the source tree this binary was built from.
@@ -117,6 +129,14 @@ enum Command {
         /// positives per image (thresholds from the manifest).
         #[arg(long, default_value_t = 2)]
         operating_point: u32,
+        /// Public key file the model bundle must be signed with. Default: the release
+        /// key built into this binary.
+        #[arg(long, value_name = "FILE", conflicts_with = "allow_unsigned")]
+        public_key: Option<PathBuf>,
+        /// Development only: do not check the bundle's signature (hashes are still
+        /// checked). Said on stderr.
+        #[arg(long)]
+        allow_unsigned: bool,
     },
     /// Preprocess images and write what the networks see as PNG pictures.
     ///
@@ -213,9 +233,22 @@ fn run(cli: Cli) -> Result<()> {
             variant,
             annotate,
             operating_point,
+            public_key,
+            allow_unsigned,
         } => {
             let models = models.unwrap_or_else(default_models_dir);
+            let trust = if allow_unsigned {
+                warn_unsigned();
+                ModelTrust::Unsigned
+            } else if let Some(key) = public_key {
+                ModelTrust::key_file(&key).context("--public-key")?
+            } else {
+                ModelTrust::SignedBy {
+                    key: PublicKey::release(),
+                }
+            };
             let failed = run_detect(&DetectArgs {
+                trust: &trust,
                 models: &models,
                 input: &input,
                 output: &output,
@@ -250,8 +283,14 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             small,
         } => run_synth(&output_dir, count, seed, small),
-        Command::Run { board } => {
-            let summary = run_board(&board)?;
+        Command::Run {
+            board,
+            allow_unsigned,
+        } => {
+            if allow_unsigned {
+                warn_unsigned();
+            }
+            let summary = run_board(&board, allow_unsigned)?;
             if summary.records_unsaved > 0 {
                 std::process::exit(1);
             }
@@ -269,11 +308,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// `run`: the device loop on a board config until the source ends or a signal stops it.
-fn run_board(board: &Path) -> Result<RunSummary> {
+fn run_board(board: &Path, allow_unsigned: bool) -> Result<RunSummary> {
     let config = BoardConfig::load(board)?;
     // Installed before the models load, so an early Ctrl-C is not lost.
     let stop = stop_on_signals()?;
-    let (mut station, report) = Station::from_board(&config)
+    let (mut station, report) = Station::from_board(&config, allow_unsigned)
         .with_context(|| format!("board {} ({})", config.name, board.display()))?;
     if !report.is_clean() {
         eprintln!(
@@ -350,7 +389,16 @@ fn default_models_dir() -> PathBuf {
     }
 }
 
+/// `--allow-unsigned` must never go unnoticed.
+fn warn_unsigned() {
+    eprintln!(
+        "WARNING: --allow-unsigned: model signatures are NOT checked. For development \
+         only; never use it on a screening device."
+    );
+}
+
 struct DetectArgs<'a> {
+    trust: &'a ModelTrust,
     models: &'a Path,
     input: &'a Path,
     output: &'a Path,
@@ -366,7 +414,7 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
         bail!("--threads must be at least 1");
     }
     onnx::set_threads(a.threads);
-    let cascade = Cascade::load(a.models, a.variant)
+    let cascade = Cascade::load(a.models, a.variant, a.trust)
         .with_context(|| format!("cannot load the models in {}", a.models.display()))?;
     let ops = &cascade.manifest.operating_points;
     let threshold = match a.operating_point {

@@ -35,6 +35,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cascade::candidates::CandidateConfig;
 use crate::preprocess::PreprocessConfig;
+use crate::signing::{ModelTrust, read_trusted_manifest};
 
 /// File name of the manifest inside the models folder.
 pub const FILE_NAME: &str = "manifest.toml";
@@ -198,12 +199,20 @@ impl ModelEntry {
 }
 
 impl Manifest {
-    /// Read and check `dir/manifest.toml`.
+    /// Read and check `dir/manifest.toml` without checking its signature (workstation
+    /// tools; the device loads through [`Manifest::load_trusted`]).
     pub fn load(dir: impl AsRef<Path>) -> Result<Manifest> {
+        Self::load_trusted(dir, &ModelTrust::Unsigned)
+    }
+
+    /// Read `dir/manifest.toml`, accepted only if `trust` accepts its signature
+    /// ([`crate::signing`]), and check it.
+    pub fn load_trusted(dir: impl AsRef<Path>, trust: &ModelTrust) -> Result<Manifest> {
         let dir = dir.as_ref();
         let path = dir.join(FILE_NAME);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading model manifest {}", path.display()))?;
+        let bytes = read_trusted_manifest(dir, trust)?;
+        let text = String::from_utf8(bytes)
+            .with_context(|| format!("model manifest {} is not UTF-8", path.display()))?;
         let mut m: Manifest = toml::from_str(&text)
             .with_context(|| format!("parsing model manifest {}", path.display()))?;
         m.dir = dir.to_path_buf();

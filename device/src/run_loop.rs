@@ -51,6 +51,7 @@ use crate::display::{Canvas, FramebufferSink, Panel, PngSink};
 use crate::image_io::one_line;
 use crate::manifest::{self, OperatingPoints};
 use crate::records::{ImageHash, OpenReport, Record, RecordLog, now_unix_ms};
+use crate::signing::ModelTrust;
 use crate::synthetic::SyntheticParams;
 
 /// What the loop needs from the cascade; a trait so the loop is tested without models.
@@ -66,9 +67,16 @@ impl Detector for Cascade {
         Cascade::detect(self, image)
     }
 
-    /// The manifest's version and the variant in use, e.g. `v0.1 int8`.
+    /// The manifest's version and the variant in use, e.g. `v0.1 int8`, marked
+    /// `UNSIGNED` when the signature was not checked (`--allow-unsigned`), so every record
+    /// and screen made with unchecked models says so.
     fn model_version(&self) -> String {
-        format!("{} {}", self.manifest.version, self.variant)
+        let unsigned = if self.signed_by.is_none() {
+            " UNSIGNED"
+        } else {
+            ""
+        };
+        format!("{} {}{unsigned}", self.manifest.version, self.variant)
     }
 }
 
@@ -218,19 +226,17 @@ impl Station {
     /// records log (created if missing; what opening it found is returned, e.g. a torn
     /// final record that was cut off). Errors name the setting or file at fault. Models
     /// are loaded first, so a board without models fails before anything is written.
-    pub fn from_board(config: &BoardConfig) -> Result<(Station, OpenReport)> {
-        if let Some(key) = &config.inference.public_key {
-            bail!(
-                "inference.public_key ({}) is set, but this build cannot verify signed model \
-                 bundles; remove the setting to run with the manifest's SHA-256 checks only",
-                key.display()
-            );
-        }
+    ///
+    /// The model bundle must be signed by the key in `inference.public_key`; with
+    /// `allow_unsigned` (development) the signature is not checked and every record and
+    /// screen says `UNSIGNED`.
+    pub fn from_board(config: &BoardConfig, allow_unsigned: bool) -> Result<(Station, OpenReport)> {
+        let trust = model_trust(config, allow_unsigned)?;
         let camera = match &config.source {
             SourceConfig::Camera(c) => Some(camera_parts(c)?),
             _ => None,
         };
-        let detector = load_cascade(&config.inference.models, config.inference.threads)?;
+        let detector = load_cascade(&config.inference.models, config.inference.threads, &trust)?;
         let threshold = threshold_for(
             &detector.manifest.operating_points,
             config.inference.operating_point,
@@ -593,7 +599,7 @@ pub fn pixel_hash(image: &RgbImage) -> ImageHash {
 
 /// Loads the cascade for the device, with an explicit message when the folder holds no
 /// model set (the usual case on a fresh clone before models are shipped).
-pub fn load_cascade(models: &Path, threads: usize) -> Result<Cascade> {
+pub fn load_cascade(models: &Path, threads: usize, trust: &ModelTrust) -> Result<Cascade> {
     let manifest_path = models.join(manifest::FILE_NAME);
     if !manifest_path.is_file() {
         bail!(
@@ -607,8 +613,24 @@ pub fn load_cascade(models: &Path, threads: usize) -> Result<Cascade> {
         );
     }
     crate::cascade::onnx::set_threads(threads);
-    Cascade::load(models, None)
+    Cascade::load(models, None, trust)
         .with_context(|| format!("cannot load the models in {}", models.display()))
+}
+
+/// What a board accepts: bundles signed by `inference.public_key`, or anything with
+/// `allow_unsigned`. A board without a key refuses to start unless `allow_unsigned`.
+pub fn model_trust(config: &BoardConfig, allow_unsigned: bool) -> Result<ModelTrust> {
+    if allow_unsigned {
+        return Ok(ModelTrust::Unsigned);
+    }
+    match &config.inference.public_key {
+        Some(key) => ModelTrust::key_file(key).context("inference.public_key"),
+        None => bail!(
+            "inference.public_key is not set: a device only runs model bundles signed by the \
+             key it names (e.g. public_key = \"keys/models.pub\", the release key). Set it, \
+             or pass --allow-unsigned for development"
+        ),
+    }
 }
 
 /// The V4L2 settings, trigger and retry behaviour of a camera board config.
@@ -1214,7 +1236,12 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let models = dir.path().join("no-models-here");
-        let e = format!("{:#}", load_cascade(&models, 1).err().unwrap());
+        let e = format!(
+            "{:#}",
+            load_cascade(&models, 1, &ModelTrust::Unsigned)
+                .err()
+                .unwrap()
+        );
         assert!(
             e.contains("no-models-here") && e.contains("manifest.toml"),
             "{e}"
@@ -1232,17 +1259,23 @@ mod tests {
             ))
             .unwrap()
         };
-        let e = format!("{:#}", Station::from_board(&config("")).err().unwrap());
+        let e = format!(
+            "{:#}",
+            Station::from_board(&config(""), true).err().unwrap()
+        );
         assert!(e.contains("no-models-here"), "{e}");
         // Nothing was written before the models were found missing.
         assert!(!dir.path().join("r.log").exists() && !dir.path().join("png").exists());
-        let e = format!(
-            "{:#}",
-            Station::from_board(&config("public_key = \"k.pub\"\n"))
-                .err()
-                .unwrap()
-        );
-        assert!(e.contains("inference.public_key"), "{e}");
+        // No key and no --allow-unsigned; a key file that is missing.
+        for extra in ["", "public_key = \"missing.pub\"\n"] {
+            let e = format!(
+                "{:#}",
+                Station::from_board(&config(extra), false).err().unwrap()
+            );
+            assert!(e.contains("inference.public_key"), "{e}");
+            assert!(extra.is_empty() || e.contains("missing.pub"), "{e}");
+            assert!(!extra.is_empty() || e.contains("--allow-unsigned"), "{e}");
+        }
     }
 
     #[test]

@@ -1,11 +1,19 @@
-//! The models shipped in `models/`, through the device cascade (tract): they load, their
-//! hashes are checked, and they find microaneurysms where the synthetic generator put them.
+//! The models shipped in `models/`, through the device cascade (tract): they are signed by
+//! the release key, their hashes are checked, a flipped byte anywhere is refused, and they
+//! find microaneurysms where the synthetic generator put them.
 
 use std::path::PathBuf;
 
 use ma_device::cascade::Cascade;
 use ma_device::manifest::{Manifest, Variant};
+use ma_device::signing::{ModelTrust, PublicKey};
 use ma_device::synthetic::{SyntheticParams, generate};
+
+fn release_key() -> ModelTrust {
+    ModelTrust::SignedBy {
+        key: PublicKey::release(),
+    }
+}
 
 fn shipped() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
@@ -23,7 +31,8 @@ fn shipped_models_find_synthetic_microaneurysms_within_3_px() {
     let mut total = 0;
     let mut found = 0;
     for variant in [Variant::Float, Variant::Int8] {
-        let cascade = Cascade::load(&dir, Some(variant)).expect("shipped models load");
+        let cascade =
+            Cascade::load(&dir, Some(variant), &release_key()).expect("shipped models load");
         for seed in 1..=3 {
             let frame = generate(&SyntheticParams::default(), seed);
             let result = cascade.detect(&frame.image).expect("detect");
@@ -54,7 +63,8 @@ fn shipped_models_find_synthetic_microaneurysms_within_3_px() {
 #[test]
 fn shipped_manifest_describes_the_shipped_files() {
     let dir = shipped();
-    let m = Manifest::load(&dir).expect("manifest");
+    let m =
+        Manifest::load_trusted(&dir, &release_key()).expect("manifest signed by the release key");
     assert_eq!(m.models.len(), 4, "stage 1 and 2, float and int8");
     for entry in &m.models {
         m.verify_file(entry).expect("sha256 matches");
@@ -69,4 +79,61 @@ fn shipped_manifest_describes_the_shipped_files() {
         "fewer false positives need a higher score: {ops:?}"
     );
     assert!(m.training.cv_cpm > 0.0 && m.training.cv_cpm < 1.0);
+}
+
+#[test]
+fn a_flipped_byte_anywhere_in_the_shipped_bundle_is_refused() {
+    let dir = shipped();
+    // The committed key file is the built-in release key.
+    let committed = PublicKey::read(&dir.join("../keys/models.pub")).expect("keys/models.pub");
+    assert_eq!(committed.fingerprint(), PublicKey::release().fingerprint());
+
+    let m = Manifest::load(&dir).unwrap();
+    let mut files = vec!["manifest.toml".to_string(), "manifest.toml.sig".to_string()];
+    files.extend(m.models.iter().map(|e| e.file.clone()));
+    for file in &files {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        // A few positions spread over the file; in the signature, over its hex line
+        // (its # comment lines are for people and not signed).
+        let start = if file.ends_with(".sig") {
+            bytes[..bytes.len() - 1]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .unwrap()
+                + 1
+        } else {
+            0
+        };
+        let span = bytes.len() - start;
+        for at in [start, start + span / 2, bytes.len() - 2] {
+            let copy = tempfile::tempdir().unwrap();
+            for f in &files {
+                std::fs::copy(dir.join(f), copy.path().join(f)).unwrap();
+            }
+            let mut bad = bytes.clone();
+            // Keep the hex file's digits hex, so the signature itself is what fails.
+            bad[at] = if file.ends_with(".sig") {
+                if bad[at] == b'0' { b'1' } else { b'0' }
+            } else {
+                bad[at] ^ 0x01
+            };
+            std::fs::write(copy.path().join(file), &bad).unwrap();
+            // A model file is refused by the variant that lists it, the manifest and its
+            // signature by both.
+            let variants = match m.models.iter().find(|e| &e.file == file) {
+                Some(e) => vec![e.variant],
+                None => vec![Variant::Float, Variant::Int8],
+            };
+            for v in variants {
+                let err = match Cascade::load(copy.path(), Some(v), &release_key()) {
+                    Ok(_) => panic!("{file}: byte {at} changed and the {v} bundle still loads"),
+                    Err(e) => format!("{e:#}"),
+                };
+                assert!(
+                    err.contains(file.as_str()) || err.contains("not a valid signature"),
+                    "{file}: {err}"
+                );
+            }
+        }
+    }
 }

@@ -5,13 +5,22 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use ma_device::manifest::{Training, Variant};
+use ma_device::signing::{self, KeyPair};
 use ma_trainer::export::export_model_set;
 use ma_trainer::nets::{Net, Stage};
 
 /// Export a model set of untrained networks (seeded) into `out`: real ONNX files and a
 /// manifest with hashes, in seconds, for tests of what surrounds the cascade (the loop,
 /// bad inputs) rather than its accuracy. `operating_points`: scores at 1, 2 and 4 FP/image.
-pub fn export_untrained_models(out: &Path, seed: i64, version: &str, operating_points: [f64; 3]) {
+///
+/// The bundle is signed, as a device requires, with a fresh key pair written beside it
+/// (`<out>-key.key`, `<out>-key.pub`, replaced if present). Returns the public key's path.
+pub fn export_untrained_models(
+    out: &Path,
+    seed: i64,
+    version: &str,
+    operating_points: [f64; 3],
+) -> PathBuf {
     tch::manual_seed(seed);
     let stage1 = tch::nn::VarStore::new(tch::Device::Cpu);
     let _net1 = Net::new(&stage1.root(), Stage::Basic);
@@ -33,6 +42,18 @@ pub fn export_untrained_models(out: &Path, seed: i64, version: &str, operating_p
         training,
     )
     .expect("exporting an untrained model set");
+    let name = out
+        .file_name()
+        .expect("models folder name")
+        .to_string_lossy();
+    let stem = out.with_file_name(format!("{name}-key"));
+    for ext in ["key", "pub"] {
+        let _ = std::fs::remove_file(stem.with_extension(ext));
+    }
+    let pair = KeyPair::generate().expect("key pair");
+    let (_, public) = pair.write(&stem).expect("writing the test key pair");
+    signing::sign_manifest(out, &pair.secret).expect("signing the test bundle");
+    public
 }
 
 /// The `ma-device` binary of this checkout and test profile, built if stale (a binary of

@@ -33,6 +33,8 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 struct Fixture {
     binary: PathBuf,
     models: PathBuf,
+    /// The public key the test models are signed with.
+    key: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -43,10 +45,11 @@ fn fixture() -> &'static Mutex<Fixture> {
     FIXTURE.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let models = dir.path().join("models");
-        ma_tests::export_untrained_models(&models, 7, "bad-inputs-test", [0.5, 0.5, 0.5]);
+        let key = ma_tests::export_untrained_models(&models, 7, "bad-inputs-test", [0.5, 0.5, 0.5]);
         Mutex::new(Fixture {
             binary: ma_tests::ma_device_binary().to_path_buf(),
             models,
+            key,
             _dir: dir,
         })
     })
@@ -90,6 +93,8 @@ fn detect(fx: &Fixture, input: &Path) -> Run {
         .arg("detect")
         .arg("--models")
         .arg(&fx.models)
+        .arg("--public-key")
+        .arg(&fx.key)
         .arg("--input")
         .arg(input)
         .arg("--output")
@@ -576,11 +581,17 @@ fn every_bad_image_gives_one_clean_line_and_exit_code_1() {
         dir.path().join("zzz-dangling.png"),
     )
     .unwrap();
+    // A FIFO with an image name: reading it would block forever.
+    let fifo = std::ffi::CString::new(dir.path().join("zzz-fifo.png").to_str().unwrap()).unwrap();
+    // SAFETY: plain syscall on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    // A link back to the folder itself: searching must end, and list nothing twice.
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("zzz-loop")).unwrap();
     let fx = lock_fixture();
     let run = detect(&fx, dir.path());
     assert_no_panic(&run);
     assert_eq!(run.code, Some(1), "{}", run.describe());
-    let tried = corpus.cases.len() + 1;
+    let tried = corpus.cases.len() + 2;
     assert_eq!(run.lines.len(), tried, "one line per input");
     for (case, line) in corpus.cases.iter().zip(&run.lines) {
         check_line(&case.name, case.expect, line);
@@ -588,7 +599,12 @@ fn every_bad_image_gives_one_clean_line_and_exit_code_1() {
     check_line(
         "zzz-dangling.png",
         Expect::Error("cannot read"),
-        run.lines.last().unwrap(),
+        &run.lines[tried - 2],
+    );
+    check_line(
+        "zzz-fifo.png",
+        Expect::Error("not a regular file"),
+        &run.lines[tried - 1],
     );
     let ok = run
         .lines

@@ -9,6 +9,7 @@
 use ma_device::cascade::Cascade;
 use ma_device::manifest::{Training, Variant};
 use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_device::signing::ModelTrust;
 use ma_device::synthetic::{SyntheticFundus, SyntheticParams, generate};
 use ma_trainer::export::export_model_set;
 use ma_trainer::ground_truth::GroundTruth;
@@ -68,7 +69,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
     .unwrap();
 
     // A held-out synthetic image through the device cascade.
-    let device = Cascade::load(&models, Some(Variant::Float)).unwrap();
+    let device = Cascade::load(&models, Some(Variant::Float), &ModelTrust::Unsigned).unwrap();
     let test = generate(&params, 99);
     let result = device.detect(&test.image).unwrap();
     assert!(!result.detections.is_empty());
@@ -96,7 +97,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
         assert!((0.01..=1.0).contains(&d.score));
     }
     // int8 weights load too and give nearly the same scores on the same candidates.
-    let int8 = Cascade::load(&models, Some(Variant::Int8))
+    let int8 = Cascade::load(&models, Some(Variant::Int8), &ModelTrust::Unsigned)
         .unwrap()
         .detect(&test.image)
         .unwrap();
@@ -110,7 +111,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
     std::fs::write(&file, &bytes).unwrap();
     let err = format!(
         "{:#}",
-        Cascade::load(&models, Some(Variant::Float))
+        Cascade::load(&models, Some(Variant::Float), &ModelTrust::Unsigned)
             .err()
             .expect("refused")
     );

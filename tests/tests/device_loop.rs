@@ -33,6 +33,7 @@ use ma_device::records::{self, ImageHash, Record, RecordLog};
 use ma_device::run_loop::{
     Detector, DisplayTarget, SourceKind, Station, pixel_hash, stop_on_signals,
 };
+use ma_device::signing::ModelTrust;
 use ma_device::synthetic::{SyntheticParams, generate};
 
 /// Operating-point thresholds of the test model set: 1, 2 and 4 FP/image.
@@ -42,18 +43,32 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 // ---- fixtures --------------------------------------------------------------------------
 
-/// One untrained model set for every test here, exported once per test process into
-/// cargo's scratch folder for integration tests (replaced on every run, never leaked).
-fn models() -> &'static Path {
-    static MODELS: OnceLock<PathBuf> = OnceLock::new();
+/// One untrained, signed model set for every test here, exported once per test process
+/// into cargo's scratch folder for integration tests (replaced on every run, never
+/// leaked): the folder and the public key it is signed with.
+fn fixture() -> &'static (PathBuf, PathBuf) {
+    static MODELS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     MODELS.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("device-loop-models");
         if dir.exists() {
             std::fs::remove_dir_all(&dir).unwrap();
         }
-        ma_tests::export_untrained_models(&dir, 11, "loop-test", THRESHOLDS);
-        dir
+        let key = ma_tests::export_untrained_models(&dir, 11, "loop-test", THRESHOLDS);
+        (dir, key)
     })
+}
+
+fn models() -> &'static Path {
+    &fixture().0
+}
+
+/// The public key the test models are signed with.
+fn models_key() -> &'static Path {
+    &fixture().1
+}
+
+fn trust() -> ModelTrust {
+    ModelTrust::key_file(models_key()).unwrap()
 }
 
 fn small_params() -> SyntheticParams {
@@ -67,16 +82,19 @@ fn small_params() -> SyntheticParams {
     }
 }
 
-/// A board config in `dir` (display in `dir/screens`, log in `dir/log/records.log`).
+/// A board config in `dir` (display in `dir/screens`, log in `dir/log/records.log`),
+/// trusting the test models' key.
 fn board_toml(dir: &Path, source: &str, operating_point: &str, models: &Path) -> String {
     format!(
         "name = \"test-board\"\ndescription = \"device-loop test\"\n\
          [source]\n{source}\n\
          [display]\nkind = \"png\"\noutput_dir = \"{}\"\nwidth = 400\nheight = 272\n\
          [inference]\nthreads = 1\nmodels = \"{}\"\noperating_point = \"{operating_point}\"\n\
+         public_key = \"{}\"\n\
          [records]\nlog = \"{}\"\n",
         dir.join("screens").display(),
         models.display(),
+        models_key().display(),
         dir.join("log/records.log").display()
     )
 }
@@ -187,7 +205,7 @@ fn folder_board_records_every_frame_and_error_before_showing_it() {
         &board_toml(dir.path(), &source, "4fp", models()),
     );
     let config = BoardConfig::load(&board).unwrap();
-    let (mut station, report) = Station::from_board(&config).unwrap();
+    let (mut station, report) = Station::from_board(&config, false).unwrap();
     assert!(report.created && report.is_clean(), "{report}");
     assert_eq!(station.threshold, THRESHOLDS[2]);
     assert_eq!(station.operating_point, OperatingPoint::Fp4);
@@ -221,7 +239,7 @@ fn folder_board_records_every_frame_and_error_before_showing_it() {
     assert_eq!(names, ["a.png", "b.png", "left/c.jpg"]);
     // The processed frames: file hash, size, frame numbers, counts at 4 FP/image, and the
     // same detections as the cascade gives on its own.
-    let cascade = Cascade::load(models(), None).unwrap();
+    let cascade = Cascade::load(models(), None, &trust()).unwrap();
     for (r, id, file) in [(&records[0], 0, "a.png"), (&records[2], 1, "left/c.jpg")] {
         check_result_record(r, THRESHOLDS[2]);
         assert_eq!(r.frame, id);
@@ -282,7 +300,7 @@ fn synthetic_board_appends_to_the_log_of_an_earlier_run() {
     );
     let config = BoardConfig::load(&board).unwrap();
     for run in 1..=2u64 {
-        let (mut station, report) = Station::from_board(&config).unwrap();
+        let (mut station, report) = Station::from_board(&config, false).unwrap();
         assert_eq!(report.records_ok, run - 1);
         let summary = station.run(&AtomicBool::new(false));
         assert_eq!((summary.frames, summary.processed), (1, 1), "{summary:?}");
@@ -324,7 +342,7 @@ fn small_station(dir: &Path, count: u64, detector: Box<dyn Detector>) -> Station
 fn sigterm_stops_the_loop_after_the_frame_in_progress() {
     let dir = tempfile::tempdir().unwrap();
     let stop = stop_on_signals().unwrap();
-    let cascade = Cascade::load(models(), None).unwrap();
+    let cascade = Cascade::load(models(), None, &trust()).unwrap();
     let mut station = small_station(dir.path(), 40, Box::new(cascade));
     let log = dir.path().join("records.log");
     // Raise SIGTERM once the first record is on disk (the loop is then in frame 2 or
@@ -392,7 +410,7 @@ fn camera_unplugged_and_bad_frames_are_logged_shown_and_retried() {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let detector = StopAfter {
-        inner: Cascade::load(models(), None).unwrap(),
+        inner: Cascade::load(models(), None, &trust()).unwrap(),
         after: 2,
         done: AtomicU64::new(0),
         stop: Arc::clone(&stop),
@@ -448,7 +466,7 @@ fn board_config_and_model_errors_are_named() {
     let empty = dir.path().join("empty-models");
     std::fs::create_dir_all(&empty).unwrap();
     let config = BoardConfig::parse(&board_toml(dir.path(), synthetic, "1fp", &empty)).unwrap();
-    let e = format!("{:#}", Station::from_board(&config).err().unwrap());
+    let e = format!("{:#}", Station::from_board(&config, false).err().unwrap());
     assert!(
         e.contains("empty-models") && e.contains("manifest.toml"),
         "{e}"
@@ -461,14 +479,16 @@ fn board_config_and_model_errors_are_named() {
     for entry in &manifest.models {
         std::fs::copy(models().join(&entry.file), copy.join(&entry.file)).unwrap();
     }
-    std::fs::copy(models().join("manifest.toml"), copy.join("manifest.toml")).unwrap();
+    for file in ["manifest.toml", "manifest.toml.sig"] {
+        std::fs::copy(models().join(file), copy.join(file)).unwrap();
+    }
     let stage1 = copy.join("stage1-float.onnx");
     let mut bytes = std::fs::read(&stage1).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
     std::fs::write(&stage1, bytes).unwrap();
     let config = BoardConfig::parse(&board_toml(dir.path(), synthetic, "1fp", &copy)).unwrap();
-    let e = format!("{:#}", Station::from_board(&config).err().unwrap());
+    let e = format!("{:#}", Station::from_board(&config, false).err().unwrap());
     assert!(e.contains("stage1-float.onnx"), "{e}");
     // A folder source without images.
     let source = format!(
@@ -476,13 +496,101 @@ fn board_config_and_model_errors_are_named() {
         dir.path().join("empty-models").display()
     );
     let config = BoardConfig::parse(&board_toml(dir.path(), &source, "1fp", models())).unwrap();
-    let e = format!("{:#}", Station::from_board(&config).err().unwrap());
+    let e = format!("{:#}", Station::from_board(&config, false).err().unwrap());
     assert!(e.contains("source.path") && e.contains("no images"), "{e}");
     // A misspelt key in the board file: named, with the file.
     let text = board_toml(dir.path(), synthetic, "1fp", models()).replace("threads", "thread");
     let board = write_board(dir.path(), &text);
     let e = format!("{:#}", BoardConfig::load(&board).unwrap_err());
     assert!(e.contains("thread") && e.contains("board.toml"), "{e}");
+}
+
+/// A copy of the test bundle in `dir/name`: manifest, signature and models.
+fn copy_bundle(dir: &Path, name: &str) -> PathBuf {
+    let copy = dir.join(name);
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(models()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+    }
+    copy
+}
+
+#[test]
+fn only_bundles_signed_by_the_boards_key_are_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let synthetic = "kind = \"synthetic\"\ncount = 1";
+    let board = |models: &Path| {
+        BoardConfig::parse(&board_toml(dir.path(), synthetic, "1fp", models)).unwrap()
+    };
+    let refused = |config: &BoardConfig| {
+        let e = format!("{:#}", Station::from_board(config, false).err().unwrap());
+        // Refused before anything was written.
+        assert!(!dir.path().join("log").exists() && !dir.path().join("screens").exists());
+        e
+    };
+    // What a successful load created (the log and the panel's folder).
+    let clean = || {
+        for d in ["log", "screens"] {
+            let _ = std::fs::remove_dir_all(dir.path().join(d));
+        }
+    };
+
+    // The signed bundle loads.
+    Station::from_board(&board(models()), false).unwrap();
+    clean();
+
+    // A manifest whose thresholds were lowered after signing.
+    let tampered = copy_bundle(dir.path(), "tampered-manifest");
+    let manifest = tampered.join("manifest.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains("fp_per_image_1 = 0.6"), "{text}");
+    std::fs::write(
+        &manifest,
+        text.replace("fp_per_image_1 = 0.6", "fp_per_image_1 = 0.1"),
+    )
+    .unwrap();
+    let e = refused(&board(&tampered));
+    assert!(
+        e.contains("not a valid signature") && e.contains("tampered-manifest"),
+        "{e}"
+    );
+    // Development runs may still load it, and say so in every record.
+    let (station, _) = Station::from_board(&board(&tampered), true).unwrap();
+    assert_eq!(station.detector.model_version(), "loop-test float UNSIGNED");
+    drop(station);
+    clean();
+
+    // No signature at all.
+    let unsigned = copy_bundle(dir.path(), "unsigned");
+    std::fs::remove_file(unsigned.join("manifest.toml.sig")).unwrap();
+    let e = refused(&board(&unsigned));
+    assert!(
+        e.contains("not signed") && e.contains("--allow-unsigned"),
+        "{e}"
+    );
+
+    // The right bundle, but the board trusts another key.
+    let other = ma_device::signing::KeyPair::generate().unwrap();
+    let (_, other_pub) = other.write(&dir.path().join("other")).unwrap();
+    let text = board_toml(dir.path(), synthetic, "1fp", models()).replace(
+        &models_key().display().to_string(),
+        &other_pub.display().to_string(),
+    );
+    let e = refused(&BoardConfig::parse(&text).unwrap());
+    assert!(e.contains("another key") && e.contains("other.pub"), "{e}");
+
+    // A flipped byte in a model file: the signed manifest's hash refuses it.
+    let flipped = copy_bundle(dir.path(), "flipped-model");
+    let stage2 = flipped.join("stage2-float.onnx");
+    let mut bytes = std::fs::read(&stage2).unwrap();
+    bytes[100] ^= 0x80;
+    std::fs::write(&stage2, bytes).unwrap();
+    let e = refused(&board(&flipped));
+    assert!(
+        e.contains("stage2-float.onnx") && e.contains("SHA-256"),
+        "{e}"
+    );
 }
 
 // ---- the binary ---------------------------------------------------------------------------
@@ -684,6 +792,79 @@ fn binary_stops_on_sigterm_with_status_0_and_records_can_be_read_back() {
         not_a_log.stderr.contains("not an ma-device records log"),
         "{}",
         not_a_log.stderr
+    );
+}
+
+#[test]
+fn binary_refuses_a_board_without_key_unless_allow_unsigned_and_then_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let toml = board_toml(
+        Path::new("out"),
+        "kind = \"synthetic\"\ncount = 1\nseed = 5",
+        "2fp",
+        models(),
+    );
+    let key_line = format!("public_key = \"{}\"\n", models_key().display());
+    assert!(toml.contains(&key_line));
+    write_board(work, &toml.replace(&key_line, ""));
+
+    let run = ma_device(work, &["run", "--board", "board.toml"]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("inference.public_key is not set")
+            && run.stderr.contains("--allow-unsigned"),
+        "{}",
+        run.stderr
+    );
+    assert!(!work.join("out").exists());
+
+    let run = ma_device(work, &["run", "--board", "board.toml", "--allow-unsigned"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("WARNING: --allow-unsigned"),
+        "{}",
+        run.stderr
+    );
+    let records = read_log(&work.join("out/log/records.log"));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].model_version, "loop-test float UNSIGNED");
+}
+
+#[test]
+fn binary_detect_checks_the_bundle_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    generate(&small_params(), 4)
+        .image
+        .save(work.join("eye.png"))
+        .unwrap();
+    let models = models().to_str().unwrap();
+    let key = models_key().to_str().unwrap();
+    let detect = |extra: &[&str]| {
+        let mut args = vec![
+            "detect", "--models", models, "--input", "eye.png", "--output", "d.jsonl",
+        ];
+        args.extend_from_slice(extra);
+        ma_device(work, &args)
+    };
+    // By default only the release key is trusted; the test bundle has its own key.
+    let run = detect(&[]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("another key") && run.stderr.contains("release key"),
+        "{}",
+        run.stderr
+    );
+    let run = detect(&["--public-key", key]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stderr.contains("WARNING"), "{}", run.stderr);
+    let run = detect(&["--allow-unsigned"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("WARNING: --allow-unsigned"),
+        "{}",
+        run.stderr
     );
 }
 

@@ -507,6 +507,13 @@ pub fn export_model_set(
         dir: out.to_path_buf(),
     };
     manifest.write(out)?;
+    // A signature of the previous manifest would now be invalid: remove it, so the
+    // bundle is plainly unsigned until `signing::sign_manifest` signs the new one.
+    let stale = out.join(ma_device::signing::SIGNATURE_FILE);
+    if stale.exists() {
+        std::fs::remove_file(&stale)
+            .with_context(|| format!("removing the stale signature {}", stale.display()))?;
+    }
     Ok(manifest)
 }
 

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use ma_device::preprocess::PreprocessConfig;
 
 use ma_device::manifest::{Training, Variant};
+use ma_device::signing::{self, KeyPair, SecretKey};
 use ma_trainer::cv::{CvSummary, Scoring, cross_validate, evaluate_fold, summarise};
 use ma_trainer::datasets::{Dataset, LoadOptions};
 use ma_trainer::datasets::{DatasetKind, Split};
@@ -106,6 +107,33 @@ enum Command {
         /// Variant the device loads by default.
         #[arg(long, default_value = "float")]
         default_variant: Variant,
+        /// Sign the bundle with this secret key (from `ma-trainer keygen`): writes
+        /// manifest.toml.sig. Devices whose board config names the matching public key
+        /// (inference.public_key) refuse bundles that are unsigned or signed otherwise.
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
+    },
+    /// Make an ed25519 key pair for signing model bundles: <OUT>.key and <OUT>.pub.
+    ///
+    /// The .key file (mode 0600) signs bundles with `export --sign`; keep it off the
+    /// devices and out of version control. The .pub file goes on each device (the board
+    /// config's inference.public_key) and may be published. Existing files are never
+    /// overwritten.
+    Keygen {
+        /// Path of the pair without extension.
+        #[arg(long, default_value = "keys/models")]
+        out: PathBuf,
+    },
+    /// Sign an existing model bundle (writes manifest.toml.sig) after checking that every
+    /// file the manifest lists is present with its SHA-256: a broken bundle is never
+    /// signed.
+    Sign {
+        /// Folder with manifest.toml and the ONNX files.
+        #[arg(long, default_value = "models")]
+        models: PathBuf,
+        /// Secret key from `ma-trainer keygen`.
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
     },
     /// Show the libtorch device training would use, CUDA availability and torch threads.
     Info,
@@ -362,7 +390,12 @@ fn export(
     out: &Path,
     version: &str,
     default_variant: Variant,
+    sign: Option<&Path>,
 ) -> Result<()> {
+    // Read the key first: a wrong path must not cost a finished export.
+    let secret = sign
+        .map(|k| SecretKey::read(k).context("export --sign"))
+        .transpose()?;
     let summary = CvSummary::load(cv)?;
     let (vs1, _) = load_net(&weights.join("stage1.safetensors"), Stage::Basic)?;
     let (vs2, net2) = load_stage2(&weights.join("stage2.safetensors"))?;
@@ -389,6 +422,49 @@ fn export(
         out.join(ma_device::manifest::FILE_NAME).display(),
         summary.mean_cpm,
         summary.folds_run
+    );
+    match &secret {
+        Some(key) => println!(
+            "wrote {} (signed by key {})",
+            signing::sign_manifest(out, key)?.display(),
+            key.public().fingerprint()
+        ),
+        None => println!(
+            "not signed: devices whose board config sets inference.public_key will refuse \
+             this bundle (sign with --sign KEY)"
+        ),
+    }
+    Ok(())
+}
+
+fn sign(models: &Path, key: &Path) -> Result<()> {
+    let secret = SecretKey::read(key).context("sign --key")?;
+    let manifest = ma_device::manifest::Manifest::load(models)?;
+    for entry in &manifest.models {
+        manifest.verify_file(entry)?;
+    }
+    let sig = signing::sign_manifest(models, &secret)?;
+    println!(
+        "wrote {} (manifest {} with {} files, signed by key {})",
+        sig.display(),
+        manifest.version,
+        manifest.models.len(),
+        secret.public().fingerprint()
+    );
+    Ok(())
+}
+
+fn keygen(out: &Path) -> Result<()> {
+    let pair = KeyPair::generate()?;
+    let (secret, public) = pair.write(out)?;
+    println!(
+        "wrote {} (SECRET: keep it off devices and out of version control)",
+        secret.display()
+    );
+    println!(
+        "wrote {} (key {}: set inference.public_key to it in the board configs)",
+        public.display(),
+        pair.secret.public().fingerprint()
     );
     Ok(())
 }
@@ -430,7 +506,17 @@ fn run(cli: Cli) -> Result<()> {
             out,
             version,
             default_variant,
-        } => export(&weights, &cv, &out, &version, default_variant),
+            sign,
+        } => export(
+            &weights,
+            &cv,
+            &out,
+            &version,
+            default_variant,
+            sign.as_deref(),
+        ),
+        Command::Keygen { out } => keygen(&out),
+        Command::Sign { models, key } => sign(&models, &key),
         Command::Info => {
             info();
             Ok(())

@@ -44,6 +44,7 @@ use ma_device::geometry::{CHANNELS, PatchGeometry};
 use ma_device::image_io;
 use ma_device::manifest::{Manifest, Role, Variant};
 use ma_device::preprocess::{FovSource, preprocess};
+use ma_device::signing::{ModelTrust, PublicKey};
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +64,9 @@ struct Args {
     /// Model variant (float or int8); default: the manifest's.
     #[arg(long)]
     variant: Option<Variant>,
+    /// Load a model bundle that is not signed by the release key (experiments).
+    #[arg(long)]
+    allow_unsigned: bool,
     /// Timed runs of every measurement (the median is reported).
     #[arg(long, default_value_t = 10)]
     runs: usize,
@@ -446,7 +450,15 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let t = Instant::now();
-    let cascade = Cascade::load(&a.models, a.variant)?;
+    // Benchmarks run what ships: the release key's bundle, or an explicitly unsigned one.
+    let trust = if a.allow_unsigned {
+        ModelTrust::Unsigned
+    } else {
+        ModelTrust::SignedBy {
+            key: PublicKey::release(),
+        }
+    };
+    let cascade = Cascade::load(&a.models, a.variant, &trust)?;
     let load_ms = ms(t);
     let variant = cascade.variant;
     let manifest = cascade.manifest.clone();

@@ -14,6 +14,7 @@ use crate::detection::Detection;
 use crate::geometry::PatchGeometry;
 use crate::manifest::{Manifest, Variant};
 use crate::preprocess::{FovSource, PreprocessConfig, preprocess};
+use crate::signing::ModelTrust;
 use candidates::{CandidateConfig, find_candidates};
 use onnx::{STAGE2_BATCH, Stage1Model, Stage2Model};
 
@@ -57,6 +58,9 @@ impl ImageResult {
 pub struct Cascade {
     pub manifest: Manifest,
     pub variant: Variant,
+    /// Fingerprint of the key whose signature was checked; `None`: loaded with
+    /// [`ModelTrust::Unsigned`], signature not checked.
+    pub signed_by: Option<String>,
     stage1: Stage1Model,
     stage2: Stage2Model,
     preprocess: PreprocessConfig,
@@ -65,10 +69,11 @@ pub struct Cascade {
 }
 
 impl Cascade {
-    /// Load the models listed in `models_dir/manifest.toml` (each file's sha256 checked
-    /// before it is parsed). `variant` defaults to the manifest's.
-    pub fn load(models_dir: &Path, variant: Option<Variant>) -> Result<Self> {
-        let manifest = Manifest::load(models_dir)?;
+    /// Load the models listed in `models_dir/manifest.toml`: the manifest's signature is
+    /// checked as `trust` says, then each file's sha256 before it is parsed. `variant`
+    /// defaults to the manifest's.
+    pub fn load(models_dir: &Path, variant: Option<Variant>, trust: &ModelTrust) -> Result<Self> {
+        let manifest = Manifest::load_trusted(models_dir, trust)?;
         let variant = variant.unwrap_or(manifest.default_variant);
         let geometry = PatchGeometry::new(manifest.patch_size).with_context(|| {
             format!(
@@ -84,7 +89,12 @@ impl Cascade {
             models_dir.display(),
             geometry.size
         );
+        let signed_by = match trust {
+            ModelTrust::SignedBy { key } => Some(key.fingerprint()),
+            ModelTrust::Unsigned => None,
+        };
         Ok(Self {
+            signed_by,
             preprocess: manifest.preprocess.clone(),
             candidates: manifest.stage1.clone(),
             manifest,

@@ -1,0 +1,3 @@
+# ma-device model bundle signature (ed25519)
+# signature of manifest.toml by key 108f95b031243996
+4157b9c84956a70ca908798d43c118374a7c2ca15e04b8af6320699b6a5e7b50e450f8fd89f3f37559cd75ba5b9b33a42332b4d59e75bbeb94ae5a245b628b03
