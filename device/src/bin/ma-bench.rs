@@ -36,10 +36,8 @@ use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
 use ma_device::cascade::Cascade;
-use ma_device::cascade::candidates::ProbMap;
 use ma_device::cascade::candidates::find_candidates;
 use ma_device::cascade::onnx::{STAGE2_BATCH, Stage1Model, Stage2Model, pad_planes, set_threads};
-use ma_device::geometry::Planes;
 use ma_device::geometry::{CHANNELS, PatchGeometry};
 use ma_device::image_io;
 use ma_device::manifest::{Manifest, Role, Variant};
@@ -316,62 +314,6 @@ fn profile_plan(plan: &Arc<TypedRunnableModel>, input: Tensor, runs: usize) -> R
     Ok(Value::Array(nodes))
 }
 
-/// Rows `y0 .. y0 + rows` of `planes` padded by `pad` zero pixels on every side (what
-/// `pad_planes` gives, one band at a time).
-fn padded_band(planes: &Planes, pad: usize, y0: usize, rows: usize) -> Planes {
-    let w = planes.width + 2 * pad;
-    let mut out = Planes::zeros(w, rows);
-    for c in 0..CHANNELS {
-        let (src, dst) = (planes.channel(c), out.channel_mut(c));
-        for r in 0..rows {
-            let Some(sy) = (y0 + r).checked_sub(pad) else {
-                continue;
-            };
-            if sy >= planes.height {
-                continue;
-            }
-            dst[r * w + pad..][..planes.width]
-                .copy_from_slice(&src[sy * planes.width..][..planes.width]);
-        }
-    }
-    out
-}
-
-/// The stage-1 map of a whole image, computed over `bands` horizontal bands of equal
-/// height (one plan); the same values as `Stage1Model::run_on_image`.
-fn stage1_in_bands(stage1: &Stage1Model, planes: &Planes, bands: usize) -> Result<ProbMap> {
-    let (patch, stride) = (stage1.patch_size(), stage1.stride());
-    let pad = patch / 2;
-    let height = planes.height + 2 * pad;
-    let rows = (height - patch) / stride + 1;
-    let band_rows = rows.div_ceil(bands.max(1));
-    let in_rows = (band_rows - 1) * stride + patch;
-    let mut map: Option<ProbMap> = None;
-    let mut r0 = 0;
-    while r0 < rows {
-        let start = r0.min(rows - band_rows);
-        let part = stage1.run(&padded_band(planes, pad, start * stride, in_rows))?;
-        ensure!(
-            part.height == band_rows,
-            "stage-1 band gave {} rows",
-            part.height
-        );
-        let m = map.get_or_insert_with(|| ProbMap {
-            width: part.width,
-            height: rows,
-            stride,
-            offset: part.offset - pad as isize,
-            data: vec![0.0; part.width * rows],
-        });
-        for r in r0..start + band_rows {
-            m.data[r * m.width..][..m.width]
-                .copy_from_slice(&part.data[(r - start) * part.width..][..part.width]);
-        }
-        r0 = start + band_rows;
-    }
-    map.context("empty stage-1 map")
-}
-
 /// `--emulate`: a copy of `Cascade::detect` with banded stage 1 and a chosen stage-2 batch.
 fn emulate(a: &Args, bytes: &[u8]) -> Result<Value> {
     let manifest = Manifest::load(&a.models)?;
@@ -388,7 +330,7 @@ fn emulate(a: &Args, bytes: &[u8]) -> Result<Value> {
         let pre = preprocess(&img, FovSource::Estimate, &manifest.preprocess)?;
         drop(img);
         marks.push((ms(t), thread_cpu_ms() - c));
-        let map = stage1_in_bands(&stage1, &pre.planes, a.stage1_bands)?;
+        let map = stage1.run_in_bands(&pre.planes, a.stage1_bands)?;
         let found = find_candidates(&map, &pre.planes, &pre.fov, &manifest.stage1);
         marks.push((ms(t), thread_cpu_ms() - c));
         let mut patches = vec![0.0f32; found.len() * len];
@@ -537,37 +479,15 @@ fn main() -> Result<()> {
     };
     let mut map = map;
     map.offset -= pad as isize;
-    // Experiment: stage 1 over horizontal bands of the padded input (less memory, some
-    // rows computed twice), stitched and compared with the whole-image map.
+    // Experiment: stage 1 over horizontal bands (as `detect` runs it with
+    // `STAGE1_BANDS`), compared with the whole-image map.
     let mut bands_result = None;
     if a.stage1_bands > 1 {
-        let stride = stage1.stride();
-        let rows = map.height;
-        let band_rows = rows.div_ceil(a.stage1_bands);
-        let in_rows = (band_rows - 1) * stride + stage1.patch_size();
-        let w = padded.width;
+        let band_rows = map.height.div_ceil(a.stage1_bands);
+        let in_rows = (band_rows - 1) * stage1.stride() + stage1.patch_size();
         let hwm_reset = reset_peak_rss();
         let (times, stitched) = time_runs(runs, a.warmup, || {
-            let mut data = vec![0.0f32; map.data.len()];
-            let mut r0 = 0;
-            while r0 < rows {
-                // Every band has the same height (one plan); the last one is moved up.
-                let start = r0.min(rows - band_rows);
-                let y0 = start * stride;
-                let mut band = ma_device::geometry::Planes::zeros(w, in_rows);
-                for c in 0..CHANNELS {
-                    let src = &padded.channel(c)[y0 * w..(y0 + in_rows) * w];
-                    band.channel_mut(c).copy_from_slice(src);
-                }
-                let part = stage1.run(&band)?;
-                ensure!(part.width == map.width && part.height == band_rows);
-                for r in r0..(start + band_rows) {
-                    let src = &part.data[(r - start) * part.width..][..part.width];
-                    data[r * map.width..][..map.width].copy_from_slice(src);
-                }
-                r0 = start + band_rows;
-            }
-            Ok(data)
+            Ok(stage1.run_in_bands(&prep.planes, a.stage1_bands)?.data)
         })?;
         let peak = if hwm_reset {
             proc_status_mib("VmHWM:")

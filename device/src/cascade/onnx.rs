@@ -27,6 +27,12 @@ const STAGE1_PLAN_CACHE: usize = 4;
 /// to 296 MiB (BENCHMARKS.md).
 pub const STAGE2_BATCH: usize = 1;
 
+/// Stage 1 runs on a whole image in this many horizontal bands ([`Stage1Model::run_on_image`]).
+/// On one plan the whole-image run holds conv1's output (127 MB for 1500x1152) next to a
+/// padded copy of the image; in three bands the peak RSS of `detect` fell from 296 to 143
+/// MiB for 27-38 ms more stage 1, with a bit-identical map (BENCHMARKS.md, proposal 2).
+pub const STAGE1_BANDS: usize = 3;
+
 type Plan = Arc<TypedRunnableModel>;
 
 /// Use `n` threads for tract's matrix products (process-wide).
@@ -203,13 +209,69 @@ impl Stage1Model {
 
     /// MA probability map of a whole preprocessed image: the planes are padded by half
     /// a patch (zeros, as outside the FOV), so the map covers the image up to its edges
-    /// and its cell centres are in the image's (canonical) coordinates.
+    /// and its cell centres are in the image's (canonical) coordinates. Computed in
+    /// [`STAGE1_BANDS`] bands to bound memory.
     pub fn run_on_image(&self, planes: &Planes) -> Result<ProbMap> {
-        let pad = self.patch_size / 2;
-        let mut map = self.run(&pad_planes(planes, pad))?;
-        map.offset -= pad as isize;
-        Ok(map)
+        self.run_in_bands(planes, STAGE1_BANDS)
     }
+
+    /// [`Stage1Model::run_on_image`] over `bands` horizontal bands: the same values (each
+    /// map row depends only on its own input rows), less memory. Every band has the same
+    /// height, so one optimised plan serves them all (the last band is moved up and
+    /// recomputes a few rows); each band is cut from the unpadded planes with its zero
+    /// border, so the padded image is never built whole.
+    pub fn run_in_bands(&self, planes: &Planes, bands: usize) -> Result<ProbMap> {
+        let (patch, stride) = (self.patch_size, self.stride);
+        let pad = patch / 2;
+        let rows = (planes.height + 2 * pad - patch) / stride + 1;
+        let band_rows = rows.div_ceil(bands.max(1));
+        let in_rows = (band_rows - 1) * stride + patch;
+        let mut map: Option<ProbMap> = None;
+        let mut r0 = 0;
+        while r0 < rows {
+            let start = r0.min(rows - band_rows);
+            let part = self.run(&padded_band(planes, pad, start * stride, in_rows))?;
+            ensure!(
+                part.height == band_rows,
+                "stage-1 band gave {} map rows, {band_rows} expected",
+                part.height
+            );
+            let m = map.get_or_insert_with(|| ProbMap {
+                width: part.width,
+                height: rows,
+                stride,
+                offset: part.offset - pad as isize,
+                data: vec![0.0; part.width * rows],
+            });
+            for r in r0..start + band_rows {
+                m.data[r * m.width..][..m.width]
+                    .copy_from_slice(&part.data[(r - start) * part.width..][..part.width]);
+            }
+            r0 = start + band_rows;
+        }
+        map.context("empty stage-1 map")
+    }
+}
+
+/// Rows `y0 .. y0 + rows` of `planes` padded by `pad` zero pixels on every side: one band
+/// of what [`pad_planes`] gives.
+fn padded_band(planes: &Planes, pad: usize, y0: usize, rows: usize) -> Planes {
+    let w = planes.width + 2 * pad;
+    let mut out = Planes::zeros(w, rows);
+    for c in 0..CHANNELS {
+        let (src, dst) = (planes.channel(c), out.channel_mut(c));
+        for r in 0..rows {
+            let Some(sy) = (y0 + r).checked_sub(pad) else {
+                continue;
+            };
+            if sy >= planes.height {
+                continue;
+            }
+            dst[r * w + pad..][..planes.width]
+                .copy_from_slice(&src[sy * planes.width..][..planes.width]);
+        }
+    }
+    out
 }
 
 /// The stage-2 patch classifier, optimised for a fixed batch.
