@@ -16,7 +16,7 @@ if [ ! -d ../shared/datasets ]; then
     exit 1
 fi
 
-# A clean build of everything here takes about 6 GB (test build 3 GB, fuzz build 2.4 GB)
+# A clean build of everything here takes about 7 GB (test build 3-4 GB, fuzz build 3 GB)
 # plus 5 GB for the torch virtualenv when it is made; a full disk makes the linker die
 # with SIGBUS, which says nothing about the cause. Check first.
 MA_CACHE_DIR="${MA_CACHE_DIR:-$HOME/.cache/ma-detector}"
