@@ -20,7 +20,7 @@ use ma_device::manifest::Variant;
 use ma_device::preprocess::{self, FovSource, PreprocessConfig};
 use ma_device::records;
 use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
-use ma_device::signing::{ModelTrust, PublicKey};
+use ma_device::signing::ModelTrust;
 use ma_device::synthetic::{self, SyntheticParams};
 
 #[derive(Parser)]
@@ -243,9 +243,7 @@ fn run(cli: Cli) -> Result<()> {
             } else if let Some(key) = public_key {
                 ModelTrust::key_file(&key).context("--public-key")?
             } else {
-                ModelTrust::SignedBy {
-                    key: PublicKey::release(),
-                }
+                ModelTrust::release()
             };
             let failed = run_detect(&DetectArgs {
                 trust: &trust,

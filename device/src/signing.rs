@@ -46,11 +46,10 @@ impl ModelTrust {
         })
     }
 
-    /// One line for logs and status screens.
-    pub fn describe(&self) -> String {
-        match self {
-            ModelTrust::SignedBy { key } => format!("signed by key {}", key.fingerprint()),
-            ModelTrust::Unsigned => "UNSIGNED (signature not checked)".into(),
+    /// Trust the release key built into this binary ([`PublicKey::release`]).
+    pub fn release() -> Self {
+        Self::SignedBy {
+            key: PublicKey::release(),
         }
     }
 }
@@ -89,17 +88,8 @@ fn fingerprint_of(key: &VerifyingKey) -> String {
 impl PublicKey {
     /// Read a public key file written by [`KeyPair::write`].
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes: [u8; 32] = read_hex_file(path, "public key", PUBLIC_LABEL)?;
-        let key = VerifyingKey::from_bytes(&bytes).with_context(|| {
-            format!(
-                "public key file {}: 32 bytes that are not an ed25519 public key",
-                path.display()
-            )
-        })?;
-        Ok(Self {
-            key,
-            source: path.display().to_string(),
-        })
+        let text = read_small_file(path, "public key")?;
+        Self::parse(&text, &format!("file {}", path.display()))
     }
 
     /// The key the project's released model bundles are signed with (`keys/models.pub`,
@@ -273,6 +263,12 @@ fn hex_file(label: &str, comment: &str, bytes: &[u8]) -> String {
 /// The one non-comment line of `path`, decoded from hex into exactly `N` bytes; the file
 /// must start with `# label`.
 fn read_hex_file<const N: usize>(path: &Path, what: &str, label: &str) -> Result<[u8; N]> {
+    let text = read_small_file(path, what)?;
+    parse_hex_text(&text, label).with_context(|| format!("the {what} file {}", path.display()))
+}
+
+/// The text of a key or signature file (`what` names the kind in messages).
+fn read_small_file(path: &Path, what: &str) -> Result<String> {
     let meta = std::fs::metadata(path)
         .with_context(|| format!("reading the {what} file {}", path.display()))?;
     // Key and signature files are a few hundred bytes; refuse a FIFO or a huge file
@@ -282,9 +278,8 @@ fn read_hex_file<const N: usize>(path: &Path, what: &str, label: &str) -> Result
         "the {what} file {} is not a small regular file",
         path.display()
     );
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the {what} file {}", path.display()))?;
-    parse_hex_text(&text, label).with_context(|| format!("the {what} file {}", path.display()))
+    std::fs::read_to_string(path)
+        .with_context(|| format!("reading the {what} file {}", path.display()))
 }
 
 /// The one non-comment line of a key or signature file's text, decoded; the text must

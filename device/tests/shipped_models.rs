@@ -9,12 +9,6 @@ use ma_device::manifest::{Manifest, Variant};
 use ma_device::signing::{ModelTrust, PublicKey};
 use ma_device::synthetic::{SyntheticParams, generate};
 
-fn release_key() -> ModelTrust {
-    ModelTrust::SignedBy {
-        key: PublicKey::release(),
-    }
-}
-
 fn shipped() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
     assert!(
@@ -31,8 +25,8 @@ fn shipped_models_find_synthetic_microaneurysms_within_3_px() {
     let mut total = 0;
     let mut found = 0;
     for variant in [Variant::Float, Variant::Int8] {
-        let cascade =
-            Cascade::load(&dir, Some(variant), &release_key()).expect("shipped models load");
+        let cascade = Cascade::load(&dir, Some(variant), &ModelTrust::release())
+            .expect("shipped models load");
         for seed in 1..=3 {
             let frame = generate(&SyntheticParams::default(), seed);
             let result = cascade.detect(&frame.image).expect("detect");
@@ -63,8 +57,8 @@ fn shipped_models_find_synthetic_microaneurysms_within_3_px() {
 #[test]
 fn shipped_manifest_describes_the_shipped_files() {
     let dir = shipped();
-    let m =
-        Manifest::load_trusted(&dir, &release_key()).expect("manifest signed by the release key");
+    let m = Manifest::load_trusted(&dir, &ModelTrust::release())
+        .expect("manifest signed by the release key");
     assert_eq!(m.models.len(), 4, "stage 1 and 2, float and int8");
     for entry in &m.models {
         m.verify_file(entry).expect("sha256 matches");
@@ -125,7 +119,7 @@ fn a_flipped_byte_anywhere_in_the_shipped_bundle_is_refused() {
                 None => vec![Variant::Float, Variant::Int8],
             };
             for v in variants {
-                let err = match Cascade::load(copy.path(), Some(v), &release_key()) {
+                let err = match Cascade::load(copy.path(), Some(v), &ModelTrust::release()) {
                     Ok(_) => panic!("{file}: byte {at} changed and the {v} bundle still loads"),
                     Err(e) => format!("{e:#}"),
                 };

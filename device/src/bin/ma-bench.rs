@@ -42,7 +42,7 @@ use ma_device::geometry::{CHANNELS, PatchGeometry};
 use ma_device::image_io;
 use ma_device::manifest::{Manifest, Role, Variant};
 use ma_device::preprocess::{FovSource, preprocess};
-use ma_device::signing::{ModelTrust, PublicKey};
+use ma_device::signing::ModelTrust;
 
 #[derive(Parser)]
 #[command(
@@ -396,9 +396,7 @@ fn main() -> Result<()> {
     let trust = if a.allow_unsigned {
         ModelTrust::Unsigned
     } else {
-        ModelTrust::SignedBy {
-            key: PublicKey::release(),
-        }
+        ModelTrust::release()
     };
     let cascade = Cascade::load(&a.models, a.variant, &trust)?;
     let load_ms = ms(t);

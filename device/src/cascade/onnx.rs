@@ -51,16 +51,7 @@ pub fn set_threads(n: usize) {
 /// `planes` with `pad` zero pixels on every side: with `pad = patch_size / 2`, the map
 /// value `(col, row)` is centred on pixel `(stride * col, stride * row)` of `planes`.
 pub fn pad_planes(planes: &Planes, pad: usize) -> Planes {
-    let (w, h) = (planes.width + 2 * pad, planes.height + 2 * pad);
-    let mut out = Planes::zeros(w, h);
-    for c in 0..CHANNELS {
-        let (src, dst) = (planes.channel(c), out.channel_mut(c));
-        for y in 0..planes.height {
-            let d = (y + pad) * w + pad;
-            dst[d..d + planes.width].copy_from_slice(&src[y * planes.width..][..planes.width]);
-        }
-    }
-    out
+    padded_band(planes, pad, 0, planes.height + 2 * pad)
 }
 
 fn parse(bytes: &[u8], what: &str) -> Result<InferenceModel> {
