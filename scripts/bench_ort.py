@@ -18,12 +18,10 @@ Subcommands (each prints one JSON object on stdout, except `report`):
          (OpenBLAS) and a 2048^3 MatMul in onnxruntime (MLAS), at N threads.
   report --tract A.json ... --ort B.json ... --macs C.json ... --peak D.json ...
          The side-by-side table (markdown).
-  rewrite SRC.onnx DST.onnx [--pool-before-relu] [--sigmoid-head]
-         Experimental copies of an exported model with the same outputs (for
+  rewrite SRC.onnx DST.onnx [--pool-before-relu]
+         Experimental copy of an exported model with the same outputs (for
          `ma-bench --stage1-onnx/--stage2-onnx`): MaxPool moved before LeakyRelu (they
-         commute, the activation then runs on a quarter of the values); the two-class
-         Softmax replaced by a Sigmoid over a last layer holding weight differences
-         (softmax([a, b]) == [sigmoid(a - b), sigmoid(b - a)]). Float models only.
+         commute, the activation then runs on a quarter of the values). Float models only.
 """
 
 import argparse
@@ -132,8 +130,8 @@ def cmd_ort(a):
         meta = json.load(f)
     x1 = np.load(os.path.join(a.dump, "stage1_input.npy"))
     x2 = np.load(os.path.join(a.dump, "stage2_input.npy"))
-    p1_tract = np.load(os.path.join(a.dump, "stage1_prob.npy"))
-    p2_tract = np.load(os.path.join(a.dump, "stage2_prob.npy"))
+    m1_tract = np.load(os.path.join(a.dump, "stage1_margin.npy"))
+    m2_tract = np.load(os.path.join(a.dump, "stage2_margin.npy"))
     batch = meta["stage2_batch"]
     n = x2.shape[0]
 
@@ -158,15 +156,15 @@ def cmd_ort(a):
         chunks.append((c, min(batch, n - i)))
 
     def run2():
-        return np.concatenate([s2.run(None, {in2: c})[0][:k, 1] for c, k in chunks]) \
+        return np.concatenate([s2.run(None, {in2: c})[0][:k, 0] for c, k in chunks]) \
             if chunks else np.zeros(0, np.float32)
 
     t2, out2 = timed(run2, a.runs, a.warmup)
     # Stage 2 in one dynamic batch of exactly n patches (onnxruntime's best case).
     t2_one, _ = timed(lambda: s2.run(None, {in2: x2})[0] if n else None, a.runs, a.warmup)
 
-    d1 = float(np.abs(out1[0, 1] - p1_tract).max())
-    d2 = float(np.abs(out2 - p2_tract).max()) if n else 0.0
+    d1 = float(np.abs(out1[0, 0] - m1_tract).max())
+    d2 = float(np.abs(out2 - m2_tract).max()) if n else 0.0
     json.dump({
         "image": meta["image"],
         "variant": a.variant,
@@ -565,9 +563,7 @@ def cmd_report(a):
 
 
 def cmd_rewrite(a):
-    import numpy as np
     import onnx
-    from onnx import numpy_helper
 
     m = onnx.load(a.src)
     g = m.graph
@@ -586,24 +582,6 @@ def cmd_rewrite(a):
                 i += 1
         del g.node[:]
         g.node.extend(nodes)
-    if a.sigmoid_head:
-        inits = {i.name: i for i in g.initializer}
-        soft = next(n for n in g.node if n.op_type == "Softmax")
-        prod = next(n for n in g.node if soft.input[0] in n.output)
-        while prod.op_type in ("Flatten", "Reshape"):
-            prod = next(n for n in g.node if prod.input[0] in n.output)
-        if prod.op_type not in ("Conv", "Gemm") or prod.input[1] not in inits:
-            sys.exit(f"rewrite: the Softmax is fed by {prod.op_type}, not a float Conv/Gemm")
-        w = numpy_helper.to_array(inits[prod.input[1]])
-        b = numpy_helper.to_array(inits[prod.input[2]])
-        if w.shape[0] != 2:
-            sys.exit("rewrite: --sigmoid-head needs a two-class output")
-        w2 = np.stack([w[0] - w[1], w[1] - w[0]]).astype(w.dtype)
-        b2 = np.array([b[0] - b[1], b[1] - b[0]], b.dtype)
-        inits[prod.input[1]].CopyFrom(numpy_helper.from_array(w2, prod.input[1]))
-        inits[prod.input[2]].CopyFrom(numpy_helper.from_array(b2, prod.input[2]))
-        soft.op_type = "Sigmoid"
-        del soft.attribute[:]
     onnx.checker.check_model(m)
     onnx.save(m, a.dst)
 
@@ -636,7 +614,6 @@ def main():
     w.add_argument("src")
     w.add_argument("dst")
     w.add_argument("--pool-before-relu", action="store_true")
-    w.add_argument("--sigmoid-head", action="store_true")
     a = ap.parse_args()
     {"ort": cmd_ort, "macs": cmd_macs, "peak": cmd_peak, "report": cmd_report,
      "rewrite": cmd_rewrite}[a.cmd](a)

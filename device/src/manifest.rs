@@ -9,11 +9,15 @@
 //! ```toml
 //! version = "2025.1"
 //! default_variant = "float"
-//! patch_size = 101
+//! patch_size = 41
 //!
 //! [preprocess]
 //! canonical_fov_diameter = 1410.0
 //! ...
+//!
+//! [scoring]
+//! stage1_weight = 1.0
+//! temperature = 8.0
 //!
 //! [[models]]
 //! role = "stage1"
@@ -21,9 +25,10 @@
 //! file = "stage1-float.onnx"
 //! sha256 = "<64 hex digits>"
 //! input = "image"
-//! output = "prob"
-//! patch_size = 101
-//! output_stride = 8
+//! output = "margin"
+//! receptive_field = 70
+//! output_stride = 2
+//! input_multiple = 4
 //! ```
 
 use std::fmt;
@@ -33,6 +38,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::cascade::Scoring;
 use crate::cascade::candidates::CandidateConfig;
 use crate::preprocess::PreprocessConfig;
 use crate::signing::{ModelTrust, read_trusted_manifest};
@@ -48,12 +54,14 @@ pub struct Manifest {
     pub version: String,
     /// Variant the device uses unless told otherwise.
     pub default_variant: Variant,
-    /// Side of the square patches both nets were trained on.
+    /// Side of the square patches stage 2 was trained on.
     pub patch_size: usize,
     /// Preprocessing the models were trained with; the device must use the same.
     pub preprocess: PreprocessConfig,
     /// Stage-1 candidate extraction.
     pub stage1: CandidateConfig,
+    /// How the two margins make a candidate's score.
+    pub scoring: Scoring,
     /// Stage-2 score thresholds measured on cross-validation.
     pub operating_points: OperatingPoints,
     /// Where the models come from.
@@ -122,17 +130,37 @@ pub struct ModelEntry {
     pub sha256: String,
     /// Graph input name (`image` for stage 1, `patches` for stage 2).
     pub input: String,
-    /// Graph output name: softmax over axis 1, channel 1 = MA probability.
+    /// Graph output name: the logit margin (MA minus non-MA), one channel.
     pub output: String,
-    /// Stage 2: side of the input patches. Stage 1: its receptive field (one output
-    /// value classifies one patch of this size).
-    pub patch_size: usize,
-    /// Stage 1 only: pixels between neighbouring values of the probability map.
+    /// Stage 2 only: side of the input patches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_size: Option<usize>,
+    /// Stage 1 only: side of the input window one map value depends on (how much
+    /// overlap the device's bands need).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receptive_field: Option<usize>,
+    /// Stage 1 only: pixels between neighbouring values of the map.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_stride: Option<usize>,
+    /// Stage 1 only: input height and width must be multiples of this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_multiple: Option<usize>,
     /// Stage 2: the batch dimension is symbolic and fixed by the device at load.
     #[serde(default)]
     pub dynamic_batch: bool,
+}
+
+/// The input geometry of a model, as its manifest entry records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelGeometry {
+    /// Stage 1, fully convolutional over the whole image.
+    Map {
+        receptive_field: usize,
+        output_stride: usize,
+        input_multiple: usize,
+    },
+    /// Stage 2, square patches of this side.
+    Patch(usize),
 }
 
 /// Stage-2 score thresholds giving 1, 2 and 4 false positives per image on
@@ -167,34 +195,88 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Name of both graphs' output.
+pub const OUTPUT_NAME: &str = "margin";
+
 impl ModelEntry {
-    /// An entry for the file `file` (relative to `dir`), hashing it now.
+    /// An entry for the file `file` (relative to `dir`), hashing it now. The role follows
+    /// from the geometry.
     pub fn for_file(
         dir: impl AsRef<Path>,
         file: &str,
-        role: Role,
         variant: Variant,
-        patch_size: usize,
-        output_stride: usize,
+        geometry: ModelGeometry,
     ) -> Result<Self> {
         let path = dir.as_ref().join(file);
         let bytes = std::fs::read(&path)
             .with_context(|| format!("reading model file {}", path.display()))?;
-        let (input, output_stride, dynamic_batch) = match role {
-            Role::Stage1 => ("image", Some(output_stride), false),
-            Role::Stage2 => ("patches", None, true),
-        };
-        Ok(Self {
-            role,
+        let mut entry = Self {
+            role: Role::Stage1,
             variant,
             file: file.into(),
             sha256: sha256_hex(&bytes),
-            input: input.into(),
-            output: "prob".into(),
-            patch_size,
-            output_stride,
-            dynamic_batch,
-        })
+            input: "image".into(),
+            output: OUTPUT_NAME.into(),
+            patch_size: None,
+            receptive_field: None,
+            output_stride: None,
+            input_multiple: None,
+            dynamic_batch: false,
+        };
+        match geometry {
+            ModelGeometry::Map {
+                receptive_field,
+                output_stride,
+                input_multiple,
+            } => {
+                entry.receptive_field = Some(receptive_field);
+                entry.output_stride = Some(output_stride);
+                entry.input_multiple = Some(input_multiple);
+            }
+            ModelGeometry::Patch(side) => {
+                entry.role = Role::Stage2;
+                entry.input = "patches".into();
+                entry.patch_size = Some(side);
+                entry.dynamic_batch = true;
+            }
+        }
+        Ok(entry)
+    }
+
+    /// The geometry the entry records (checked by [`Manifest::load`]).
+    pub fn geometry(&self) -> Result<ModelGeometry> {
+        let what = || format!("{} {} model {}", self.role, self.variant, self.file);
+        match self.role {
+            Role::Stage1 => {
+                let field = |v: Option<usize>, name: &str| {
+                    v.filter(|&v| v > 0)
+                        .with_context(|| format!("{}: needs a positive {name}", what()))
+                };
+                ensure!(
+                    self.patch_size.is_none(),
+                    "{}: patch_size only applies to stage2",
+                    what()
+                );
+                Ok(ModelGeometry::Map {
+                    receptive_field: field(self.receptive_field, "receptive_field")?,
+                    output_stride: field(self.output_stride, "output_stride")?,
+                    input_multiple: field(self.input_multiple, "input_multiple")?,
+                })
+            }
+            Role::Stage2 => {
+                ensure!(
+                    self.receptive_field.is_none()
+                        && self.output_stride.is_none()
+                        && self.input_multiple.is_none(),
+                    "{}: receptive_field, output_stride and input_multiple only apply to stage1",
+                    what()
+                );
+                let side = self
+                    .patch_size
+                    .with_context(|| format!("{}: needs a patch_size", what()))?;
+                Ok(ModelGeometry::Patch(side))
+            }
+        }
     }
 }
 
@@ -271,6 +353,16 @@ impl Manifest {
             "patch_size must be odd, got {}",
             self.patch_size
         );
+        ensure!(
+            self.scoring.temperature > 0.0 && self.scoring.temperature.is_finite(),
+            "scoring.temperature must be positive, got {}",
+            self.scoring.temperature
+        );
+        ensure!(
+            self.scoring.stage1_weight >= 0.0 && self.scoring.stage1_weight.is_finite(),
+            "scoring.stage1_weight must be zero or positive, got {}",
+            self.scoring.stage1_weight
+        );
         for (i, e) in self.models.iter().enumerate() {
             let what = format!("models[{i}] ({} {}, {})", e.role, e.variant, e.file);
             let rel = Path::new(&e.file);
@@ -286,22 +378,18 @@ impl Manifest {
                 "{what}: sha256 must be 64 hex digits, got `{}`",
                 e.sha256
             );
-            ensure!(
-                e.patch_size == self.patch_size,
-                "{what}: patch_size {} differs from the manifest's {}",
-                e.patch_size,
-                self.patch_size
-            );
-            match e.role {
-                Role::Stage1 => ensure!(
-                    e.output_stride.is_some_and(|s| s > 0),
-                    "{what}: a stage1 model needs a positive output_stride"
-                ),
-                Role::Stage2 => ensure!(
-                    e.output_stride.is_none(),
-                    "{what}: output_stride only applies to stage1"
-                ),
+            if let ModelGeometry::Patch(side) = e.geometry()? {
+                ensure!(
+                    side == self.patch_size,
+                    "{what}: patch_size {side} differs from the manifest's {}",
+                    self.patch_size
+                );
             }
+            ensure!(
+                e.output == OUTPUT_NAME,
+                "{what}: output must be `{OUTPUT_NAME}` (the logit margin), got `{}`",
+                e.output
+            );
             if self.models[..i]
                 .iter()
                 .any(|o| o.role == e.role && o.variant == e.variant)
@@ -327,6 +415,11 @@ mod tests {
 
     fn sample(dir: &Path) -> Manifest {
         let mut models = vec![];
+        let map = ModelGeometry::Map {
+            receptive_field: 70,
+            output_stride: 2,
+            input_multiple: 4,
+        };
         for (role, variant, content) in [
             (Role::Stage1, Variant::Float, b"stage one float".as_slice()),
             (Role::Stage1, Variant::Int8, b"stage one int8"),
@@ -335,18 +428,27 @@ mod tests {
         ] {
             let file = format!("{role}-{variant}.onnx");
             std::fs::write(dir.join(&file), content).unwrap();
-            models.push(ModelEntry::for_file(dir, &file, role, variant, 101, 8).unwrap());
+            let geometry = match role {
+                Role::Stage1 => map,
+                Role::Stage2 => ModelGeometry::Patch(41),
+            };
+            models.push(ModelEntry::for_file(dir, &file, variant, geometry).unwrap());
         }
         Manifest {
             version: "test-1".into(),
             default_variant: Variant::Float,
-            patch_size: 101,
+            patch_size: 41,
             preprocess: PreprocessConfig::default(),
             stage1: CandidateConfig {
-                threshold: 0.3,
+                min_margin: -3.0,
                 max_candidates: 400,
+                nms_radius: 2,
                 search_radius: 6,
                 merge_distance: 4.0,
+            },
+            scoring: Scoring {
+                stage1_weight: 0.5,
+                temperature: 4.0,
             },
             operating_points: OperatingPoints {
                 fp_per_image_1: 0.91,
@@ -377,7 +479,7 @@ mod tests {
             b"stage two int8"
         );
         let text = std::fs::read_to_string(tmp.path().join(FILE_NAME)).unwrap();
-        assert!(text.contains("output_stride = 8"), "{text}");
+        assert!(text.contains("output_stride = 2"), "{text}");
     }
 
     #[test]
@@ -409,7 +511,7 @@ mod tests {
         let path = tmp.path().join(FILE_NAME);
         let text = std::fs::read_to_string(&path).unwrap();
         for (from, to) in [
-            ("[stage1]\n", "[stage1]\nnms_radius = 3.0\n"),
+            ("[stage1]\n", "[stage1]\nhalo = 3.0\n"),
             ("version = ", "colour = \"red\"\nversion = "),
             ("role = \"stage2\"", "role = \"stage2\"\nthreads = 4"),
         ] {
@@ -431,5 +533,29 @@ mod tests {
             .retain(|e| e.variant == Variant::Int8 || e.role == Role::Stage1);
         let err = format!("{:#}", m.write(tmp.path()).unwrap_err());
         assert!(err.contains("default_variant"), "{err}");
+    }
+
+    #[test]
+    fn geometry_must_fit_the_role() {
+        let tmp = tempfile::tempdir().unwrap();
+        let expect_err = |m: &Manifest, needle: &str| {
+            let err = format!("{:#}", m.write(tmp.path()).unwrap_err());
+            assert!(err.contains(needle), "{err}");
+        };
+        let mut m = sample(tmp.path());
+        m.models[0].input_multiple = None;
+        expect_err(&m, "input_multiple");
+        let mut m = sample(tmp.path());
+        m.models[2].receptive_field = Some(70);
+        expect_err(&m, "only apply to stage1");
+        let mut m = sample(tmp.path());
+        m.models[3].patch_size = Some(43);
+        expect_err(&m, "differs from the manifest's 41");
+        let mut m = sample(tmp.path());
+        m.models[1].output = "prob".into();
+        expect_err(&m, "logit margin");
+        let mut m = sample(tmp.path());
+        m.scoring.temperature = 0.0;
+        expect_err(&m, "temperature");
     }
 }

@@ -23,9 +23,9 @@ pub fn export_untrained_models(
 ) -> PathBuf {
     tch::manual_seed(seed);
     let stage1 = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _net1 = Net::new(&stage1.root(), Stage::Basic);
+    let _net1 = Net::new(&stage1.root(), Stage::Candidates);
     let stage2 = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _net2 = Net::new(&stage2.root(), Stage::Final);
+    let _net2 = Net::new(&stage2.root(), Stage::Verdict);
     let training = Training {
         data: format!("none (untrained, {version})"),
         images: 0,
@@ -34,7 +34,7 @@ pub fn export_untrained_models(
     };
     export_model_set(
         &stage1,
-        (Stage::Final, &stage2),
+        &stage2,
         out,
         version,
         Variant::Float,

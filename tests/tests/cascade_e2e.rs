@@ -13,7 +13,7 @@ use ma_device::signing::ModelTrust;
 use ma_device::synthetic::{SyntheticFundus, SyntheticParams, generate};
 use ma_trainer::export::export_model_set;
 use ma_trainer::ground_truth::GroundTruth;
-use ma_trainer::pipeline::{PipelineConfig, detect, reported, train_cascade};
+use ma_trainer::pipeline::{PipelineConfig, reported, run_cascade, train_cascade};
 use ma_trainer::prepare::PreparedImage;
 
 fn truth(frame: &SyntheticFundus) -> GroundTruth {
@@ -36,8 +36,8 @@ fn trained_exported_and_detected_on_synthetic_images() {
         .collect();
     let mut pipeline = PipelineConfig::default();
     pipeline.stage1.epochs = 2;
+    pipeline.stage1_crops = 96;
     pipeline.stage2.epochs = 1;
-    pipeline.positive_repeats = 4;
     let dir = tempfile::tempdir().unwrap();
     let all: Vec<usize> = (0..images.len()).collect();
     let cascade = train_cascade(
@@ -59,7 +59,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
     };
     export_model_set(
         &cascade.stage1.0,
-        (cascade.stage2.1.stage, &cascade.stage2.0),
+        &cascade.stage2.0,
         &models,
         "e2e-test",
         Variant::Float,
@@ -83,8 +83,8 @@ fn trained_exported_and_detected_on_synthetic_images() {
         pre,
         truth(&test),
     )];
-    let (_, workstation) = detect(&cascade, &held_out, 0, &pipeline.candidates);
-    let workstation = reported(&workstation);
+    let run = run_cascade(&cascade, &held_out, 0, &pipeline.candidates);
+    let workstation = reported(&run.detections(&held_out[0], &pipeline.scoring));
     assert_eq!(workstation.len(), result.detections.len());
     for (w, d) in workstation.iter().zip(&result.detections) {
         assert!(

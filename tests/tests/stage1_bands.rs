@@ -1,10 +1,10 @@
 //! Stage 1 over horizontal bands (how `detect` runs it, to bound memory) gives the map of
-//! one whole-image run, for any number of bands and image heights that do not divide
-//! evenly.
+//! one whole-image run (the image padded with zeros to the input multiple, as the trainer
+//! runs it), for any number of bands and image sizes that do not divide evenly.
 
 use std::path::Path;
 
-use ma_device::cascade::onnx::{Stage1Model, pad_planes};
+use ma_device::cascade::onnx::{Stage1Model, band};
 use ma_device::manifest::{Manifest, Variant};
 use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
 use ma_device::signing::ModelTrust;
@@ -34,9 +34,17 @@ fn banded_stage1_map_equals_the_whole_image_map() {
         };
         let pre = preprocess(&frame.image, FovSource::Estimate, &cfg).unwrap();
         assert!(pre.planes.height < 700, "{}", pre.planes.height);
-        let pad = stage1.patch_size() / 2;
-        let mut whole = stage1.run(&pad_planes(&pre.planes, pad)).unwrap();
-        whole.offset -= pad as isize;
+        let (h, w) = (pre.planes.height, pre.planes.width);
+        let padded = band(&pre.planes, 0, h.next_multiple_of(4), w.next_multiple_of(4));
+        let full = stage1.run(&padded).unwrap();
+        // The cells covering the image.
+        let (mw, mh) = (w.div_ceil(2), h.div_ceil(2));
+        let mut whole = full.clone();
+        whole.width = mw;
+        whole.height = mh;
+        whole.data = (0..mh)
+            .flat_map(|r| full.data[r * full.width..][..mw].to_vec())
+            .collect();
         let spread = whole
             .data
             .iter()

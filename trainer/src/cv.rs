@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use ma_device::cascade::MIN_REPORTED_SCORE;
 use ma_device::cascade::candidates::Candidate;
+use ma_device::cascade::{MIN_REPORTED_SCORE, Scoring};
 use ma_device::detection::{DetectLine, ImageDetections, read_jsonl};
 
 use crate::eval::match_lines;
 use crate::froc::{FrocReport, ImageOutcome};
-use crate::pipeline::{PipelineConfig, candidate_recall, detect, reported, train_cascade};
+use crate::pipeline::{PipelineConfig, candidate_recall, reported, run_cascade, train_cascade};
 use crate::prepare::PreparedImage;
 
 /// Candidate counts at which recall is reported.
@@ -113,9 +113,12 @@ pub fn cross_validate(
         let mut cands: Vec<(usize, Vec<Candidate>)> = Vec::new();
         for &i in &val {
             let t = Instant::now();
-            let (c, all) = detect(&cascade, images, i, &eval_cfg);
+            let mut run = run_cascade(&cascade, images, i, &eval_cfg);
+            let c = run.candidates.clone();
             // Score as shipped: only the first `max_candidates` go to stage 2.
-            let shipped = reported(&all[..all.len().min(cfg.candidates.max_candidates)]);
+            run.candidates.truncate(cfg.candidates.max_candidates);
+            run.stage2.truncate(cfg.candidates.max_candidates);
+            let shipped = reported(&run.detections(&images[i], &cfg.scoring));
             outcomes.push(ImageOutcome::score(
                 &images[i].name,
                 &images[i].truth,
@@ -264,31 +267,39 @@ pub fn summarise(images: &[PreparedImage], folds: usize, out: &Path) -> Result<O
     Ok(Some(summary))
 }
 
-/// How a candidate's final score is formed (compared by `ma-trainer fold-eval`).
+/// Which margins make a candidate's score (compared by `ma-trainer fold-eval`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scoring {
+pub enum ScoreSource {
     Stage1,
     Stage2,
-    /// Geometric mean of the two probabilities.
+    /// Both, as shipped ([`ma_device::cascade::Scoring`]).
     Both,
 }
 
-impl Scoring {
-    pub const ALL: [Scoring; 3] = [Scoring::Stage1, Scoring::Stage2, Scoring::Both];
+impl ScoreSource {
+    pub const ALL: [ScoreSource; 3] = [ScoreSource::Stage1, ScoreSource::Stage2, ScoreSource::Both];
 
     pub fn name(self) -> &'static str {
         match self {
-            Scoring::Stage1 => "stage 1 only",
-            Scoring::Stage2 => "stage 2 only",
-            Scoring::Both => "sqrt(stage1 x stage2)",
+            ScoreSource::Stage1 => "stage 1 only",
+            ScoreSource::Stage2 => "stage 2 only",
+            ScoreSource::Both => "stage 2 + weight x stage 1 (shipped)",
         }
     }
 
-    pub fn combine(self, stage1: f32, stage2: f32) -> f64 {
+    /// The scoring rule that uses only this source's margins.
+    pub fn scoring(self, shipped: &Scoring) -> Scoring {
         match self {
-            Scoring::Stage1 => stage1 as f64,
-            Scoring::Stage2 => stage2 as f64,
-            Scoring::Both => ((stage1 as f64) * (stage2 as f64)).sqrt(),
+            // Stage 1 alone: the stage-2 margin is given as 0 below.
+            ScoreSource::Stage1 => Scoring {
+                stage1_weight: 1.0,
+                ..shipped.clone()
+            },
+            ScoreSource::Stage2 => Scoring {
+                stage1_weight: 0.0,
+                ..shipped.clone()
+            },
+            ScoreSource::Both => shipped.clone(),
         }
     }
 }
@@ -296,47 +307,42 @@ impl Scoring {
 /// Lesion recall of the top-K candidates, for each K.
 pub type RecallCurve = Vec<(usize, f64)>;
 
-/// Score the held-out images of `fold` (0-based) with trained nets, once per [`Scoring`]:
-/// FROC reports in `Scoring::ALL` order and the candidate recall curve.
+/// Score the held-out images of `fold` (0-based) with trained nets, once per
+/// [`ScoreSource`]: FROC reports in `ScoreSource::ALL` order and the candidate recall curve.
 pub fn evaluate_fold(
     images: &[PreparedImage],
     folds: usize,
     fold: usize,
-    net1: &crate::nets::Net,
-    net2: &crate::nets::Net,
-    cfg: &ma_device::cascade::candidates::CandidateConfig,
+    cascade: &crate::pipeline::Cascade,
+    cfg: &PipelineConfig,
 ) -> Result<(Vec<FrocReport>, RecallCurve)> {
     let val: Vec<usize> = (0..images.len())
         .filter(|&i| fold_of(i, folds) == fold)
         .collect();
-    let mut eval_cfg = cfg.clone();
+    let mut eval_cfg = cfg.candidates.clone();
     eval_cfg.max_candidates = *RECALL_KS.last().expect("non-empty");
-    let mut outcomes: Vec<Vec<ImageOutcome>> = vec![Vec::new(); Scoring::ALL.len()];
+    let mut outcomes: Vec<Vec<ImageOutcome>> = vec![Vec::new(); ScoreSource::ALL.len()];
     let mut cands = Vec::new();
     for &i in &val {
-        let c = crate::pipeline::image_candidates(net1, &images[i], &eval_cfg);
-        let shipped = &c[..c.len().min(cfg.max_candidates)];
-        let s2 = crate::pipeline::stage2_scores(net2, images, i, shipped);
-        for (k, scoring) in Scoring::ALL.iter().enumerate() {
-            let dets: Vec<ma_device::detection::Detection> = shipped
-                .iter()
-                .zip(&s2)
-                .map(|(c, &p)| {
-                    let (x, y) = images[i].pre.scale.to_original(c.x as f64, c.y as f64);
-                    ma_device::detection::Detection {
-                        x,
-                        y,
-                        score: scoring.combine(c.stage1, p),
-                    }
-                })
-                .collect();
+        let mut run = run_cascade(cascade, images, i, &eval_cfg);
+        cands.push((i, run.candidates.clone()));
+        run.candidates.truncate(cfg.candidates.max_candidates);
+        run.stage2.truncate(cfg.candidates.max_candidates);
+        for (k, source) in ScoreSource::ALL.iter().enumerate() {
+            let mut r = crate::pipeline::CascadeOutput {
+                candidates: run.candidates.clone(),
+                stage2: run.stage2.clone(),
+            };
+            if *source == ScoreSource::Stage1 {
+                r.stage2.iter_mut().for_each(|m| *m = 0.0);
+            }
+            let dets = r.detections(&images[i], &source.scoring(&cfg.scoring));
             outcomes[k].push(ImageOutcome::score(
                 &images[i].name,
                 &images[i].truth,
                 &reported(&dets),
             )?);
         }
-        cands.push((i, c));
     }
     let reports = outcomes
         .iter()

@@ -3,15 +3,20 @@
 //! `tch` has no ONNX exporter, so the graph is written from [`Stage::layers`] (the same
 //! description that builds the training net) with tract-onnx's protobuf types. Only ops
 //! that both tract (device) and onnxruntime (reference check) implement are used: Conv,
-//! LeakyRelu, MaxPool, Flatten, Gemm, Softmax and, for int8 weights, DequantizeLinear.
+//! LeakyRelu, MaxPool, Resize, Concat, GlobalAveragePool, Flatten, Gemm and, for int8
+//! weights, DequantizeLinear.
 //!
 //! Layout:
-//! - stage 1: input `image` float `[1, 3, height, width]` (symbolic H and W, the net is
-//!   fully convolutional), output `prob` = Softmax over axis 1 of the logits,
-//!   `[1, 2, map_height, map_width]`, channel 1 = MA probability, output stride 8.
-//! - stage 2: input `patches` float `[batch, 3, 101, 101]`, output `prob` `[batch, 2]`.
+//! - stage 1: input `image` float `[1, 3, height, width]` (symbolic H and W, multiples of
+//!   4), output `margin` `[1, 1, height/2, width/2]`.
+//! - stage 2: input `patches` float `[batch, 3, 41, 41]`, output `margin` `[batch, 1]`.
 //!
-//! Dropout is the identity at inference and is not written.
+//! Rewritten on the way, to what the device needs and nothing more:
+//! - the last layer's two logits become one output, their difference (MA minus non-MA):
+//!   its weights are the difference of the two rows;
+//! - batch norm (stage 2) is folded into the convolution before it, with the running
+//!   statistics: `w' = w * g / sqrt(v + eps)`, `b' = (b - m) * g / sqrt(v + eps) + beta`;
+//! - dropout is the identity at inference and is not written.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,7 +28,9 @@ use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
 
-use ma_device::manifest::{Manifest, ModelEntry, OperatingPoints, Role, Training, Variant};
+use ma_device::manifest::{
+    Manifest, ModelEntry, ModelGeometry, OUTPUT_NAME, OperatingPoints, Training, Variant,
+};
 use ma_device::preprocess::PreprocessConfig;
 
 use crate::nets::{Layer, Stage};
@@ -31,13 +38,12 @@ use crate::pipeline::PipelineConfig;
 
 /// ONNX IR version written (IR 8 goes with opsets up to 17; onnxruntime and tract read it).
 pub const IR_VERSION: i64 = 8;
-/// Default-domain opset: 13 is the first with per-axis DequantizeLinear and Softmax over
-/// a single axis (the older Softmax flattened every axis from `axis` on).
+/// Default-domain opset: 13 is the first with per-axis DequantizeLinear.
 pub const OPSET: i64 = 13;
 /// LeakyReLU slope of [`Layer::LeakyRelu`] (tch's default).
 pub const LEAKY_RELU_ALPHA: f32 = 0.01;
-/// Side of the square patch both nets classify.
-pub const PATCH_SIZE: i64 = 101;
+/// Epsilon of tch's batch norm (its default configuration).
+pub const BATCH_NORM_EPS: f64 = 1e-5;
 
 /// How weights are stored in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,20 +66,18 @@ impl WeightFormat {
     }
 }
 
-/// Graph input and output names.
+/// Graph input name.
 pub fn input_name(stage: Stage) -> &'static str {
     match stage {
-        Stage::Basic => "image",
-        Stage::Final | Stage::Refine => "patches",
+        Stage::Candidates => "image",
+        Stage::Verdict => "patches",
     }
 }
-
-pub const OUTPUT_NAME: &str = "prob";
 
 /// The ONNX model of `stage` with the weights of `vs`.
 ///
 /// The net must have been built on the var store's root (`Net::new(&vs.root(), stage)`),
-/// so its variables are named `<layer>.weight` / `<layer>.bias`.
+/// so its variables are named `<layer>.weight`, `<layer>.bias`, ...
 pub fn onnx_model(
     stage: Stage,
     vs: &tch::nn::VarStore,
@@ -81,25 +85,42 @@ pub fn onnx_model(
 ) -> Result<pb::ModelProto> {
     let vars = vs.variables();
     let mut b = GraphBuilder::default();
-    let input = input_name(stage);
-    let mut x = input.to_string();
-    let layers: Vec<Layer> = stage.layers();
+    let mut x = input_name(stage).to_string();
+    let layers = stage.layers();
+    // The last layer with weights gives the logits: it is written as the margin.
+    let head = layers
+        .iter()
+        .rposition(|l| matches!(l, Layer::Conv { .. } | Layer::Linear { .. }))
+        .context("a net without a weighted layer")?;
+    let mut skips: Vec<String> = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
-        let out = format!("t{i}");
+        let out = if i == head {
+            OUTPUT_NAME.to_string()
+        } else {
+            format!("t{i}")
+        };
         match *layer {
             Layer::Conv {
                 name,
                 in_channels,
                 out_channels,
                 kernel,
-                pad,
+                dilation,
             } => {
-                let (w, bias) = b.weights(
-                    &vars,
-                    name,
-                    &[out_channels, in_channels, kernel, kernel],
-                    weights,
-                )?;
+                let dims = [out_channels, in_channels, kernel, kernel];
+                let mut p = b.read(&vars, name, &dims)?;
+                if let Some(Layer::BatchNorm { name: bn, channels }) = layers.get(i + 1) {
+                    ensure!(
+                        *channels == out_channels,
+                        "batch norm `{bn}` has {channels} channels after `{name}`'s {out_channels}"
+                    );
+                    p = b.fold_batch_norm(&vars, bn, p)?;
+                }
+                if i == head {
+                    p = p.margin()?;
+                }
+                let (w, bias) = b.add_params(name, p, weights);
+                let pad = dilation * (kernel / 2);
                 b.node(
                     "Conv",
                     name,
@@ -109,10 +130,18 @@ pub fn onnx_model(
                         ints("kernel_shape", &[kernel, kernel]),
                         ints("pads", &[pad, pad, pad, pad]),
                         ints("strides", &[1, 1]),
-                        ints("dilations", &[1, 1]),
+                        ints("dilations", &[dilation, dilation]),
                         int("group", 1),
                     ],
                 );
+            }
+            // Folded into the convolution before it.
+            Layer::BatchNorm { name, .. } => {
+                ensure!(
+                    matches!(layers.get(i.wrapping_sub(1)), Some(Layer::Conv { .. })),
+                    "batch norm `{name}` must follow a convolution to be exported"
+                );
+                continue;
             }
             Layer::Linear {
                 name,
@@ -120,7 +149,11 @@ pub fn onnx_model(
                 outputs,
             } => {
                 // tch stores Linear weights [out, in] and computes x W^T + b: Gemm transB.
-                let (w, bias) = b.weights(&vars, name, &[outputs, inputs], weights)?;
+                let mut p = b.read(&vars, name, &[outputs, inputs])?;
+                if i == head {
+                    p = p.margin()?;
+                }
+                let (w, bias) = b.add_params(name, p, weights);
                 b.node(
                     "Gemm",
                     name,
@@ -153,59 +186,102 @@ pub fn onnx_model(
                     int("ceil_mode", 0),
                 ],
             ),
-            Layer::Flatten => b.node(
-                "Flatten",
-                &format!("flatten{i}"),
-                &[&x],
-                &out,
-                vec![int("axis", 1)],
-            ),
+            Layer::Skip => {
+                skips.push(x.clone());
+                continue;
+            }
+            Layer::UpsampleConcat => {
+                let skip = skips
+                    .pop()
+                    .context("UpsampleConcat without a Skip before it")?;
+                let scales = format!("upsample{i}_scales");
+                b.initializers
+                    .push(float_tensor(&scales, &[4], &[1.0, 1.0, 2.0, 2.0]));
+                let up = format!("upsampled{i}");
+                // torch's nearest upsampling reads source pixel floor(dst / 2).
+                b.node(
+                    "Resize",
+                    &format!("upsample{i}"),
+                    &[&x, "", &scales],
+                    &up,
+                    vec![
+                        string("mode", "nearest"),
+                        string("coordinate_transformation_mode", "asymmetric"),
+                        string("nearest_mode", "floor"),
+                    ],
+                );
+                b.node(
+                    "Concat",
+                    &format!("concat{i}"),
+                    &[&up, &skip],
+                    &out,
+                    vec![int("axis", 1)],
+                );
+            }
+            Layer::GlobalAvgPool => {
+                let pooled = format!("pooled{i}");
+                b.node(
+                    "GlobalAveragePool",
+                    &format!("global_avg_pool{i}"),
+                    &[&x],
+                    &pooled,
+                    vec![],
+                );
+                b.node(
+                    "Flatten",
+                    &format!("flatten{i}"),
+                    &[&pooled],
+                    &out,
+                    vec![int("axis", 1)],
+                );
+            }
             Layer::Dropout(_) => continue,
         }
         x = out;
+        if i == head {
+            break;
+        }
     }
-    b.node(
-        "Softmax",
-        "softmax",
-        &[&x],
-        OUTPUT_NAME,
-        vec![int("axis", 1)],
-    );
     b.check_all_used(&vars)?;
 
-    let (input_dims, output_dims) = match stage {
-        Stage::Basic => (
+    let patch = Stage::VERDICT_PATCH as i64;
+    let (input_dims, output_dims, doc) = match stage {
+        Stage::Candidates => (
             vec![val(1), val(3), param("height"), param("width")],
-            vec![val(1), val(2), param("map_height"), param("map_width")],
+            vec![val(1), val(1), param("map_height"), param("map_width")],
+            format!(
+                "Stage 1: MA logit margin map, output stride {}, receptive field {} px; \
+                 input sides multiples of {}",
+                Stage::CANDIDATES_STRIDE,
+                stage.receptive_field(),
+                Stage::CANDIDATES_INPUT_MULTIPLE
+            ),
         ),
-        Stage::Final | Stage::Refine => (
-            vec![param("batch"), val(3), val(PATCH_SIZE), val(PATCH_SIZE)],
-            vec![param("batch"), val(2)],
+        Stage::Verdict => (
+            vec![param("batch"), val(3), val(patch), val(patch)],
+            vec![param("batch"), val(1)],
+            format!("Stage 2: MA logit margin of {patch}x{patch} patches"),
         ),
     };
     let graph = pb::GraphProto {
         name: format!("ma_{}", stage.name()),
         node: b.nodes,
         initializer: b.initializers,
-        input: vec![value_info(input, input_dims)],
+        input: vec![value_info(input_name(stage), input_dims)],
         output: vec![value_info(OUTPUT_NAME, output_dims)],
-        doc_string: match stage {
-            Stage::Basic => "Stage 1: MA probability map (channel 1), output stride 8, \
-                             receptive field 101x101"
-                .into(),
-            Stage::Final | Stage::Refine => {
-                "Stage 2: MA probability (column 1) of 101x101 patches".into()
-            }
-        },
+        doc_string: doc,
         ..Default::default()
     };
-    let mut metadata = vec![
-        meta("stage", stage.name()),
-        meta("weights", weights.name()),
-        meta("patch_size", &PATCH_SIZE.to_string()),
-    ];
-    if stage == Stage::Basic {
-        metadata.push(meta("output_stride", &Stage::BASIC_STRIDE.to_string()));
+    let mut metadata = vec![meta("stage", stage.name()), meta("weights", weights.name())];
+    match stage {
+        Stage::Candidates => {
+            metadata.push(meta("output_stride", &Stage::CANDIDATES_STRIDE.to_string()));
+            metadata.push(meta(
+                "receptive_field",
+                &stage.receptive_field().to_string(),
+            ));
+        }
+        Stage::Verdict => metadata.push(meta("patch_size", &patch.to_string())),
     }
     Ok(pb::ModelProto {
         ir_version: IR_VERSION,
@@ -220,6 +296,35 @@ pub fn onnx_model(
         metadata_props: metadata,
         ..Default::default()
     })
+}
+
+/// The weight and bias of one layer, as f32 values, first axis the output channel.
+#[derive(Clone, Debug)]
+struct Params {
+    dims: Vec<i64>,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Params {
+    /// The two-output layer as its one-output difference (row 1 minus row 0).
+    fn margin(self) -> Result<Params> {
+        ensure!(
+            self.dims[0] == 2,
+            "the last layer has {} outputs, 2 expected",
+            self.dims[0]
+        );
+        let per = self.weight.len() / 2;
+        let mut dims = self.dims;
+        dims[0] = 1;
+        Ok(Params {
+            dims,
+            weight: (0..per)
+                .map(|k| self.weight[per + k] - self.weight[k])
+                .collect(),
+            bias: vec![self.bias[1] - self.bias[0]],
+        })
+    }
 }
 
 /// Encode `model` to `path`.
@@ -311,29 +416,78 @@ impl GraphBuilder {
         });
     }
 
-    /// Adds the weight and bias of layer `name` and returns the names of the tensors the
-    /// layer's node reads.
-    fn weights(
+    /// The weight (of shape `dims`) and bias of layer `name`, marked as used.
+    fn read(&mut self, vars: &HashMap<String, Tensor>, name: &str, dims: &[i64]) -> Result<Params> {
+        let (w_name, b_name) = (format!("{name}.weight"), format!("{name}.bias"));
+        let weight = tensor_values(vars, &w_name, dims)?;
+        let bias = tensor_values(vars, &b_name, &dims[..1])?;
+        if let Some(bad) = weight.iter().chain(&bias).find(|v| !v.is_finite()) {
+            bail!("layer `{name}` has a non-finite weight ({bad}); refusing to export");
+        }
+        self.used.extend([w_name, b_name]);
+        Ok(Params {
+            dims: dims.to_vec(),
+            weight,
+            bias,
+        })
+    }
+
+    /// `conv` with the batch norm `name` after it folded in (inference statistics).
+    fn fold_batch_norm(
         &mut self,
         vars: &HashMap<String, Tensor>,
         name: &str,
-        dims: &[i64],
-        format: WeightFormat,
-    ) -> Result<(String, String)> {
+        conv: Params,
+    ) -> Result<Params> {
+        let c = conv.dims[0];
+        let mut get = |what: &str| -> Result<Vec<f32>> {
+            let key = format!("{name}.{what}");
+            let v = tensor_values(vars, &key, &[c])?;
+            self.used.push(key);
+            Ok(v)
+        };
+        let (gamma, beta, mean, var) = (
+            get("weight")?,
+            get("bias")?,
+            get("running_mean")?,
+            get("running_var")?,
+        );
+        let per = conv.weight.len() / c as usize;
+        let scale: Vec<f64> = gamma
+            .iter()
+            .zip(&var)
+            .map(|(&g, &v)| g as f64 / (v as f64 + BATCH_NORM_EPS).sqrt())
+            .collect();
+        let weight = conv
+            .weight
+            .chunks(per)
+            .zip(&scale)
+            .flat_map(|(w, &s)| w.iter().map(move |&v| (v as f64 * s) as f32))
+            .collect();
+        let bias = (0..c as usize)
+            .map(|o| ((conv.bias[o] as f64 - mean[o] as f64) * scale[o] + beta[o] as f64) as f32)
+            .collect();
+        Ok(Params {
+            dims: conv.dims,
+            weight,
+            bias,
+        })
+    }
+
+    /// Adds `p` as initialisers of layer `name` (the weight in `format`) and returns the
+    /// names of the tensors the layer's node reads.
+    fn add_params(&mut self, name: &str, p: Params, format: WeightFormat) -> (String, String) {
         let (w_name, b_name) = (format!("{name}.weight"), format!("{name}.bias"));
-        let w = tensor_values(vars, &w_name, dims)?;
-        let bias = tensor_values(vars, &b_name, &dims[..1])?;
-        if let Some(bad) = w.iter().chain(&bias).find(|v| !v.is_finite()) {
-            bail!("layer `{name}` has a non-finite weight ({bad}); refusing to export");
-        }
-        self.used.extend([w_name.clone(), b_name.clone()]);
+        let dims = &p.dims;
         self.initializers
-            .push(float_tensor(&b_name, &dims[..1], &bias));
+            .push(float_tensor(&b_name, &dims[..1], &p.bias));
         match format {
-            WeightFormat::Float => self.initializers.push(float_tensor(&w_name, dims, &w)),
+            WeightFormat::Float => self
+                .initializers
+                .push(float_tensor(&w_name, dims, &p.weight)),
             WeightFormat::Int8Weights => {
                 let out = dims[0];
-                let (q, scales) = quantize_per_channel(&w, out as usize);
+                let (q, scales) = quantize_per_channel(&p.weight, out as usize);
                 let (q_name, s_name, z_name) = (
                     format!("{w_name}_quantized"),
                     format!("{w_name}_scale"),
@@ -366,7 +520,7 @@ impl GraphBuilder {
                 );
             }
         }
-        Ok((w_name, b_name))
+        (w_name, b_name)
     }
 
     /// Every variable of the var store must be in the graph: a leftover means the
@@ -445,6 +599,15 @@ fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
     }
 }
 
+fn string(name: &str, s: &str) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::String as i32,
+        s: s.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
 fn float(name: &str, f: f32) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
@@ -455,12 +618,12 @@ fn float(name: &str, f: f32) -> pb::AttributeProto {
 }
 
 /// Write a shippable model set into `out`: both stages as float and int8-weight ONNX,
-/// and `manifest.toml` with every file's sha256, the preprocessing and candidate settings
-/// of this build, the operating points (stage-2 scores at 1, 2 and 4 FP/image) and the
+/// and `manifest.toml` with every file's sha256, the preprocessing, candidate and scoring
+/// settings of this build, the operating points (scores at 1, 2 and 4 FP/image) and the
 /// training provenance.
 pub fn export_model_set(
     stage1: &tch::nn::VarStore,
-    stage2: (Stage, &tch::nn::VarStore),
+    stage2: &tch::nn::VarStore,
     out: &Path,
     version: &str,
     default_variant: Variant,
@@ -468,11 +631,19 @@ pub fn export_model_set(
     training: Training,
 ) -> Result<Manifest> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let patch = PATCH_SIZE as usize;
     let mut models = Vec::new();
-    for (stage, vs, role) in [
-        (Stage::Basic, stage1, Role::Stage1),
-        (stage2.0, stage2.1, Role::Stage2),
+    let map = ModelGeometry::Map {
+        receptive_field: Stage::Candidates.receptive_field(),
+        output_stride: Stage::CANDIDATES_STRIDE,
+        input_multiple: Stage::CANDIDATES_INPUT_MULTIPLE,
+    };
+    for (stage, vs, geometry) in [
+        (Stage::Candidates, stage1, map),
+        (
+            Stage::Verdict,
+            stage2,
+            ModelGeometry::Patch(Stage::VERDICT_PATCH),
+        ),
     ] {
         for (format, variant) in [
             (WeightFormat::Float, Variant::Float),
@@ -480,23 +651,18 @@ pub fn export_model_set(
         ] {
             let file = format!("{}-{}.onnx", stage.name(), format.name());
             write_onnx(out.join(&file), &onnx_model(stage, vs, format)?)?;
-            models.push(ModelEntry::for_file(
-                out,
-                &file,
-                role,
-                variant,
-                patch,
-                Stage::BASIC_STRIDE,
-            )?);
+            models.push(ModelEntry::for_file(out, &file, variant, geometry)?);
         }
     }
     let [op1, op2, op4] = operating_points;
+    let pipeline = PipelineConfig::default();
     let manifest = Manifest {
         version: version.to_string(),
         default_variant,
-        patch_size: patch,
+        patch_size: Stage::VERDICT_PATCH,
         preprocess: PreprocessConfig::default(),
-        stage1: PipelineConfig::default().candidates,
+        stage1: pipeline.candidates,
+        scoring: pipeline.scoring,
         operating_points: OperatingPoints {
             fp_per_image_1: op1,
             fp_per_image_2: op2,

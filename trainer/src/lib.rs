@@ -2,6 +2,7 @@
 
 pub mod cv;
 pub mod datasets;
+pub mod dense;
 pub mod eval;
 pub mod export;
 pub mod froc;
@@ -11,5 +12,4 @@ pub mod patches;
 pub mod pipeline;
 pub mod plot;
 pub mod prepare;
-pub mod tiles;
 pub mod train;

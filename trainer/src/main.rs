@@ -12,16 +12,15 @@ use ma_device::preprocess::PreprocessConfig;
 
 use ma_device::manifest::{Training, Variant};
 use ma_device::signing::{self, KeyPair, SecretKey};
-use ma_trainer::cv::{CvSummary, Scoring, cross_validate, evaluate_fold, summarise};
+use ma_trainer::cv::{CvSummary, ScoreSource, cross_validate, evaluate_fold, summarise};
 use ma_trainer::datasets::{Dataset, LoadOptions};
 use ma_trainer::datasets::{DatasetKind, Split};
 use ma_trainer::eval::{self, EvalOptions};
 use ma_trainer::export::export_model_set;
 use ma_trainer::nets::Stage;
-use ma_trainer::pipeline::{PipelineConfig, train_cascade};
+use ma_trainer::pipeline::{Cascade, PipelineConfig, train_cascade};
 use ma_trainer::prepare::{PreparedImage, prepare_all};
-use ma_trainer::tiles::TileGeometry;
-use ma_trainer::train::{load_net, load_stage2};
+use ma_trainer::train::load_net;
 
 #[derive(Parser)]
 #[command(
@@ -51,12 +50,13 @@ enum Command {
     Eval(EvalArgs),
     /// Train both stages of the cascade on a dataset (all images of the split).
     ///
-    /// Stage 1 (basic CNN) learns from tiles whose every output cell is labelled (or,
-    /// with --stage1-tiles 0, from balanced MA / non-MA patches), with a fresh draw every
-    /// epoch; its false alarms on the training images become the hard negatives of stage
-    /// 2 (by default the basic CNN again, started from stage 1's weights). Checkpoints are written every epoch to
-    /// OUT/checkpoints; the trained weights to OUT/stage1.safetensors and
-    /// OUT/stage2.safetensors. Runs on CUDA when available, else CPU.
+    /// Stage 1 (a small fully-convolutional net, output stride 2) learns from 128x128
+    /// crops whose every output cell is labelled, drawn afresh every epoch; its candidates
+    /// on the training images are stage 2's hard negatives (and, where they hit lesions,
+    /// positives). Stage 2 (the papers' final CNN with batch norm, 41x41 patches) learns
+    /// to tell them apart. Checkpoints are written every epoch to OUT/checkpoints; the
+    /// trained weights to OUT/stage1.safetensors and OUT/stage2.safetensors. Runs on CUDA
+    /// when available, else CPU.
     Train(TrainArgs),
     /// K-fold cross-validation: train on K-1 folds, score the held-out fold with the
     /// lesion-level FROC rules, for every fold; prints per-fold and mean CPM and the
@@ -84,7 +84,7 @@ enum Command {
         /// Stage-1 weights (safetensors), e.g. CV_OUT/fold-K/stage1.safetensors.
         #[arg(long)]
         weights1: PathBuf,
-        /// Stage-2 weights (safetensors), either architecture.
+        /// Stage-2 weights (safetensors), e.g. CV_OUT/fold-K/stage2.safetensors.
         #[arg(long)]
         weights2: PathBuf,
     },
@@ -186,38 +186,20 @@ struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Epochs of stage 1.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 15)]
     epochs1: usize,
+    /// Stage-1 crops (128x128, every stride-2 cell labelled) per epoch; half hold a lesion.
+    #[arg(long, default_value_t = 3000)]
+    crops1: usize,
+    /// Stage-1 peak learning rate (AdamW, one-cycle schedule).
+    #[arg(long, default_value_t = 2e-3)]
+    lr1: f64,
     /// Epochs of stage 2.
-    #[arg(long, default_value_t = 4)]
-    epochs2: usize,
-    /// Stage 1: tiles per lesion and epoch (each lesion at a different place, differently
-    /// augmented). With --stage1-tiles 0: positive patches per lesion and epoch.
-    #[arg(long, default_value_t = 4)]
-    repeats: usize,
-    /// Fraction of stage-1 negatives drawn on dark structures (vessels, haemorrhages)
-    /// rather than anywhere in the field of view.
-    #[arg(long, default_value_t = 0.5)]
-    dark_fraction: f64,
-    /// Stage 1 trains on tiles of N x N output cells, every cell labelled (dense
-    /// training: all of a tile's look-alikes are negatives); 0 trains on single balanced
-    /// 101x101 patches as in the papers.
     #[arg(long, default_value_t = 12)]
-    stage1_tiles: usize,
-    /// Stage-1 batch size: tiles, or patches with --stage1-tiles 0. Default 16 tiles or
-    /// 64 patches.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    batch1: Option<u32>,
-    /// Stage-1 learning rate (Adam).
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    /// Stage-2 architecture: `refine` (the basic CNN started from the trained stage 1,
-    /// fine-tuned on its false alarms) or `final` (the papers' final CNN from scratch).
-    #[arg(long, value_enum, default_value = "refine")]
-    stage2: Stage2Arch,
-    /// Stage-2 learning rate (Adam). Default: 1e-4 for refine, 1e-3 for final.
-    #[arg(long)]
-    lr2: Option<f64>,
+    epochs2: usize,
+    /// Stage-2 peak learning rate (AdamW, one-cycle schedule).
+    #[arg(long, default_value_t = 2e-3)]
+    lr2: f64,
     /// Seed of everything random (sampling, augmentation, initialisation, dropout).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -226,36 +208,16 @@ struct TrainArgs {
     resume: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Stage2Arch {
-    Refine,
-    Final,
-}
-
 impl TrainArgs {
     fn pipeline(&self) -> PipelineConfig {
         let mut cfg = PipelineConfig::default();
         cfg.stage1.epochs = self.epochs1;
-        cfg.stage2.epochs = self.epochs2;
+        cfg.stage1.learning_rate = self.lr1;
         cfg.stage1.seed = self.seed;
+        cfg.stage1_crops = self.crops1;
+        cfg.stage2.epochs = self.epochs2;
+        cfg.stage2.learning_rate = self.lr2;
         cfg.stage2.seed = self.seed + 1;
-        cfg.positive_repeats = self.repeats;
-        cfg.stage1_dark_fraction = self.dark_fraction;
-        cfg.stage1_tiles = (self.stage1_tiles > 0).then_some(TileGeometry {
-            cells: self.stage1_tiles,
-        });
-        cfg.stage1.batch_size = self
-            .batch1
-            .map_or(if self.stage1_tiles > 0 { 16 } else { 64 }, |b| b as usize);
-        cfg.stage1.learning_rate = self.lr;
-        cfg.stage2_arch = match self.stage2 {
-            Stage2Arch::Refine => Stage::Refine,
-            Stage2Arch::Final => Stage::Final,
-        };
-        cfg.stage2.learning_rate = self.lr2.unwrap_or(match self.stage2 {
-            Stage2Arch::Refine => 1e-4,
-            Stage2Arch::Final => 1e-3,
-        });
         cfg
     }
 
@@ -362,11 +324,12 @@ fn fold_eval(a: &TrainArgs, folds: usize, fold: usize, s1: &Path, s2: &Path) -> 
         anyhow::bail!("--fold must be between 1 and --folds ({folds}), got {fold}");
     }
     let images = a.prepare()?;
-    let (_v1, net1) = load_net(s1, Stage::Basic)?;
-    let (_v2, net2) = load_stage2(s2)?;
-    let cfg = a.pipeline().candidates;
-    let (reports, recall) = evaluate_fold(&images, folds, fold - 1, &net1, &net2, &cfg)?;
-    for (scoring, r) in Scoring::ALL.iter().zip(&reports) {
+    let cascade = Cascade {
+        stage1: load_net(s1, Stage::Candidates)?,
+        stage2: load_net(s2, Stage::Verdict)?,
+    };
+    let (reports, recall) = evaluate_fold(&images, folds, fold - 1, &cascade, &a.pipeline())?;
+    for (scoring, r) in ScoreSource::ALL.iter().zip(&reports) {
         println!(
             "fold {fold}: CPM {:.3} scoring by {}",
             r.cpm,
@@ -397,8 +360,8 @@ fn export(
         .map(|k| SecretKey::read(k).context("export --sign"))
         .transpose()?;
     let summary = CvSummary::load(cv)?;
-    let (vs1, _) = load_net(&weights.join("stage1.safetensors"), Stage::Basic)?;
-    let (vs2, net2) = load_stage2(&weights.join("stage2.safetensors"))?;
+    let (vs1, _) = load_net(&weights.join("stage1.safetensors"), Stage::Candidates)?;
+    let (vs2, _) = load_net(&weights.join("stage2.safetensors"), Stage::Verdict)?;
     let training = Training {
         data: "DiaretDB1 v1.1 training split (28 images), redsmalldots >= 0.5".to_string(),
         images: 28,
@@ -407,7 +370,7 @@ fn export(
     };
     let manifest = export_model_set(
         &vs1,
-        (net2.stage, &vs2),
+        &vs2,
         out,
         version,
         default_variant,

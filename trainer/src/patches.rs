@@ -103,44 +103,12 @@ pub fn positives(
     out
 }
 
-/// `n` random negatives spread evenly over the images of `subset`.
+/// `n` random negatives (FOV pixels outside the exclusion zone) spread evenly over the
+/// images of `subset`.
 pub fn random_negatives(
     images: &[PreparedImage],
     subset: &[usize],
     n: usize,
-    aug: Augment,
-    rng: &mut impl Rng,
-) -> Vec<Sample> {
-    // The FOV fills most of its bounding box: few tries are needed.
-    negatives_where(images, subset, n, 1000, |_, _| true, aug, rng)
-}
-
-/// `n` negatives on dark structures (vessels, haemorrhages, pigment: normalised green
-/// below `max_green`), spread evenly over the images of `subset`. Random FOV pixels are
-/// mostly plain background; these are the look-alikes stage 1 must learn to reject.
-pub fn dark_negatives(
-    images: &[PreparedImage],
-    subset: &[usize],
-    n: usize,
-    max_green: f32,
-    aug: Augment,
-    rng: &mut impl Rng,
-) -> Vec<Sample> {
-    // Dark pixels are a few percent of the FOV: allow more tries.
-    let dark = |img: &PreparedImage, (x, y): (u32, u32)| {
-        img.pre.planes.get(1, x as usize, y as usize) < max_green
-    };
-    negatives_where(images, subset, n, 20_000, dark, aug, rng)
-}
-
-/// Rejection sampling of negatives: FOV pixels outside the exclusion zone for which
-/// `keep` holds, at most `tries` draws per negative.
-fn negatives_where(
-    images: &[PreparedImage],
-    subset: &[usize],
-    n: usize,
-    tries: usize,
-    keep: impl Fn(&PreparedImage, (u32, u32)) -> bool,
     aug: Augment,
     rng: &mut impl Rng,
 ) -> Vec<Sample> {
@@ -154,12 +122,10 @@ fn negatives_where(
         let Some((x0, y0, x1, y1)) = img.pre.fov.bounding_box() else {
             continue;
         };
-        for _ in 0..tries {
+        // The FOV fills most of its bounding box: few tries are needed.
+        for _ in 0..1000 {
             let (x, y) = (rng.random_range(x0..=x1), rng.random_range(y0..=y1));
-            if img.pre.fov.get(x as i64, y as i64)
-                && !img.exclusion.get(x as i64, y as i64)
-                && keep(img, (x, y))
-            {
+            if img.pre.fov.get(x as i64, y as i64) && !img.exclusion.get(x as i64, y as i64) {
                 out.push(Sample::new(i, x as i64, y as i64, false, aug, rng));
                 break;
             }

@@ -1,88 +1,74 @@
 //! The two-stage training and its evaluation, with libtorch doing the arithmetic.
 //!
-//! Stage 1 (basic CNN) learns "an MA lies within 4 px of the patch centre" from balanced
-//! patches; run fully-convolutionally it gives a stride-8 probability map whose peaks,
-//! refined to the darkest nearby blob ([`ma_device::cascade::candidates`], the device's
-//! own code), are the candidates. Its false alarms on the training images become the hard
-//! negatives of stage 2 (final CNN), which scores each candidate.
+//! Stage 1 learns, from crops whose every stride-2 cell is labelled ([`crate::dense`]),
+//! a map of "an MA lies here"; the map's local maxima ([`ma_device::cascade::candidates`],
+//! the device's own code) are the candidates. Its false alarms on the training images
+//! become the hard negatives of stage 2, which judges each candidate from a 41x41 patch.
+//! The final score adds both nets' logit margins ([`Scoring`]).
 
 use std::path::Path;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use ma_device::cascade::MIN_REPORTED_SCORE;
+use ma_device::cascade::Scoring;
 use ma_device::cascade::candidates::{Candidate, CandidateConfig, ProbMap, find_candidates};
 use ma_device::detection::Detection;
 use ma_device::geometry::{CHANNELS, PatchGeometry, Planes};
-use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tch::{Device, Tensor, nn};
+use tch::{Device, Kind, Tensor, nn};
 
-use crate::froc::ImageOutcome;
+use crate::dense::{Crop, PixelLabels, balanced_cell_loss, crop_batch, lesion_crops, random_crops};
+use crate::froc::{ImageOutcome, Verdict};
 use crate::nets::{Net, Stage};
-use crate::patches::{Augment, Sample, batch, dark_negatives, positives, random_negatives};
+use crate::patches::{Augment, Sample, batch, positives, random_negatives};
 use crate::prepare::PreparedImage;
-use crate::tiles::{
-    Tile, TileGeometry, balanced_cell_loss, lesion_tiles, random_tiles, tile_batch,
-};
-use crate::train::{StageConfig, patch_loss, train_stage, validate};
+use crate::train::{StageConfig, Validation, auc, patch_loss, train_stage, validate};
 
 /// Everything that sets how the cascade is trained.
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
     pub stage1: StageConfig,
+    /// Stage-1 crops per epoch; half hold a lesion, half are anywhere in the FOV.
+    pub stage1_crops: usize,
     pub stage2: StageConfig,
-    /// Stage-1 positives are shifted up to this many pixels (half the output stride), so
-    /// every map cell within reach of an MA learns to fire.
-    pub stage1_jitter: i64,
-    /// Stage-2 positives: refined candidates land within a few pixels of MA centres.
+    /// Stage-2 positives: lesion centres shifted by up to this many pixels (candidates
+    /// land within a pixel or two of MA centres), besides the candidates that hit lesions.
     pub stage2_jitter: i64,
-    /// Each lesion gives this many (differently jittered and augmented) positives per epoch.
-    pub positive_repeats: usize,
-    /// Candidate picking for hard negatives and evaluation.
-    pub candidates: CandidateConfig,
     /// Random negatives added to stage 2's hard negatives, as a fraction of them.
     pub stage2_random_fraction: f64,
-    /// Fraction of stage 1's negatives drawn on dark structures instead of anywhere.
-    pub stage1_dark_fraction: f64,
-    /// Normalised green below which a pixel counts as dark for those negatives.
-    pub dark_green: f32,
-    /// Train stage 1 on tiles of this many cells a side, every cell labelled (see
-    /// [`crate::tiles`]), instead of on single balanced patches. `None`: patches.
-    pub stage1_tiles: Option<TileGeometry>,
-    /// Stage-2 architecture: [`Stage::Refine`] (started from stage 1's weights) or
-    /// [`Stage::Final`] (the papers' final CNN, from scratch).
-    pub stage2_arch: Stage,
+    /// Stage-1 candidates per training image that stage 2 learns from (more than the
+    /// device keeps, so stage 2 also sees the weaker look-alikes).
+    pub hard_negative_candidates: usize,
+    /// Candidate picking on the device (and in evaluation).
+    pub candidates: CandidateConfig,
+    /// How the two margins make the reported score.
+    pub scoring: Scoring,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             stage1: StageConfig {
-                epochs: 10,
+                epochs: 15,
                 batch_size: 16,
-                learning_rate: 1e-3,
+                learning_rate: 2e-3,
+                weight_decay: 0.0,
                 seed: 1,
             },
+            stage1_crops: 3000,
             stage2: StageConfig {
-                epochs: 6,
+                epochs: 12,
                 batch_size: 64,
-                // Fine-tuning stage 1's weights: a tenth of its rate.
-                learning_rate: 1e-4,
+                learning_rate: 2e-3,
+                weight_decay: 1e-4,
                 seed: 2,
             },
-            stage1_jitter: 4,
             stage2_jitter: 2,
-            positive_repeats: 4,
-            candidates: CandidateConfig {
-                threshold: 0.2,
-                ..CandidateConfig::default()
-            },
             stage2_random_fraction: 0.25,
-            stage1_dark_fraction: 0.5,
-            dark_green: -2.0,
-            stage1_tiles: Some(TileGeometry { cells: 12 }),
-            stage2_arch: Stage::Refine,
+            hard_negative_candidates: 300,
+            candidates: CandidateConfig::default(),
+            scoring: Scoring::default(),
         }
     }
 }
@@ -94,7 +80,8 @@ pub struct Cascade {
 }
 
 /// Train both stages on `train` (indices into `images`); `val` images only give the
-/// validation figures. Checkpoints go to `out/checkpoints`.
+/// validation figures (the training images do when `val` is empty). Checkpoints go to
+/// `out/checkpoints`.
 pub fn train_cascade(
     images: &[PreparedImage],
     train: &[usize],
@@ -104,118 +91,72 @@ pub fn train_cascade(
     resume: bool,
 ) -> Result<Cascade> {
     let checkpoints = out.join("checkpoints");
-    let mut val_rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(99);
     let val_set: Vec<usize> = if val.is_empty() {
         train.to_vec()
     } else {
         val.to_vec()
     };
-    let val_pos = positives(
-        images,
-        &val_set,
-        cfg.stage1_jitter,
-        Augment::NONE,
-        &mut val_rng,
-    );
-    let val_neg = random_negatives(
-        images,
-        &val_set,
-        val_pos.len().max(1),
-        Augment::NONE,
-        &mut val_rng,
-    );
-    let validation1: Vec<Sample> = val_pos.into_iter().chain(val_neg).collect();
+    let labels: Vec<PixelLabels> = images.iter().map(PixelLabels::of).collect();
 
-    let repeats = cfg.positive_repeats.max(1);
-    let validate1 = |net: &Net| validate(net, images, &validation1, Device::cuda_if_available());
-    let stage1 = match cfg.stage1_tiles {
-        Some(geo) => {
-            // Every lesion in a tile at a random place, as many random tiles again.
-            let mut draw = |_epoch: usize, rng: &mut ChaCha8Rng| {
-                let mut t = Vec::new();
-                for _ in 0..repeats {
-                    t.extend(lesion_tiles(images, train, geo, Augment::DEFAULT, rng));
-                }
-                let n = t.len();
-                t.extend(random_tiles(images, train, n, Augment::DEFAULT, rng));
-                t
-            };
-            let loss = |net: &Net, chunk: &[Tile]| {
-                let device = Device::cuda_if_available();
-                let (xs, ys) = tile_batch(images, chunk, geo, cfg.stage1_jitter);
-                balanced_cell_loss(
-                    &net.forward_t(&xs.to_device(device), true),
-                    &ys.to_device(device),
-                )
-            };
-            train_stage(
-                Stage::Basic,
-                None,
-                &mut draw,
-                &loss,
-                &validate1,
-                &cfg.stage1,
-                &checkpoints,
-                resume,
-            )?
-        }
-        None => {
-            let mut draw = |_epoch: usize, rng: &mut ChaCha8Rng| {
-                let mut s = Vec::new();
-                for _ in 0..repeats {
-                    s.extend(positives(
-                        images,
-                        train,
-                        cfg.stage1_jitter,
-                        Augment::DEFAULT,
-                        rng,
-                    ));
-                }
-                let n = s.len();
-                let dark = (n as f64 * cfg.stage1_dark_fraction) as usize;
-                s.extend(dark_negatives(
-                    images,
-                    train,
-                    dark,
-                    cfg.dark_green,
-                    Augment::DEFAULT,
-                    rng,
-                ));
-                s.extend(random_negatives(
-                    images,
-                    train,
-                    n - dark,
-                    Augment::DEFAULT,
-                    rng,
-                ));
-                s
-            };
-            let loss = |net: &Net, chunk: &[Sample]| patch_loss(net, images, chunk);
-            train_stage(
-                Stage::Basic,
-                None,
-                &mut draw,
-                &loss,
-                &validate1,
-                &cfg.stage1,
-                &checkpoints,
-                resume,
-            )?
-        }
+    // Stage 1: every cell of every crop labelled.
+    let mut val_rng = ChaCha8Rng::seed_from_u64(99);
+    let validation1: Vec<Crop> = lesion_crops(images, &val_set, 64, Augment::NONE, &mut val_rng)
+        .into_iter()
+        .chain(random_crops(
+            images,
+            &val_set,
+            64,
+            Augment::NONE,
+            &mut val_rng,
+        ))
+        .collect();
+    let mut draw1 = |_epoch: usize, rng: &mut ChaCha8Rng| {
+        let half = cfg.stage1_crops / 2;
+        let mut crops = lesion_crops(images, train, half, Augment::DEFAULT, rng);
+        crops.extend(random_crops(
+            images,
+            train,
+            cfg.stage1_crops - half,
+            Augment::DEFAULT,
+            rng,
+        ));
+        crops
     };
+    let loss1 = |net: &Net, chunk: &[Crop]| {
+        let device = Device::cuda_if_available();
+        let (xs, ys) = crop_batch(images, &labels, chunk);
+        balanced_cell_loss(
+            &net.forward_t(&xs.to_device(device), true),
+            &ys.to_device(device),
+        )
+    };
+    let validate1 = |net: &Net| validate_cells(net, images, &labels, &validation1);
+    let stage1 = train_stage(
+        Stage::Candidates,
+        &mut draw1,
+        &loss1,
+        &validate1,
+        &cfg.stage1,
+        &checkpoints,
+        resume,
+    )?;
 
-    // Hard negatives: stage-1 candidates on the training images away from every lesion.
-    let hard = hard_negatives(&stage1.1, images, train, &cfg.candidates);
+    // Stage 2: stage 1's candidates on the training images, as the device makes them.
+    let mining = CandidateConfig {
+        max_candidates: cfg.hard_negative_candidates,
+        ..cfg.candidates.clone()
+    };
+    let mined = mine_candidates(&stage1.1, images, train, &mining)?;
     eprintln!(
-        "stage 2: {} hard negatives from {} training images",
-        hard.len(),
+        "stage 2: {} hard negatives and {} candidates on lesions from {} training images",
+        mined.negatives.len(),
+        mined.positives.len(),
         train.len()
     );
-    // Without validation images, validate on the training images (as stage 1 does).
-    let val_hard = if val.is_empty() {
-        hard.clone()
+    let val_mined = if val.is_empty() {
+        mined.clone()
     } else {
-        hard_negatives(&stage1.1, images, val, &cfg.candidates)
+        mine_candidates(&stage1.1, images, val, &mining)?
     };
     let mut validation2 = positives(
         images,
@@ -224,47 +165,46 @@ pub fn train_cascade(
         Augment::NONE,
         &mut val_rng,
     );
-    validation2.extend(val_hard.iter().map(|&(i, c)| {
-        Sample::new(
-            i,
-            c.x as i64,
-            c.y as i64,
-            false,
-            Augment::NONE,
-            &mut val_rng,
-        )
+    validation2.extend(val_mined.negatives.iter().map(|s| Sample {
+        dihedral: 0,
+        gain: 1.0,
+        bias: 0.0,
+        ..*s
     }));
 
-    // Balanced: as many (differently jittered and augmented) positives as negatives. With
-    // the natural 1:4 mix the final CNN settled on the prior (validation AUC 0.49-0.55
-    // after 3 epochs in the fold-1 pilot).
+    // Balanced: as many positives (differently jittered and augmented lesion centres, and
+    // the candidates that hit lesions) as negatives.
     let mut draw2 = |_epoch: usize, rng: &mut ChaCha8Rng| {
-        let mut s: Vec<Sample> = hard
+        let mut s: Vec<Sample> = mined
+            .negatives
             .iter()
-            .map(|&(i, c)| Sample::new(i, c.x as i64, c.y as i64, false, Augment::DEFAULT, rng))
+            .map(|n| Sample::new(n.image, n.x, n.y, false, Augment::DEFAULT, rng))
             .collect();
-        let n = (hard.len() as f64 * cfg.stage2_random_fraction) as usize;
+        let n = (mined.negatives.len() as f64 * cfg.stage2_random_fraction) as usize;
         s.extend(random_negatives(images, train, n, Augment::DEFAULT, rng));
         let negatives = s.len();
         let mut pos = Vec::new();
-        while pos.len() < negatives.max(repeats) {
+        while pos.len() < negatives {
             let round = positives(images, train, cfg.stage2_jitter, Augment::DEFAULT, rng);
-            if round.is_empty() {
+            if round.is_empty() && mined.positives.is_empty() {
                 break;
             }
             pos.extend(round);
+            pos.extend(
+                mined
+                    .positives
+                    .iter()
+                    .map(|p| Sample::new(p.image, p.x, p.y, true, Augment::DEFAULT, rng)),
+            );
         }
-        pos.truncate(negatives.max(repeats));
+        pos.truncate(negatives);
         s.extend(pos);
-        s.shuffle(rng);
         s
     };
     let loss2 = |net: &Net, chunk: &[Sample]| patch_loss(net, images, chunk);
     let validate2 = |net: &Net| validate(net, images, &validation2, Device::cuda_if_available());
-    let init = (cfg.stage2_arch == Stage::Refine).then_some(&stage1.0);
     let stage2 = train_stage(
-        cfg.stage2_arch,
-        init,
+        Stage::Verdict,
         &mut draw2,
         &loss2,
         &validate2,
@@ -275,32 +215,131 @@ pub fn train_cascade(
     Ok(Cascade { stage1, stage2 })
 }
 
-/// Stage-1 probability map of an image: the planes padded by half a patch (zeros, as
-/// outside the FOV), so cell (i, j) is centred on canonical pixel (8j, 8i).
+/// Loss, accuracy and AUC of stage 1 over the labelled cells of fixed crops.
+fn validate_cells(
+    net: &Net,
+    images: &[PreparedImage],
+    labels: &[PixelLabels],
+    crops: &[Crop],
+) -> Validation {
+    let _guard = tch::no_grad_guard();
+    let device = Device::cuda_if_available();
+    let (mut loss, mut margins, mut truth) = (0.0, Vec::new(), Vec::new());
+    for chunk in crops.chunks(16) {
+        let (xs, ys) = crop_batch(images, labels, chunk);
+        let logits = net.forward_t(&xs.to_device(device), false);
+        loss += balanced_cell_loss(&logits, &ys.to_device(device)).double_value(&[])
+            * chunk.len() as f64;
+        let m = (logits.select(1, 1) - logits.select(1, 0))
+            .to_device(Device::Cpu)
+            .flatten(0, -1);
+        let m = Vec::<f32>::try_from(&m).expect("float margins");
+        let y = Vec::<i64>::try_from(&ys.flatten(0, -1)).expect("int labels");
+        for (m, y) in m.into_iter().zip(y) {
+            if y >= 0 {
+                margins.push(m);
+                truth.push(y == 1);
+            }
+        }
+    }
+    let (pos, neg) = (
+        truth.iter().filter(|t| **t).count().max(1),
+        truth.iter().filter(|t| !**t).count().max(1),
+    );
+    // Balanced accuracy, as the loss is balanced.
+    let (mut tp, mut tn) = (0, 0);
+    for (m, &t) in margins.iter().zip(&truth) {
+        match (t, *m >= 0.0) {
+            (true, true) => tp += 1,
+            (false, false) => tn += 1,
+            _ => {}
+        }
+    }
+    Validation {
+        loss: loss / crops.len().max(1) as f64,
+        accuracy: 0.5 * (tp as f64 / pos as f64 + tn as f64 / neg as f64),
+        auc: auc(&margins, &truth),
+    }
+}
+
+/// Stage-1 candidates of training images, sorted into stage-2 training samples.
+#[derive(Clone, Debug, Default)]
+pub struct Mined {
+    /// Candidates that hit a lesion (FROC rule): positives where the device puts them.
+    pub positives: Vec<Sample>,
+    /// Candidates that hit none and lie outside the exclusion zone.
+    pub negatives: Vec<Sample>,
+}
+
+/// Run stage 1 over `subset` and sort its candidates (see [`Mined`]).
+pub fn mine_candidates(
+    net1: &Net,
+    images: &[PreparedImage],
+    subset: &[usize],
+    cfg: &CandidateConfig,
+) -> Result<Mined> {
+    let bar = progress(subset.len(), "stage-1 maps");
+    let mut out = Mined::default();
+    for &i in subset {
+        let img = &images[i];
+        let cands = image_candidates(net1, img, cfg);
+        let dets = to_detections(img, &cands, |c| c.stage1 as f64);
+        let outcome = ImageOutcome::score(&img.name, &img.truth, &dets)?;
+        for (c, (_, verdict)) in cands.iter().zip(&outcome.detections) {
+            let sample = |label| Sample {
+                image: i,
+                x: c.x as i64,
+                y: c.y as i64,
+                label,
+                dihedral: 0,
+                gain: 1.0,
+                bias: 0.0,
+            };
+            match verdict {
+                Verdict::TruePositive => out.positives.push(sample(true)),
+                Verdict::FalsePositive if !img.exclusion.get(c.x as i64, c.y as i64) => {
+                    out.negatives.push(sample(false))
+                }
+                _ => {}
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// Stage-1 margin map of an image: cell (i, j) covers canonical pixels (2j, 2i) to
+/// (2j + 1, 2i + 1). The planes are padded with zeros (as outside the FOV) to a multiple
+/// of [`Stage::CANDIDATES_INPUT_MULTIPLE`] on the right and bottom, and the map is cut
+/// back to the cells that cover the image, as the device does.
 pub fn stage1_map(net: &Net, planes: &Planes) -> ProbMap {
     let _guard = tch::no_grad_guard();
-    let half = (PatchGeometry::DEFAULT.size / 2) as i64;
+    let m = Stage::CANDIDATES_INPUT_MULTIPLE as i64;
+    let (h, w) = (planes.height as i64, planes.width as i64);
     let x = Tensor::from_slice(&planes.data)
-        .view([
-            1,
-            CHANNELS as i64,
-            planes.height as i64,
-            planes.width as i64,
-        ])
-        .constant_pad_nd([half, half, half, half])
+        .view([1, CHANNELS as i64, h, w])
+        .constant_pad_nd([0, (m - w % m) % m, 0, (m - h % m) % m])
         .to_device(Device::cuda_if_available());
-    let map = net.forward_map(&x).to_device(Device::Cpu).contiguous();
-    let size = map.size();
+    let s = Stage::CANDIDATES_STRIDE as i64;
+    let (mh, mw) = ((h + s - 1) / s, (w + s - 1) / s);
+    let map = net
+        .margin(&x, false)
+        .squeeze_dim(0)
+        .narrow(0, 0, mh)
+        .narrow(1, 0, mw)
+        .to_device(Device::Cpu)
+        .contiguous();
     ProbMap {
-        width: size[1] as usize,
-        height: size[0] as usize,
-        stride: Stage::BASIC_STRIDE,
+        width: mw as usize,
+        height: mh as usize,
+        stride: Stage::CANDIDATES_STRIDE,
         offset: 0,
         data: Vec::<f32>::try_from(map.flatten(0, -1)).expect("float map"),
     }
 }
 
-/// Candidates of one image, best stage-1 probability first.
+/// Candidates of one image, best stage-1 margin first.
 pub fn image_candidates(
     net1: &Net,
     image: &PreparedImage,
@@ -310,28 +349,8 @@ pub fn image_candidates(
     find_candidates(&map, &image.pre.planes, &image.pre.fov, cfg)
 }
 
-fn hard_negatives(
-    net1: &Net,
-    images: &[PreparedImage],
-    subset: &[usize],
-    cfg: &CandidateConfig,
-) -> Vec<(usize, Candidate)> {
-    let bar = progress(subset.len(), "stage-1 maps");
-    let mut out = Vec::new();
-    for &i in subset {
-        for c in image_candidates(net1, &images[i], cfg) {
-            if !images[i].exclusion.get(c.x as i64, c.y as i64) {
-                out.push((i, c));
-            }
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    out
-}
-
-/// Stage-2 MA probability of patches centred on `candidates` of one image.
-pub fn stage2_scores(
+/// Stage-2 margin of the patches centred on `candidates` of `images[image]`.
+pub fn stage2_margins(
     net2: &Net,
     images: &[PreparedImage],
     image: usize,
@@ -352,51 +371,77 @@ pub fn stage2_scores(
         .collect();
     let mut out = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(64) {
-        let (xs, _) = batch(images, chunk, PatchGeometry::DEFAULT);
-        let p = net2
-            .patch_probabilities(&xs.to_device(Device::cuda_if_available()))
-            .to_device(Device::Cpu);
-        out.extend(Vec::<f32>::try_from(&p).expect("float probabilities"));
+        let (xs, _) = batch(images, chunk, PatchGeometry::VERDICT);
+        let m = net2
+            .margin(&xs.to_device(Device::cuda_if_available()), false)
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float);
+        out.extend(Vec::<f32>::try_from(&m).expect("float margins"));
     }
     out
 }
 
-/// Candidates of one image (best stage-1 probability first) and, in the same order, their
-/// detections in original coordinates with stage-2 scores; see [`reported`].
-pub fn detect(
+/// One image through the cascade.
+pub struct CascadeOutput {
+    /// Best stage-1 margin first.
+    pub candidates: Vec<Candidate>,
+    /// Stage-2 margin of each candidate, same order.
+    pub stage2: Vec<f32>,
+}
+
+impl CascadeOutput {
+    /// Detections in original coordinates, candidate order, scored by `scoring`.
+    pub fn detections(&self, image: &PreparedImage, scoring: &Scoring) -> Vec<Detection> {
+        self.candidates
+            .iter()
+            .zip(&self.stage2)
+            .map(|(c, &m2)| {
+                let (x, y) = image.pre.scale.to_original(c.x as f64, c.y as f64);
+                Detection {
+                    x,
+                    y,
+                    score: scoring.score(c.stage1, m2),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Candidates of one image (up to `cfg.max_candidates`) and their stage-2 margins.
+pub fn run_cascade(
     cascade: &Cascade,
     images: &[PreparedImage],
     image: usize,
     cfg: &CandidateConfig,
-) -> (Vec<Candidate>, Vec<Detection>) {
+) -> CascadeOutput {
     let candidates = image_candidates(&cascade.stage1.1, &images[image], cfg);
-    let scores = stage2_scores(&cascade.stage2.1, images, image, &candidates);
-    let scale = images[image].pre.scale;
-    let detections: Vec<Detection> = candidates
+    let stage2 = stage2_margins(&cascade.stage2.1, images, image, &candidates);
+    CascadeOutput { candidates, stage2 }
+}
+
+/// `candidates` in original coordinates, scored by `score`.
+fn to_detections(
+    image: &PreparedImage,
+    candidates: &[Candidate],
+    score: impl Fn(&Candidate) -> f64,
+) -> Vec<Detection> {
+    candidates
         .iter()
-        .zip(&scores)
-        .map(|(c, &s)| {
-            let (x, y) = scale.to_original(c.x as f64, c.y as f64);
+        .map(|c| {
+            let (x, y) = image.pre.scale.to_original(c.x as f64, c.y as f64);
             Detection {
                 x,
                 y,
-                score: s as f64,
+                score: score(c),
             }
         })
-        .collect();
-    (candidates, detections)
+        .collect()
 }
 
 /// What `detect` reports of an image's detections: those scoring at least
-/// [`MIN_REPORTED_SCORE`], best first (as the device cascade does).
+/// [`ma_device::cascade::MIN_REPORTED_SCORE`], best first (as the device cascade does).
 pub fn reported(detections: &[Detection]) -> Vec<Detection> {
-    let mut out: Vec<Detection> = detections
-        .iter()
-        .filter(|d| d.score >= MIN_REPORTED_SCORE)
-        .copied()
-        .collect();
-    out.sort_by(|a, b| b.score.total_cmp(&a.score));
-    out
+    ma_device::cascade::reported(detections.to_vec())
 }
 
 /// Lesion recall of the top-K stage-1 candidates, for each K in `ks`, over `subset`.
@@ -414,14 +459,7 @@ pub fn candidate_recall(
         let mut found = 0;
         for (i, cands) in candidates {
             let img = &images[*i];
-            let dets: Vec<Detection> = cands
-                .iter()
-                .take(k)
-                .map(|c| {
-                    let (x, y) = img.pre.scale.to_original(c.x as f64, c.y as f64);
-                    Detection { x, y, score: 1.0 }
-                })
-                .collect();
+            let dets = to_detections(img, &cands[..cands.len().min(k)], |_| 1.0);
             found += ImageOutcome::score(&img.name, &img.truth, &dets)?.found_at(1.0);
         }
         out.push((

@@ -11,7 +11,7 @@ use crate::datasets::DatasetImage;
 use crate::ground_truth::GroundTruth;
 
 /// Negatives are never drawn closer than this (canonical pixels) to a lesion or an
-/// uncertain pixel: the stage-1 positives are jittered up to 4 px, and a patch centred
+/// uncertain pixel: stage-1 MA cells reach 3 px from a lesion centre, and a patch centred
 /// just beside an MA is not a fair "no MA" example.
 pub const NEGATIVE_EXCLUSION: usize = 10;
 

@@ -1,34 +1,33 @@
 //! The exported ONNX models compute what the tch nets compute: in tract (the device
 //! runtime, loaded through a manifest as on the device) and in onnxruntime (the
 //! reference, after `onnx.checker.check_model(full_check=True)`), for both stages and
-//! both weight formats. Randomly initialised nets: no training needed.
+//! both weight formats. Randomly initialised nets (with random batch-norm statistics, so
+//! their folding is exercised): no training needed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use ma_device::cascade::Scoring;
 use ma_device::cascade::candidates::{CandidateConfig, ProbMap};
 use ma_device::cascade::onnx::{Stage1Model, Stage2Model};
 use ma_device::geometry::Planes;
-use ma_device::manifest::{Manifest, ModelEntry, OperatingPoints, Role, Training, Variant};
-use ma_device::preprocess::PreprocessConfig;
-use ma_trainer::export::{
-    WeightFormat, dequantize_per_channel, onnx_model, quantize_per_channel, write_onnx,
+use ma_device::manifest::{
+    Manifest, ModelEntry, ModelGeometry, OperatingPoints, Training, Variant,
 };
+use ma_device::preprocess::PreprocessConfig;
+use ma_trainer::export::{WeightFormat, onnx_model, write_onnx};
 use ma_trainer::nets::{Layer, Net, Stage};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-/// Float export vs tch, in tract and onnxruntime.
+/// Float export vs tch, in tract and onnxruntime; int8 export in tract vs onnxruntime.
 const FLOAT_TOLERANCE: f32 = 1e-4;
-/// int8-weights export vs the float net: quantisation error only, a sanity bound. The
-/// exact check of the int8 file is against tch running the dequantised weights
-/// ([`FLOAT_TOLERANCE`]). Random nets overstate the error: their logits share a large
-/// common offset (about 12 for stage 2 here) that quantisation perturbs by ~0.3% while
-/// [`temper`] scales the small varying part up to a useful range (measured: 0.039 for
-/// stage 1, 0.066 for stage 2). How much int8 costs a *trained* model is a question
-/// for validation (CPM of both variants), not for this test.
-const INT8_VS_FLOAT_TOLERANCE: f32 = 0.1;
+/// int8-weights export vs the float one: quantisation error only, a sanity bound on
+/// margins tempered to a spread of 1.5 ([`temper`]). Random nets overstate it: the
+/// random batch-norm scales (up to 3x) multiply stage 2's weight errors (measured 0.15).
+/// How much int8 costs a *trained* model is measured by its CV CPM (model card), not here.
+const INT8_VS_FLOAT_TOLERANCE: f32 = 0.25;
 
 /// tch's random initialisation uses one global generator: one test at a time builds nets.
 static TCH: Mutex<()> = Mutex::new(());
@@ -37,40 +36,34 @@ fn net(stage: Stage, seed: i64) -> (VarStore, Net) {
     tch::manual_seed(seed);
     let vs = VarStore::new(Device::Cpu);
     let net = Net::new(&vs.root(), stage);
+    // Batch norms start as the identity (mean 0, variance 1, scale 1, shift 0), which
+    // would fold to nothing: give them statistics as training leaves them.
+    let vars = vs.variables();
+    for layer in stage.layers() {
+        if let Layer::BatchNorm { name, channels } = layer {
+            let set = |what: &str, t: Tensor| {
+                let mut v = vars[&format!("{name}.{what}")].shallow_clone();
+                tch::no_grad(|| v.copy_(&t));
+            };
+            let rand = || Tensor::rand([channels], (Kind::Float, Device::Cpu));
+            set("weight", rand() + 0.5);
+            set("bias", rand() - 0.5);
+            set("running_mean", rand() * 0.4 - 0.2);
+            set("running_var", rand() * 2.0 + 0.2);
+        }
+    }
     (vs, net)
 }
 
-/// A copy of `vs` whose Conv/Linear weights went through the int8 round trip the
-/// int8 export stores, so tch computes exactly what the int8 file means.
-fn dequantised_copy(stage: Stage, vs: &VarStore) -> (VarStore, Net) {
-    let mut copy = VarStore::new(Device::Cpu);
-    let net = Net::new(&copy.root(), stage);
-    copy.copy(vs).unwrap();
-    let vars = copy.variables();
-    for layer in stage.layers() {
-        let name = match layer {
-            Layer::Conv { name, .. } | Layer::Linear { name, .. } => name,
-            _ => continue,
-        };
-        let mut w = vars[&format!("{name}.weight")].shallow_clone();
-        let values = Vec::<f32>::try_from(&w.flatten(0, -1)).unwrap();
-        let (q, s) = quantize_per_channel(&values, w.size()[0] as usize);
-        let back = Tensor::from_slice(&dequantize_per_channel(&q, &s)).view(w.size().as_slice());
-        tch::no_grad(|| w.copy_(&back));
-    }
-    (copy, net)
-}
-
-/// Rescales and shifts the last layer so the logit difference (MA minus non-MA) on
-/// `input` has mean 0 and standard deviation 1.5: random nets give near-constant,
-/// saturated probabilities, against which any export would "match".
+/// Rescales and shifts the last layer so the margin (MA minus non-MA) on `input` has
+/// mean 0 and standard deviation 1.5: random nets give near-constant margins, against
+/// which any export would "match".
 fn temper(stage: Stage, vs: &VarStore, net: &Net, input: &Tensor) {
     let last = match stage {
-        Stage::Basic | Stage::Refine => "fc3",
-        Stage::Final => "fc2",
+        Stage::Candidates => "head",
+        Stage::Verdict => "fc2",
     };
-    let logits = net.forward_t(input, false);
-    let d = logits.select(1, 1) - logits.select(1, 0);
+    let d = net.margin(input, false);
     let (mean, std) = (
         d.mean(Kind::Double).double_value(&[]),
         d.std(true).double_value(&[]),
@@ -87,12 +80,12 @@ fn temper(stage: Stage, vs: &VarStore, net: &Net, input: &Tensor) {
     });
 }
 
-/// The MA probabilities must be informative for a comparison to mean anything.
-fn assert_not_saturated(p: &[f32]) {
-    let (lo, hi) = p
+/// The margins must vary for a comparison to mean anything.
+fn assert_spread(m: &[f32]) {
+    let (lo, hi) = m
         .iter()
-        .fold((1f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    assert!(lo < 0.45 && hi > 0.55, "probabilities in [{lo}, {hi}]");
+        .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    assert!(hi - lo > 1.0, "margins in [{lo}, {hi}]");
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -186,24 +179,28 @@ fn export_both(stage: Stage, vs: &VarStore, dir: &Path) -> [(String, u64); 2] {
 
 /// A manifest over whatever model files of `dir` exist, so the device side loads
 /// through verified bytes exactly as in the field.
-fn manifest(dir: &Path, entries: &[(Role, Variant, &str)]) -> Manifest {
+fn manifest(dir: &Path, entries: &[(Stage, Variant, &str)]) -> Manifest {
     let models = entries
         .iter()
-        .map(|&(role, variant, file)| {
-            ModelEntry::for_file(dir, file, role, variant, 101, Stage::BASIC_STRIDE).unwrap()
+        .map(|&(stage, variant, file)| {
+            let geometry = match stage {
+                Stage::Candidates => ModelGeometry::Map {
+                    receptive_field: stage.receptive_field(),
+                    output_stride: Stage::CANDIDATES_STRIDE,
+                    input_multiple: Stage::CANDIDATES_INPUT_MULTIPLE,
+                },
+                Stage::Verdict => ModelGeometry::Patch(Stage::VERDICT_PATCH),
+            };
+            ModelEntry::for_file(dir, file, variant, geometry).unwrap()
         })
         .collect();
     let m = Manifest {
         version: "parity-test".into(),
         default_variant: Variant::Float,
-        patch_size: 101,
+        patch_size: Stage::VERDICT_PATCH,
         preprocess: PreprocessConfig::default(),
-        stage1: CandidateConfig {
-            threshold: 0.5,
-            max_candidates: 100,
-            search_radius: 6,
-            merge_distance: 4.0,
-        },
+        stage1: CandidateConfig::default(),
+        scoring: Scoring::default(),
         operating_points: OperatingPoints {
             fp_per_image_1: 0.5,
             fp_per_image_2: 0.4,
@@ -232,59 +229,50 @@ fn planes_of(image: &Tensor) -> Planes {
 }
 
 fn map_matches(map: &ProbMap, expected: &Tensor) -> f32 {
-    // expected: tch softmax output [1, 2, H', W'].
+    // expected: tch margins [1, H', W'].
     let size = expected.size();
     assert_eq!(
         (map.height, map.width),
-        (size[2] as usize, size[3] as usize)
+        (size[1] as usize, size[2] as usize)
     );
-    max_abs_diff(&map.data, &to_vec(&expected.select(1, 1)))
+    max_abs_diff(&map.data, &to_vec(expected))
 }
 
 #[test]
 fn stage1_export_matches_tch_in_tract_and_onnxruntime() {
     let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
-    let stage = Stage::Basic;
+    let stage = Stage::Candidates;
     let (vs, net) = net(stage, 11);
-    let image = Tensor::randn([1, 3, 181, 245], (Kind::Float, Device::Cpu));
-    let small = Tensor::randn([1, 3, 117, 140], (Kind::Float, Device::Cpu));
+    let image = Tensor::randn([1, 3, 180, 244], (Kind::Float, Device::Cpu));
+    let small = Tensor::randn([1, 3, 116, 140], (Kind::Float, Device::Cpu));
     temper(stage, &vs, &net, &image);
-    let (_vs8, net8) = dequantised_copy(stage, &vs);
     drop(guard);
     let tmp = tempfile::tempdir().unwrap();
     let [(float_file, float_size), (int8_file, int8_size)] = export_both(stage, &vs, tmp.path());
     let m = manifest(
         tmp.path(),
         &[
-            (Role::Stage1, Variant::Float, &float_file),
-            (Role::Stage1, Variant::Int8, &int8_file),
+            (stage, Variant::Float, &float_file),
+            (stage, Variant::Int8, &int8_file),
         ],
     );
 
-    let probs = |n: &Net, x: &Tensor| n.forward_t(x, false).softmax(1, Kind::Float);
-    let (want, want8) = (probs(&net, &image), probs(&net8, &image));
-    assert_eq!(want.size(), [1, 2, 11, 19]);
+    let want = net.margin(&image, false);
+    assert_eq!(want.size(), [1, 90, 122]);
 
     let float = Stage1Model::from_manifest(&m, Variant::Float).unwrap();
     let int8 = Stage1Model::from_manifest(&m, Variant::Int8).unwrap();
     let got = float.run(&planes_of(&image)).unwrap();
     let got8 = int8.run(&planes_of(&image)).unwrap();
-    assert_eq!((got.stride, got.offset), (8, 50));
-    assert_not_saturated(&got.data);
+    assert_eq!((got.stride, got.offset), (2, 0));
+    assert_spread(&got.data);
     let d_float = map_matches(&got, &want);
-    let d_int8 = map_matches(&got8, &want8);
     let d_quant = max_abs_diff(&got8.data, &got.data);
     eprintln!(
-        "stage 1: tract vs tch float {d_float:.2e}, int8 {d_int8:.2e}; int8 vs float {d_quant:.2e}; \
-         files {float_size} B float, {int8_size} B int8; probabilities in [{:.3}, {:.3}]",
-        got.data.iter().copied().fold(1.0, f32::min),
-        got.data.iter().copied().fold(0.0, f32::max),
+        "stage 1: tract vs tch float {d_float:.2e}; int8 vs float {d_quant:.2e}; \
+         files {float_size} B float, {int8_size} B int8"
     );
     assert!(d_float <= FLOAT_TOLERANCE, "float: {d_float}");
-    assert!(
-        d_int8 <= FLOAT_TOLERANCE,
-        "int8 vs dequantised tch: {d_int8}"
-    );
     assert!(
         d_quant < INT8_VS_FLOAT_TOLERANCE,
         "int8 vs float: {d_quant}"
@@ -303,45 +291,39 @@ fn stage1_export_matches_tch_in_tract_and_onnxruntime() {
     // A second input size gets its own plan; the first size's plan still gives the
     // same answer afterwards.
     let got_small = float.run(&planes_of(&small)).unwrap();
-    assert!(map_matches(&got_small, &probs(&net, &small)) <= FLOAT_TOLERANCE);
+    assert!(map_matches(&got_small, &net.margin(&small, false)) <= FLOAT_TOLERANCE);
     assert_eq!(float.run(&planes_of(&image)).unwrap(), got);
-    assert!(
-        float.run(&Planes::zeros(100, 300)).is_err(),
-        "input under one patch"
-    );
+    let err = format!("{:#}", float.run(&Planes::zeros(102, 300)).unwrap_err());
+    assert!(err.contains("multiple of 4"), "{err}");
 
-    for (file, input, expected) in [(&float_file, &image, &want), (&int8_file, &image, &want8)] {
-        check_with_onnxruntime(&tmp.path().join(file), input, expected, FLOAT_TOLERANCE);
+    // onnxruntime: the float file against tch, the int8 file against tract.
+    let tract8 = Tensor::from_slice(&got8.data).view([1, 1, 90, 122]);
+    for (file, expected) in [(&float_file, want.unsqueeze(1)), (&int8_file, tract8)] {
+        check_with_onnxruntime(&tmp.path().join(file), &image, &expected, FLOAT_TOLERANCE);
     }
 }
 
 #[test]
 fn stage2_export_matches_tch_in_tract_and_onnxruntime() {
-    // The shipped stage 2 (the refined basic CNN) and the papers' final CNN.
-    stage2_parity(Stage::Refine, 12);
-    stage2_parity(Stage::Final, 16);
-}
-
-fn stage2_parity(stage: Stage, seed: i64) {
     let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
-    let (vs, net) = net(stage, seed);
-    let patches = Tensor::randn([5, 3, 101, 101], (Kind::Float, Device::Cpu));
+    let stage = Stage::Verdict;
+    let (vs, net) = net(stage, 12);
+    let p = Stage::VERDICT_PATCH as i64;
+    let patches = Tensor::randn([5, 3, p, p], (Kind::Float, Device::Cpu));
     temper(stage, &vs, &net, &patches);
-    let (_vs8, net8) = dequantised_copy(stage, &vs);
     drop(guard);
     let tmp = tempfile::tempdir().unwrap();
     let [(float_file, float_size), (int8_file, int8_size)] = export_both(stage, &vs, tmp.path());
     let m = manifest(
         tmp.path(),
         &[
-            (Role::Stage2, Variant::Float, &float_file),
-            (Role::Stage2, Variant::Int8, &int8_file),
+            (stage, Variant::Float, &float_file),
+            (stage, Variant::Int8, &int8_file),
         ],
     );
 
-    let probs = |n: &Net| n.patch_logits(&patches, false).softmax(1, Kind::Float);
-    let (want, want8) = (probs(&net), probs(&net8));
-    let (want_ma, want8_ma) = (to_vec(&want.select(1, 1)), to_vec(&want8.select(1, 1)));
+    let want = net.margin(&patches, false);
+    let want_v = to_vec(&want);
     let flat = to_vec(&patches);
 
     let float = Stage2Model::from_manifest(&m, Variant::Float, 32).unwrap();
@@ -351,20 +333,15 @@ fn stage2_parity(stage: Stage, seed: i64) {
     let got = float.run(&flat, 5).unwrap();
     let got8 = int8.run(&flat, 5).unwrap();
     let got2 = float2.run(&flat, 5).unwrap();
-    assert_not_saturated(&got);
-    let d_float = max_abs_diff(&got, &want_ma);
-    let d_int8 = max_abs_diff(&got8, &want8_ma);
+    assert_spread(&got);
+    let d_float = max_abs_diff(&got, &want_v);
     let d_quant = max_abs_diff(&got8, &got);
     eprintln!(
-        "stage 2 ({stage:?}): tract vs tch float {d_float:.2e}, int8 {d_int8:.2e}; int8 vs float {d_quant:.2e}; \
-         files {float_size} B float, {int8_size} B int8; probabilities {got:?}"
+        "stage 2: tract vs tch float {d_float:.2e}; int8 vs float {d_quant:.2e}; \
+         files {float_size} B float, {int8_size} B int8; margins {got:?}"
     );
     assert!(d_float <= FLOAT_TOLERANCE, "float: {d_float}");
-    assert!(max_abs_diff(&got2, &want_ma) <= FLOAT_TOLERANCE, "batch 2");
-    assert!(
-        d_int8 <= FLOAT_TOLERANCE,
-        "int8 vs dequantised tch: {d_int8}"
-    );
+    assert!(max_abs_diff(&got2, &want_v) <= FLOAT_TOLERANCE, "batch 2");
     assert!(
         d_quant < INT8_VS_FLOAT_TOLERANCE,
         "int8 vs float: {d_quant}"
@@ -379,19 +356,20 @@ fn stage2_parity(stage: Stage, seed: i64) {
     );
     assert_eq!(float.run(&[], 0).unwrap(), Vec::<f32>::new());
 
-    for (file, expected) in [(&float_file, &want), (&int8_file, &want8)] {
-        check_with_onnxruntime(&tmp.path().join(file), &patches, expected, FLOAT_TOLERANCE);
+    let tract8 = Tensor::from_slice(&got8).view([5, 1]);
+    for (file, expected) in [(&float_file, want.unsqueeze(1)), (&int8_file, tract8)] {
+        check_with_onnxruntime(&tmp.path().join(file), &patches, &expected, FLOAT_TOLERANCE);
     }
 }
 
 #[test]
 fn export_refuses_a_var_store_that_does_not_fit_the_stage() {
     let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
-    let (vs, _net) = net(Stage::Basic, 13);
+    let (vs, _net) = net(Stage::Candidates, 13);
     drop(guard);
     let err = format!(
         "{:#}",
-        onnx_model(Stage::Final, &vs, WeightFormat::Float).unwrap_err()
+        onnx_model(Stage::Verdict, &vs, WeightFormat::Float).unwrap_err()
     );
     assert!(err.contains("conv1.weight"), "{err}");
 }
@@ -399,15 +377,15 @@ fn export_refuses_a_var_store_that_does_not_fit_the_stage() {
 #[test]
 fn a_modified_model_file_is_not_loaded() {
     let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
-    let (vs, _net) = net(Stage::Final, 14);
+    let (vs, _net) = net(Stage::Verdict, 14);
     drop(guard);
     let tmp = tempfile::tempdir().unwrap();
-    let [(float_file, _), (int8_file, _)] = export_both(Stage::Final, &vs, tmp.path());
+    let [(float_file, _), (int8_file, _)] = export_both(Stage::Verdict, &vs, tmp.path());
     let m = manifest(
         tmp.path(),
         &[
-            (Role::Stage2, Variant::Float, &float_file),
-            (Role::Stage2, Variant::Int8, &int8_file),
+            (Stage::Verdict, Variant::Float, &float_file),
+            (Stage::Verdict, Variant::Int8, &int8_file),
         ],
     );
     // Overwrite the float file with the int8 one: a valid model, but not the one listed.
@@ -428,13 +406,14 @@ fn a_modified_model_file_is_not_loaded() {
 #[test]
 fn check_onnx_py_reports_a_wrong_output_and_a_broken_file() {
     let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
-    let (vs, net) = net(Stage::Final, 15);
-    let patches = Tensor::randn([2, 3, 101, 101], (Kind::Float, Device::Cpu));
+    let (vs, net) = net(Stage::Verdict, 15);
+    let p = Stage::VERDICT_PATCH as i64;
+    let patches = Tensor::randn([2, 3, p, p], (Kind::Float, Device::Cpu));
     drop(guard);
     let tmp = tempfile::tempdir().unwrap();
-    let [(file, _), _] = export_both(Stage::Final, &vs, tmp.path());
+    let [(file, _), _] = export_both(Stage::Verdict, &vs, tmp.path());
     let model = tmp.path().join(&file);
-    let want = net.patch_logits(&patches, false).softmax(1, Kind::Float);
+    let want = net.margin(&patches, false).unsqueeze(1);
     let (ok, text) = run_check_onnx(&model, &patches, &(want + 0.01), FLOAT_TOLERANCE);
     assert!(!ok && text.contains("differs"), "{text}");
     std::fs::write(&model, b"not a model").unwrap();

@@ -29,9 +29,9 @@ fn text(out: &Output) -> String {
 fn bundle(dir: &Path) {
     tch::manual_seed(3);
     let vs1 = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _n1 = Net::new(&vs1.root(), Stage::Basic);
+    let _n1 = Net::new(&vs1.root(), Stage::Candidates);
     let vs2 = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _n2 = Net::new(&vs2.root(), Stage::Refine);
+    let _n2 = Net::new(&vs2.root(), Stage::Verdict);
     let training = Training {
         data: "none".into(),
         images: 0,
@@ -40,7 +40,7 @@ fn bundle(dir: &Path) {
     };
     export_model_set(
         &vs1,
-        (Stage::Refine, &vs2),
+        &vs2,
         dir,
         "sign-test",
         Variant::Int8,

@@ -30,17 +30,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
 use ma_device::cascade::Cascade;
-use ma_device::cascade::candidates::find_candidates;
-use ma_device::cascade::onnx::{STAGE2_BATCH, Stage1Model, Stage2Model, pad_planes, set_threads};
+use ma_device::cascade::candidates::{ProbMap, find_candidates};
+use ma_device::cascade::onnx::{STAGE2_BATCH, Stage1Model, Stage2Model, band, set_threads};
 use ma_device::geometry::{CHANNELS, PatchGeometry};
 use ma_device::image_io;
-use ma_device::manifest::{Manifest, Role, Variant};
+use ma_device::manifest::{Manifest, ModelGeometry, Role, Variant};
 use ma_device::preprocess::{FovSource, preprocess};
 use ma_device::signing::ModelTrust;
 
@@ -264,6 +264,20 @@ fn stage1_plan(bytes: &[u8], height: usize, width: usize) -> Result<Arc<TypedRun
     model.set_symbols(&subs)?.into_optimized()?.into_runnable()
 }
 
+/// The first `width` x `height` cells of `map`.
+fn crop_map(map: &ProbMap, width: usize, height: usize) -> ProbMap {
+    let mut data = Vec::with_capacity(width * height);
+    for r in 0..height {
+        data.extend_from_slice(&map.data[r * map.width..][..width]);
+    }
+    ProbMap {
+        width,
+        height,
+        data,
+        ..map.clone()
+    }
+}
+
 /// The optimised stage-2 plan for a batch (as `Stage2Model` builds it).
 fn stage2_plan(bytes: &[u8], batch: usize, patch: usize) -> Result<Arc<TypedRunnableModel>> {
     parse_onnx(bytes)?
@@ -455,18 +469,34 @@ fn main() -> Result<()> {
         Some(p) => read(p)?,
         None => manifest.model_bytes(Role::Stage2, variant)?,
     };
-    let stride = manifest
-        .entry(Role::Stage1, variant)?
-        .output_stride
-        .context("stage-1 entry without output_stride")?;
-    let stage1 = Stage1Model::load(&stage1_bytes, stride, geometry.size)?;
+    let ModelGeometry::Map {
+        receptive_field,
+        output_stride,
+        input_multiple,
+    } = manifest.entry(Role::Stage1, variant)?.geometry()?
+    else {
+        bail!("the manifest's stage-1 entry is not a map model");
+    };
+    let stage1 = Stage1Model::load(
+        &stage1_bytes,
+        output_stride,
+        receptive_field,
+        input_multiple,
+    )?;
     let stage2 = Stage2Model::load(&stage2_bytes, a.stage2_batch, geometry.size)?;
     let img = image_io::decode_image(&bytes)?;
     let (pre_times, prep) = time_runs(runs, 0, || {
         preprocess(&img, FovSource::Estimate, &manifest.preprocess)
     })?;
-    let pad = stage1.patch_size() / 2;
-    let (pad_times, padded) = time_runs(runs, 0, || Ok(pad_planes(&prep.planes, pad)))?;
+    // The whole image padded to the input multiple, as one network input.
+    let (pad_times, padded) = time_runs(runs, 0, || {
+        Ok(band(
+            &prep.planes,
+            0,
+            prep.planes.height.next_multiple_of(input_multiple),
+            prep.planes.width.next_multiple_of(input_multiple),
+        ))
+    })?;
     let rss_before_stage1 = proc_status_mib("VmRSS:");
     let hwm_reset = reset_peak_rss();
     let (mut s1_net, map) = time_runs(runs, a.warmup, || stage1.run(&padded))?;
@@ -475,14 +505,19 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let mut map = map;
-    map.offset -= pad as isize;
+    // The whole padded map, then cut to the cells that cover the image (as `detect`).
+    let full_map = map.clone();
+    let map = crop_map(
+        &map,
+        prep.planes.width.div_ceil(output_stride),
+        prep.planes.height.div_ceil(output_stride),
+    );
     // Experiment: stage 1 over horizontal bands (as `detect` runs it with
     // `STAGE1_BANDS`), compared with the whole-image map.
     let mut bands_result = None;
     if a.stage1_bands > 1 {
-        let band_rows = map.height.div_ceil(a.stage1_bands);
-        let in_rows = (band_rows - 1) * stage1.stride() + stage1.patch_size();
+        let band_rows = full_map.height.div_ceil(a.stage1_bands);
+        let in_rows = band_rows * stage1.stride() + 2 * stage1.halo();
         let hwm_reset = reset_peak_rss();
         let (times, stitched) = time_runs(runs, a.warmup, || {
             Ok(stage1.run_in_bands(&prep.planes, a.stage1_bands)?.data)
@@ -503,7 +538,7 @@ fn main() -> Result<()> {
         }));
     }
     // An experimental stage-1 graph (it may have concrete input dims, which
-    // `Stage1Model` refuses): timed through a plan of its own, and its MA probabilities
+    // `Stage1Model` refuses): timed through a plan of its own, and its margins
     // compared with the shipped model's.
     let mut stage1_override_diff = None;
     if let Some(path) = &a.stage1_onnx {
@@ -513,14 +548,14 @@ fn main() -> Result<()> {
             plan.run(tvec!(t.into()))
         })?;
         let out = out[0].try_as_plain_ram()?;
-        let probs = &out.as_slice::<f32>()?[map.data.len()..];
+        let margins = out.as_slice::<f32>()?;
         ensure!(
-            probs.len() == map.data.len(),
+            margins.len() == full_map.data.len(),
             "experimental stage 1 gives another map size"
         );
-        let diff = probs
+        let diff = margins
             .iter()
-            .zip(&map.data)
+            .zip(&full_map.data)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0f32, f32::max);
         stage1_override_diff = Some(diff);
@@ -598,9 +633,9 @@ fn main() -> Result<()> {
             &padded.data,
         )?;
         write_npy(
-            &dir.join("stage1_prob.npy"),
-            &[map.height, map.width],
-            &map.data,
+            &dir.join("stage1_margin.npy"),
+            &[full_map.height, full_map.width],
+            &full_map.data,
         )?;
         let p = geometry.size;
         write_npy(
@@ -608,7 +643,7 @@ fn main() -> Result<()> {
             &[n, CHANNELS, p, p],
             &patches,
         )?;
-        write_npy(&dir.join("stage2_prob.npy"), &[n], &scores)?;
+        write_npy(&dir.join("stage2_margin.npy"), &[n], &scores)?;
         let meta = json!({
             "image": a.image, "width": width, "height": height,
             "canonical": [prep.planes.width, prep.planes.height],

@@ -1,16 +1,17 @@
-//! From the stage-1 probability map to candidate positions for stage 2.
+//! From the stage-1 map to candidate positions for stage 2.
 //!
-//! Stage 1 runs fully-convolutionally with output stride 8, so its map only says which
-//! 8x8 cell holds an MA. Candidates are the map's local maxima above a threshold (at most
-//! `max_candidates`, best first); each is then moved to the darkest blob near its cell
-//! centre in the preprocessed green channel, where a microaneurysm's centre is. This
-//! refinement is what lets stride 8 reach the 5-pixel hit distance of the FROC rules.
+//! Stage 1 gives a logit margin ("MA here" minus "no MA here") per 2x2-pixel cell.
+//! Candidates are the map's local maxima over a window of `2 * nms_radius + 1` cells
+//! above a minimum margin (at most `max_candidates`, best first); each is then moved to
+//! the darkest spot within `search_radius` pixels in the preprocessed green channel, where
+//! a microaneurysm's centre is, and candidates that end up closer than `merge_distance`
+//! are merged.
 
 use crate::geometry::Planes;
 use crate::mask::Mask;
 
-/// Stage-1 output: MA probability on a grid; cell (i, j) is centred on canonical pixel
-/// `(j * stride + offset, i * stride + offset)`.
+/// Stage-1 output: the MA logit margin on a grid; cell (i, j) is centred on canonical
+/// pixel `(j * stride + offset, i * stride + offset)`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProbMap {
     pub width: usize,
@@ -40,10 +41,12 @@ impl ProbMap {
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CandidateConfig {
-    /// Minimum stage-1 probability.
-    pub threshold: f32,
+    /// Minimum stage-1 logit margin (-4.6 is a probability of 0.01).
+    pub min_margin: f32,
     /// At most this many candidates per image, best first.
     pub max_candidates: usize,
+    /// A candidate is the highest cell within this many cells in every direction.
+    pub nms_radius: usize,
     /// Refinement searches this many pixels around the cell centre.
     pub search_radius: usize,
     /// Candidates that end up closer than this (pixels) are merged, keeping the better.
@@ -53,15 +56,16 @@ pub struct CandidateConfig {
 impl Default for CandidateConfig {
     fn default() -> Self {
         Self {
-            threshold: 0.5,
+            min_margin: -4.6,
             max_candidates: 150,
-            search_radius: 6,
+            nms_radius: 2,
+            search_radius: 2,
             merge_distance: 4.0,
         }
     }
 }
 
-/// A candidate in canonical pixel coordinates, with its stage-1 probability.
+/// A candidate in canonical pixel coordinates, with its stage-1 margin.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Candidate {
     pub x: usize,
@@ -78,7 +82,7 @@ pub fn find_candidates(
     cfg: &CandidateConfig,
 ) -> Vec<Candidate> {
     let blob = BlobResponse::new(planes);
-    let mut peaks = local_maxima(map, cfg.threshold);
+    let mut peaks = local_maxima(map, cfg.min_margin, cfg.nms_radius);
     peaks.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
     let mut out: Vec<Candidate> = Vec::new();
     for (i, j, p) in peaks {
@@ -100,20 +104,21 @@ pub fn find_candidates(
     out
 }
 
-/// Cells at least as high as their 8 neighbours (ties broken by raster order) and above
-/// the threshold, as (row, column, probability).
-fn local_maxima(map: &ProbMap, threshold: f32) -> Vec<(usize, usize, f32)> {
+/// Cells at least as high as every cell within `radius` (ties broken by raster order) and
+/// at least `min`, as (row, column, value).
+fn local_maxima(map: &ProbMap, min: f32, radius: usize) -> Vec<(usize, usize, f32)> {
     let (w, h) = (map.width, map.height);
     let mut out = Vec::new();
     for i in 0..h {
         for j in 0..w {
             let p = map.get(i, j);
-            if p < threshold {
+            if p < min {
                 continue;
             }
+            let r = radius as isize;
             let mut is_max = true;
-            'n: for di in -1isize..=1 {
-                for dj in -1isize..=1 {
+            'n: for di in -r..=r {
+                for dj in -r..=r {
                     let (ni, nj) = (i as isize + di, j as isize + dj);
                     if (di, dj) == (0, 0)
                         || ni < 0
@@ -229,12 +234,47 @@ mod tests {
         map.data[10 + 8] = 0.6;
         let cfg = CandidateConfig {
             max_candidates: 2,
+            search_radius: 6,
             ..CandidateConfig::default()
         };
         let c = find_candidates(&map, &planes, &full_fov(w, h), &cfg);
         assert_eq!(c.len(), 2);
         assert_eq!((c[0].x, c[0].y, c[0].stage1), (21, 13, 0.9));
         assert_eq!((c[1].x, c[1].y), (60, 45));
+    }
+
+    #[test]
+    fn peaks_suppress_lower_cells_within_the_radius() {
+        let (w, h) = (40, 8);
+        let planes = Planes::zeros(w, h);
+        let mut map = ProbMap {
+            width: 20,
+            height: 4,
+            stride: 2,
+            offset: 0,
+            data: vec![-10.0; 80],
+        };
+        // Three peaks on row 1: columns 2 and 4 are 2 cells apart, 4 and 9 are 5 apart.
+        map.data[20 + 2] = 3.0;
+        map.data[20 + 4] = 5.0;
+        map.data[20 + 9] = 1.0;
+        // Below the minimum margin: never a candidate.
+        map.data[60 + 15] = -6.0;
+        let cfg = |nms_radius| CandidateConfig {
+            nms_radius,
+            search_radius: 0,
+            ..CandidateConfig::default()
+        };
+        let at = |c: &[Candidate]| c.iter().map(|c| (c.x, c.y)).collect::<Vec<_>>();
+        let fov = full_fov(w, h);
+        assert_eq!(
+            at(&find_candidates(&map, &planes, &fov, &cfg(1))),
+            [(8, 2), (4, 2), (18, 2)]
+        );
+        assert_eq!(
+            at(&find_candidates(&map, &planes, &fov, &cfg(2))),
+            [(8, 2), (18, 2)]
+        );
     }
 
     #[test]

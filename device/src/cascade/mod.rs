@@ -22,6 +22,47 @@ use onnx::{STAGE2_BATCH, Stage1Model, Stage2Model};
 /// asks for every candidate with score >= 0.01).
 pub const MIN_REPORTED_SCORE: f64 = 0.01;
 
+/// How a candidate's reported score is made from the two nets' logit margins (the
+/// `[scoring]` table of the model manifest):
+/// `score = sigmoid((stage2 + stage1_weight * stage1) / temperature)`.
+///
+/// Stage 1 sees 71 px of context around every pixel, stage 2 a 41x41 patch centred on
+/// the candidate; their errors differ, and on cross-validation the sum ranked MAs better
+/// than either margin alone (`models/MODEL_CARD.md`). The temperature only keeps large
+/// margins from rounding to exactly 1.0 (where they would tie); it does not change the
+/// order.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scoring {
+    pub stage1_weight: f64,
+    pub temperature: f64,
+}
+
+impl Default for Scoring {
+    fn default() -> Self {
+        Self {
+            stage1_weight: 1.0,
+            temperature: 8.0,
+        }
+    }
+}
+
+impl Scoring {
+    /// The reported score of a candidate with these margins, in (0, 1).
+    pub fn score(&self, stage1: f32, stage2: f32) -> f64 {
+        let z = (stage2 as f64 + self.stage1_weight * stage1 as f64) / self.temperature;
+        1.0 / (1.0 + (-z).exp())
+    }
+}
+
+/// The detections `detect` reports: those scoring at least [`MIN_REPORTED_SCORE`], best
+/// first (ties in their original order).
+pub fn reported(mut detections: Vec<Detection>) -> Vec<Detection> {
+    detections.retain(|d| d.score >= MIN_REPORTED_SCORE);
+    detections.sort_by(|a, b| b.score.total_cmp(&a.score));
+    detections
+}
+
 /// Where the time of one image went, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Timings {
@@ -65,6 +106,7 @@ pub struct Cascade {
     stage2: Stage2Model,
     preprocess: PreprocessConfig,
     candidates: CandidateConfig,
+    scoring: Scoring,
     geometry: PatchGeometry,
 }
 
@@ -84,9 +126,10 @@ impl Cascade {
         let stage1 = Stage1Model::from_manifest(&manifest, variant)?;
         let stage2 = Stage2Model::from_manifest(&manifest, variant, STAGE2_BATCH)?;
         ensure!(
-            stage1.patch_size() == geometry.size && stage2.patch_len() == geometry.len(),
-            "the models in {} disagree with the manifest's patch size {}",
+            stage2.patch_size() == geometry.size,
+            "the stage-2 model in {} takes {}-px patches, the manifest says {}",
             models_dir.display(),
+            stage2.patch_size(),
             geometry.size
         );
         let signed_by = match trust {
@@ -97,6 +140,7 @@ impl Cascade {
             signed_by,
             preprocess: manifest.preprocess.clone(),
             candidates: manifest.stage1.clone(),
+            scoring: manifest.scoring.clone(),
             manifest,
             variant,
             stage1,
@@ -121,21 +165,21 @@ impl Cascade {
             self.geometry
                 .extract(&pre.planes, c.x as i64, c.y as i64, patch);
         }
-        let scores = self.stage2.run(&patches, found.len())?;
-        let mut detections: Vec<Detection> = found
-            .iter()
-            .zip(&scores)
-            .filter(|(_, s)| **s as f64 >= MIN_REPORTED_SCORE)
-            .map(|(c, &s)| {
-                let (x, y) = pre.scale.to_original(c.x as f64, c.y as f64);
-                Detection {
-                    x,
-                    y,
-                    score: s as f64,
-                }
-            })
-            .collect();
-        detections.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let margins = self.stage2.run(&patches, found.len())?;
+        let detections = reported(
+            found
+                .iter()
+                .zip(&margins)
+                .map(|(c, &m2)| {
+                    let (x, y) = pre.scale.to_original(c.x as f64, c.y as f64);
+                    Detection {
+                        x,
+                        y,
+                        score: self.scoring.score(c.stage1, m2),
+                    }
+                })
+                .collect(),
+        );
         let total = started.elapsed().as_secs_f64() * 1e3;
         Ok(ImageResult {
             width: image.width(),

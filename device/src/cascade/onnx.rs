@@ -7,7 +7,6 @@
 //!   (canonical sizes differ a little between cameras, but one camera gives one size);
 //! - stage 2 is optimised once for a fixed batch; the last batch is padded with zeros.
 
-use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
@@ -16,21 +15,18 @@ use tract_onnx::prelude::*;
 
 use crate::cascade::candidates::ProbMap;
 use crate::geometry::{CHANNELS, Planes};
-use crate::manifest::{Manifest, Role, Variant};
+use crate::manifest::{Manifest, ModelGeometry, Role, Variant};
 
 /// Optimised plans kept by [`Stage1Model`] (one per input size).
 const STAGE1_PLAN_CACHE: usize = 4;
 
 /// Stage-2 batch: one patch per call. Above batch 1 tract builds each convolution's whole
-/// im2col matrix on one thread (127 MB for 32 patches): measured with `ma-bench`, stage 2
-/// took 263 ms at batch 1 against 466 ms at 32, and the peak RSS of `detect` fell from 349
-/// to 296 MiB (BENCHMARKS.md).
+/// im2col matrix on one thread: measured with `ma-bench` on the earlier 101x101 stage 2,
+/// batch 1 was faster (263 against 466 ms at 32) and used less memory (BENCHMARKS.md).
 pub const STAGE2_BATCH: usize = 1;
 
-/// Stage 1 runs on a whole image in this many horizontal bands ([`Stage1Model::run_on_image`]).
-/// On one plan the whole-image run holds conv1's output (127 MB for 1500x1152) next to a
-/// padded copy of the image; in three bands the peak RSS of `detect` fell from 296 to 143
-/// MiB for 27-38 ms more stage 1, with a bit-identical map (BENCHMARKS.md, proposal 2).
+/// Stage 1 runs on a whole image in this many horizontal bands ([`Stage1Model::run_on_image`]),
+/// to bound the memory of its full-resolution feature maps (BENCHMARKS.md).
 pub const STAGE1_BANDS: usize = 3;
 
 type Plan = Arc<TypedRunnableModel>;
@@ -48,26 +44,25 @@ pub fn set_threads(n: usize) {
     }
 }
 
-/// `planes` with `pad` zero pixels on every side: with `pad = patch_size / 2`, the map
-/// value `(col, row)` is centred on pixel `(stride * col, stride * row)` of `planes`.
-pub fn pad_planes(planes: &Planes, pad: usize) -> Planes {
-    padded_band(planes, pad, 0, planes.height + 2 * pad)
-}
-
 fn parse(bytes: &[u8], what: &str) -> Result<InferenceModel> {
     tract_onnx::onnx()
         .model_for_read(&mut Cursor::new(bytes))
         .with_context(|| format!("parsing the {what} ONNX model"))
 }
 
-/// The stage-1 fully-convolutional net.
+/// The stage-1 fully-convolutional net: input `1 x 3 x H x W` (H and W multiples of
+/// `input_multiple`, zero-padded convolutions), output the `1 x 1 x H/s x W/s` margin map.
+///
+/// The graph is typed for each concrete input size, not once with symbolic sides: after
+/// two poolings and an upsampling the decoder's height is `2 * floor(H / 4)` and the
+/// skip's `floor(H / 2)`, which tract cannot prove equal for a symbolic H (its Concat
+/// analysis fails), although they are for every H the model accepts.
 pub struct Stage1Model {
-    /// Typed and decluttered with symbolic height and width.
-    model: TypedModel,
-    height: Symbol,
-    width: Symbol,
+    /// Parsed, not typed.
+    model: InferenceModel,
     stride: usize,
-    patch_size: usize,
+    receptive_field: usize,
+    input_multiple: usize,
     /// Most recently used first.
     plans: Mutex<Vec<((usize, usize), Plan)>>,
 }
@@ -76,43 +71,45 @@ impl Stage1Model {
     /// Load the manifest's stage-1 model of `variant` (hash checked).
     pub fn from_manifest(manifest: &Manifest, variant: Variant) -> Result<Self> {
         let entry = manifest.entry(Role::Stage1, variant)?;
+        let ModelGeometry::Map {
+            receptive_field,
+            output_stride,
+            input_multiple,
+        } = entry.geometry()?
+        else {
+            bail!("the stage1 entry of {} is not a map model", entry.file);
+        };
         let bytes = manifest.verify_file(entry)?;
-        let stride = entry
-            .output_stride
-            .context("stage1 manifest entry has no output_stride")?;
-        Self::load(&bytes, stride, entry.patch_size)
+        Self::load(&bytes, output_stride, receptive_field, input_multiple)
             .with_context(|| format!("loading {}", manifest.path_of(entry).display()))
     }
 
     /// Load from ONNX bytes; prefer [`Stage1Model::from_manifest`], which checks the hash.
-    pub fn load(bytes: &[u8], stride: usize, patch_size: usize) -> Result<Self> {
-        let model = parse(bytes, "stage-1")?;
-        let model = model
-            .into_typed()
-            .context("typing the stage-1 model")?
-            .into_decluttered()
-            .context("decluttering the stage-1 model")?;
-        let input = model.input_fact(0)?;
+    pub fn load(
+        bytes: &[u8],
+        stride: usize,
+        receptive_field: usize,
+        input_multiple: usize,
+    ) -> Result<Self> {
         ensure!(
-            input.rank() == 4,
-            "stage-1 input must be NCHW, got {:?}",
-            input
+            stride > 0 && input_multiple.is_multiple_of(stride),
+            "stage-1 input multiple {input_multiple} is not a multiple of its stride {stride}"
         );
-        let sym = |axis: usize, name: &str| -> Result<Symbol> {
-            match &input.shape[axis] {
-                TDim::Sym(s) => Ok(s.clone()),
-                d => bail!("stage-1 input {name} must be symbolic, got {d}"),
-            }
-        };
-        let (height, width) = (sym(2, "height")?, sym(3, "width")?);
-        Ok(Self {
+        let model = parse(bytes, "stage-1")?;
+        let loaded = Self {
             model,
-            height,
-            width,
             stride,
-            patch_size,
+            receptive_field,
+            input_multiple,
             plans: Mutex::new(Vec::new()),
-        })
+        };
+        // Type and optimise one small size now, so a model that cannot run fails at load
+        // (naming the file) rather than on the first image.
+        let probe = 16 * input_multiple;
+        loaded
+            .plan(probe, probe)
+            .context("checking the stage-1 model on a small input")?;
+        Ok(loaded)
     }
 
     /// Output stride of the map.
@@ -120,8 +117,15 @@ impl Stage1Model {
         self.stride
     }
 
-    pub fn patch_size(&self) -> usize {
-        self.patch_size
+    pub fn receptive_field(&self) -> usize {
+        self.receptive_field
+    }
+
+    /// Input rows a band reads beyond the map rows it keeps, on each side: more than half
+    /// the receptive field, so every kept value sees exactly what it sees in a
+    /// whole-image run, rounded up to the input multiple so the pooling grids line up.
+    pub fn halo(&self) -> usize {
+        (self.receptive_field / 2 + self.stride).next_multiple_of(self.input_multiple)
     }
 
     fn plan(&self, height: usize, width: usize) -> Result<Plan> {
@@ -136,13 +140,10 @@ impl Stage1Model {
             }
         }
         // Optimise outside the lock; a concurrent miss for the same size only wastes work.
-        let subs = HashMap::from([
-            (self.height.clone(), TDim::Val(height as i64)),
-            (self.width.clone(), TDim::Val(width as i64)),
-        ]);
         let plan = self
             .model
-            .set_symbols(&subs)
+            .clone()
+            .with_input_fact(0, f32::fact([1, CHANNELS, height, width]).into())
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .with_context(|| format!("optimising the stage-1 model for {width}x{height}"))?;
@@ -152,14 +153,14 @@ impl Stage1Model {
         Ok(plan)
     }
 
-    /// MA probability map of `input`, taken as the network input as it is (see
-    /// [`pad_planes`] for centring the map on the image).
+    /// Margin map of `input` as the network input (sides multiples of the input
+    /// multiple): value (i, j) covers input pixels `(s j .. s j + s - 1, s i .. s i + s - 1)`.
     pub fn run(&self, input: &Planes) -> Result<ProbMap> {
         let (w, h) = (input.width, input.height);
+        let m = self.input_multiple;
         ensure!(
-            w >= self.patch_size && h >= self.patch_size,
-            "stage-1 input {w}x{h} is smaller than one {0}x{0} patch",
-            self.patch_size
+            w > 0 && h > 0 && w.is_multiple_of(m) && h.is_multiple_of(m),
+            "stage-1 input {w}x{h} must be a non-empty multiple of {m} on both sides"
         );
         ensure!(
             input.data.len() == CHANNELS * w * h,
@@ -172,94 +173,81 @@ impl Stage1Model {
             .run(tvec!(tensor.into()))
             .with_context(|| format!("running stage 1 on {w}x{h}"))?;
         let out = out[0].try_as_plain_ram()?;
-        let shape = out.shape().to_vec();
+        let (mh, mw) = (h / self.stride, w / self.stride);
         ensure!(
-            shape.len() == 4 && shape[0] == 1 && shape[1] == 2,
-            "stage-1 output has shape {shape:?}, [1, 2, H, W] expected"
+            out.shape() == [1, 1, mh, mw],
+            "stage-1 output has shape {:?} for a {w}x{h} input, [1, 1, {mh}, {mw}] expected",
+            out.shape()
         );
-        let (mh, mw) = (shape[2], shape[3]);
-        let expect = |n: usize| (n - self.patch_size) / self.stride + 1;
-        ensure!(
-            (mh, mw) == (expect(h), expect(w)),
-            "stage-1 map is {mw}x{mh} for a {w}x{h} input; stride {} and patch {} give {}x{}",
-            self.stride,
-            self.patch_size,
-            expect(w),
-            expect(h)
-        );
-        let data = out.as_slice::<f32>()?[mh * mw..].to_vec();
         Ok(ProbMap {
             width: mw,
             height: mh,
-            data,
+            data: out.as_slice::<f32>()?.to_vec(),
             stride: self.stride,
-            // Value (0, 0) classifies the patch centred half a patch into the input.
-            offset: (self.patch_size / 2) as isize,
+            offset: 0,
         })
     }
 
-    /// MA probability map of a whole preprocessed image: the planes are padded by half
-    /// a patch (zeros, as outside the FOV), so the map covers the image up to its edges
-    /// and its cell centres are in the image's (canonical) coordinates. Computed in
-    /// [`STAGE1_BANDS`] bands to bound memory.
+    /// Margin map of a whole preprocessed image, computed in [`STAGE1_BANDS`] bands to
+    /// bound memory; the map covers the image (`ceil(W / s) x ceil(H / s)` cells).
     pub fn run_on_image(&self, planes: &Planes) -> Result<ProbMap> {
         self.run_in_bands(planes, STAGE1_BANDS)
     }
 
-    /// [`Stage1Model::run_on_image`] over `bands` horizontal bands: the same values (each
-    /// map row depends only on its own input rows), less memory. Every band has the same
-    /// height, so one optimised plan serves them all (the last band is moved up and
-    /// recomputes a few rows); each band is cut from the unpadded planes with its zero
-    /// border, so the padded image is never built whole.
+    /// [`Stage1Model::run_on_image`] over `bands` horizontal bands, with the same values as
+    /// one run on the whole image padded with zero rows and columns up to the input
+    /// multiple (what the trainer computes). Each band reads [`Stage1Model::halo`] extra
+    /// rows on both sides, but never beyond the image's first row or its padded last row:
+    /// the convolutions' zero padding then falls where it falls in the whole-image run.
     pub fn run_in_bands(&self, planes: &Planes, bands: usize) -> Result<ProbMap> {
-        let (patch, stride) = (self.patch_size, self.stride);
-        let pad = patch / 2;
-        let rows = (planes.height + 2 * pad - patch) / stride + 1;
-        let band_rows = rows.div_ceil(bands.max(1));
-        let in_rows = (band_rows - 1) * stride + patch;
-        let mut map: Option<ProbMap> = None;
+        let (m, s) = (self.input_multiple, self.stride);
+        let (padded_h, padded_w) = (
+            planes.height.next_multiple_of(m),
+            planes.width.next_multiple_of(m),
+        );
+        let map_rows = padded_h / s;
+        // Bands start on input rows that are multiples of `m`.
+        let step = m / s;
+        let band_rows = map_rows.div_ceil(bands.max(1)).next_multiple_of(step);
+        let halo = self.halo();
+        let (keep_h, keep_w) = (planes.height.div_ceil(s), planes.width.div_ceil(s));
+        let mut data = Vec::with_capacity(keep_w * keep_h);
         let mut r0 = 0;
-        while r0 < rows {
-            let start = r0.min(rows - band_rows);
-            let part = self.run(&padded_band(planes, pad, start * stride, in_rows))?;
-            ensure!(
-                part.height == band_rows,
-                "stage-1 band gave {} map rows, {band_rows} expected",
-                part.height
-            );
-            let m = map.get_or_insert_with(|| ProbMap {
-                width: part.width,
-                height: rows,
-                stride,
-                offset: part.offset - pad as isize,
-                data: vec![0.0; part.width * rows],
-            });
-            for r in r0..start + band_rows {
-                m.data[r * m.width..][..m.width]
-                    .copy_from_slice(&part.data[(r - start) * part.width..][..part.width]);
+        while r0 < keep_h {
+            let r1 = (r0 + band_rows).min(map_rows);
+            let y0 = (r0 * s).saturating_sub(halo);
+            let y1 = (r1 * s + halo).min(padded_h);
+            let part = self.run(&band(planes, y0, y1 - y0, padded_w))?;
+            let first = (r0 * s - y0) / s;
+            for r in r0..r1.min(keep_h) {
+                let row = &part.data[(first + r - r0) * part.width..][..part.width];
+                data.extend_from_slice(&row[..keep_w]);
             }
-            r0 = start + band_rows;
+            r0 = r1;
         }
-        map.context("empty stage-1 map")
+        Ok(ProbMap {
+            width: keep_w,
+            height: keep_h,
+            data,
+            stride: s,
+            offset: 0,
+        })
     }
 }
 
-/// Rows `y0 .. y0 + rows` of `planes` padded by `pad` zero pixels on every side: one band
-/// of what [`pad_planes`] gives.
-fn padded_band(planes: &Planes, pad: usize, y0: usize, rows: usize) -> Planes {
-    let w = planes.width + 2 * pad;
-    let mut out = Planes::zeros(w, rows);
+/// Rows `y0 .. y0 + rows` of `planes`, `width` columns wide; rows and columns beyond the
+/// image are 0 (as preprocessing leaves everything outside the field of view).
+pub fn band(planes: &Planes, y0: usize, rows: usize, width: usize) -> Planes {
+    let mut out = Planes::zeros(width, rows);
+    let cols = planes.width.min(width);
     for c in 0..CHANNELS {
         let (src, dst) = (planes.channel(c), out.channel_mut(c));
         for r in 0..rows {
-            let Some(sy) = (y0 + r).checked_sub(pad) else {
-                continue;
-            };
+            let sy = y0 + r;
             if sy >= planes.height {
-                continue;
+                break;
             }
-            dst[r * w + pad..][..planes.width]
-                .copy_from_slice(&src[sy * planes.width..][..planes.width]);
+            dst[r * width..][..cols].copy_from_slice(&src[sy * planes.width..][..cols]);
         }
     }
     out
@@ -276,8 +264,11 @@ impl Stage2Model {
     /// Load the manifest's stage-2 model of `variant` (hash checked).
     pub fn from_manifest(manifest: &Manifest, variant: Variant, batch: usize) -> Result<Self> {
         let entry = manifest.entry(Role::Stage2, variant)?;
+        let ModelGeometry::Patch(side) = entry.geometry()? else {
+            bail!("the stage2 entry of {} is not a patch model", entry.file);
+        };
         let bytes = manifest.verify_file(entry)?;
-        Self::load(&bytes, batch, entry.patch_size)
+        Self::load(&bytes, batch, side)
             .with_context(|| format!("loading {}", manifest.path_of(entry).display()))
     }
 
@@ -306,7 +297,11 @@ impl Stage2Model {
         CHANNELS * self.patch_size * self.patch_size
     }
 
-    /// MA probability of each of the `n` patches in `patches` (`n` CHW patches back to
+    pub fn patch_size(&self) -> usize {
+        self.patch_size
+    }
+
+    /// Logit margin of each of the `n` patches in `patches` (`n` CHW patches back to
     /// back, as `PatchGeometry::extract` writes them).
     pub fn run(&self, patches: &[f32], n: usize) -> Result<Vec<f32>> {
         let len = self.patch_len();
@@ -316,7 +311,7 @@ impl Stage2Model {
             patches.len()
         );
         let p = self.patch_size;
-        let mut probs = Vec::with_capacity(n);
+        let mut margins = Vec::with_capacity(n);
         let mut padded = Vec::new();
         for chunk in patches.chunks(self.batch * len) {
             let count = chunk.len() / len;
@@ -335,15 +330,14 @@ impl Stage2Model {
                 .context("running stage 2")?;
             let out = out[0].try_as_plain_ram()?;
             ensure!(
-                out.shape() == [self.batch, 2],
-                "stage-2 output has shape {:?}, [{}, 2] expected",
+                out.shape() == [self.batch, 1],
+                "stage-2 output has shape {:?}, [{}, 1] expected",
                 out.shape(),
                 self.batch
             );
-            let values = out.as_slice::<f32>()?;
-            probs.extend((0..count).map(|i| values[2 * i + 1]));
+            margins.extend_from_slice(&out.as_slice::<f32>()?[..count]);
         }
-        Ok(probs)
+        Ok(margins)
     }
 }
 
@@ -359,31 +353,21 @@ mod tests {
     }
 
     #[test]
-    fn padding_centres_the_map_on_the_image() {
+    fn bands_copy_rows_and_pad_with_zeros() {
         let mut planes = Planes::zeros(3, 2);
         for (i, v) in planes.data.iter_mut().enumerate() {
             *v = i as f32 + 1.0;
         }
-        let padded = pad_planes(&planes, 2);
-        assert_eq!((padded.width, padded.height), (7, 6));
+        let b = band(&planes, 1, 3, 4);
+        assert_eq!((b.width, b.height), (4, 3));
         for c in 0..CHANNELS {
-            for y in 0..2 {
-                for x in 0..3 {
-                    assert_eq!(padded.get(c, x + 2, y + 2), planes.get(c, x, y));
-                }
+            // Row 0 of the band is row 1 of the planes; the 4th column and the rows
+            // below the image are zero.
+            for x in 0..3 {
+                assert_eq!(b.get(c, x, 0), planes.get(c, x, 1));
             }
+            assert_eq!(b.get(c, 3, 0), 0.0);
+            assert!((0..4).all(|x| b.get(c, x, 1) == 0.0 && b.get(c, x, 2) == 0.0));
         }
-        let total: f32 = padded.data.iter().sum();
-        assert_eq!(total, planes.data.iter().sum::<f32>());
-        let map = ProbMap {
-            width: 2,
-            height: 1,
-            data: vec![0.1, 0.9],
-            stride: 8,
-            offset: 2,
-        };
-        // Value (row 0, column 1) of a patch-5 net is centred on input pixel (8 + 2, 2).
-        assert_eq!(map.centre(0, 1), (8 + 2, 2));
-        assert_eq!(map.get(0, 1), 0.9);
     }
 }
