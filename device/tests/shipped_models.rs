@@ -47,9 +47,10 @@ fn shipped_models_find_synthetic_microaneurysms_within_3_px() {
             found += hits;
         }
     }
-    // Measured with models 0.2.0: 29/36 per variant (7-11 of 12 per frame).
+    // Measured with models 0.3.0: 35/36 per variant (11-12 of 12 per frame); 0.2.0 found
+    // 29/36.
     assert!(
-        found * 10 >= total * 7,
+        found * 10 >= total * 9,
         "only {found} of {total} synthetic MAs found within 3 px"
     );
 }
