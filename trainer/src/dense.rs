@@ -16,7 +16,7 @@ use rand::Rng;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::nets::Stage;
-use crate::patches::{Augment, dihedral_plane};
+use crate::patches::{Augment, brighten, dihedral, dihedral_plane};
 use crate::prepare::PreparedImage;
 
 /// Label of a cell or pixel that does not count in the loss.
@@ -211,21 +211,8 @@ pub fn crop_batch(
             side,
             &mut raw,
         );
-        let plane = side * side;
-        for ch in 0..CHANNELS {
-            dihedral_plane(
-                &raw[ch * plane..][..plane],
-                &mut out[ch * plane..][..plane],
-                side,
-                c.dihedral,
-            );
-        }
-        if c.gain != 1.0 || c.bias != 0.0 {
-            // Outside the FOV stays exactly 0, as preprocessing leaves it.
-            for v in out.iter_mut().filter(|v| **v != 0.0) {
-                *v = *v * c.gain + c.bias;
-            }
-        }
+        dihedral(&raw, out, side, c.dihedral);
+        brighten(out, c.gain, c.bias);
         // An even side maps cell j onto cell k - 1 - j under a flip, as it maps pixels
         // 2j, 2j + 1 onto 2(k - 1 - j) + 1, 2(k - 1 - j): the same symmetry labels the
         // transformed crop.

@@ -142,14 +142,7 @@ pub fn batch(images: &[PreparedImage], samples: &[Sample], geo: PatchGeometry) -
     for (s, out) in samples.iter().zip(data.chunks_exact_mut(len)) {
         geo.extract(&images[s.image].pre.planes, s.x, s.y, &mut patch);
         dihedral(&patch, out, geo.size, s.dihedral);
-        if s.gain != 1.0 || s.bias != 0.0 {
-            for v in out.iter_mut() {
-                // Outside the FOV stays exactly 0, as preprocessing leaves it.
-                if *v != 0.0 {
-                    *v = *v * s.gain + s.bias;
-                }
-            }
-        }
+        brighten(out, s.gain, s.bias);
     }
     let n = samples.len() as i64;
     let s = geo.size as i64;
@@ -167,6 +160,16 @@ pub fn dihedral(src: &[f32], dst: &mut [f32], s: usize, k: u8) {
             s,
             k,
         );
+    }
+}
+
+/// Contrast and brightness augmentation: `v * gain + bias` on every non-zero value, so
+/// that outside the FOV stays exactly 0, as preprocessing leaves it.
+pub fn brighten(values: &mut [f32], gain: f32, bias: f32) {
+    if gain != 1.0 || bias != 0.0 {
+        for v in values.iter_mut().filter(|v| **v != 0.0) {
+            *v = *v * gain + bias;
+        }
     }
 }
 
