@@ -250,18 +250,14 @@ fn parse_onnx(bytes: &[u8]) -> Result<InferenceModel> {
 }
 
 /// The optimised stage-1 plan at `height` x `width` (a private copy of what
-/// `Stage1Model` builds, so the cascade's code is untouched).
+/// `Stage1Model` builds, so the cascade's code is untouched). Typed for the concrete
+/// size, as `Stage1Model` does: with symbolic sides tract cannot prove the U-net's skip
+/// and upsampled maps the same height.
 fn stage1_plan(bytes: &[u8], height: usize, width: usize) -> Result<Arc<TypedRunnableModel>> {
-    let model = parse_onnx(bytes)?.into_typed()?.into_decluttered()?;
-    let fact = model.input_fact(0)?.clone();
-    let subs: HashMap<Symbol, TDim> = [(2, height), (3, width)]
-        .into_iter()
-        .filter_map(|(axis, v)| match &fact.shape[axis] {
-            TDim::Sym(s) => Some((s.clone(), TDim::Val(v as i64))),
-            _ => None,
-        })
-        .collect();
-    model.set_symbols(&subs)?.into_optimized()?.into_runnable()
+    parse_onnx(bytes)?
+        .with_input_fact(0, f32::fact([1, CHANNELS, height, width]).into())?
+        .into_optimized()?
+        .into_runnable()
 }
 
 /// The first `width` x `height` cells of `map`.
