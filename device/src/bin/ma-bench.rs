@@ -25,7 +25,7 @@
 //! Prints a table, or one JSON object with `--json` (what `scripts/bench.sh` reads).
 
 use std::collections::HashMap;
-use std::io::{Cursor, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,7 +37,9 @@ use tract_onnx::prelude::*;
 
 use ma_device::cascade::Cascade;
 use ma_device::cascade::candidates::{ProbMap, find_candidates};
-use ma_device::cascade::onnx::{STAGE2_BATCH, Stage1Model, Stage2Model, band, set_threads};
+use ma_device::cascade::onnx::{
+    STAGE2_BATCH, Stage1Model, Stage2Model, band, parse, set_threads, stage1_plan, stage2_plan,
+};
 use ma_device::geometry::{CHANNELS, PatchGeometry};
 use ma_device::image_io;
 use ma_device::manifest::{Manifest, ModelGeometry, Role, Variant};
@@ -245,21 +247,6 @@ fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
-fn parse_onnx(bytes: &[u8]) -> Result<InferenceModel> {
-    tract_onnx::onnx().model_for_read(&mut Cursor::new(bytes))
-}
-
-/// The optimised stage-1 plan at `height` x `width` (a private copy of what
-/// `Stage1Model` builds, so the cascade's code is untouched). Typed for the concrete
-/// size, as `Stage1Model` does: with symbolic sides tract cannot prove the U-net's skip
-/// and upsampled maps the same height.
-fn stage1_plan(bytes: &[u8], height: usize, width: usize) -> Result<Arc<TypedRunnableModel>> {
-    parse_onnx(bytes)?
-        .with_input_fact(0, f32::fact([1, CHANNELS, height, width]).into())?
-        .into_optimized()?
-        .into_runnable()
-}
-
 /// The first `width` x `height` cells of `map`.
 fn crop_map(map: &ProbMap, width: usize, height: usize) -> ProbMap {
     let mut data = Vec::with_capacity(width * height);
@@ -272,14 +259,6 @@ fn crop_map(map: &ProbMap, width: usize, height: usize) -> ProbMap {
         data,
         ..map.clone()
     }
-}
-
-/// The optimised stage-2 plan for a batch (as `Stage2Model` builds it).
-fn stage2_plan(bytes: &[u8], batch: usize, patch: usize) -> Result<Arc<TypedRunnableModel>> {
-    parse_onnx(bytes)?
-        .with_input_fact(0, f32::fact([batch, CHANNELS, patch, patch]).into())?
-        .into_optimized()?
-        .into_runnable()
 }
 
 /// Mean time of every node of `plan` over `runs` runs (after one untimed run), with
@@ -538,7 +517,11 @@ fn main() -> Result<()> {
     // compared with the shipped model's.
     let mut stage1_override_diff = None;
     if let Some(path) = &a.stage1_onnx {
-        let plan = stage1_plan(&read(path)?, padded.height, padded.width)?;
+        let plan = stage1_plan(
+            &parse(&read(path)?, "stage-1")?,
+            padded.height,
+            padded.width,
+        )?;
         let (times, out) = time_runs(runs, a.warmup, || {
             let t = Tensor::from_shape(&[1, CHANNELS, padded.height, padded.width], &padded.data)?;
             plan.run(tvec!(t.into()))
@@ -651,12 +634,16 @@ fn main() -> Result<()> {
     }
 
     let (profile1, profile2) = if a.profile {
-        let plan = stage1_plan(&stage1_bytes, padded.height, padded.width)?;
+        let plan = stage1_plan(
+            &parse(&stage1_bytes, "stage-1")?,
+            padded.height,
+            padded.width,
+        )?;
         let input = Tensor::from_shape(&[1, CHANNELS, padded.height, padded.width], &padded.data)?;
         let p1 = profile_plan(&plan, input, runs.min(5))?;
         drop(plan);
         let (b, p) = (stage2.batch(), geometry.size);
-        let plan = stage2_plan(&stage2_bytes, b, p)?;
+        let plan = stage2_plan(parse(&stage2_bytes, "stage-2")?, b, p)?;
         let mut data = patches.clone();
         data.resize(b * len, 0.0);
         data.truncate(b * len);

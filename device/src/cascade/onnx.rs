@@ -29,7 +29,8 @@ pub const STAGE2_BATCH: usize = 1;
 /// to bound the memory of its full-resolution feature maps (BENCHMARKS.md).
 pub const STAGE1_BANDS: usize = 3;
 
-type Plan = Arc<TypedRunnableModel>;
+/// An optimised, runnable tract model for one concrete input shape.
+pub type Plan = Arc<TypedRunnableModel>;
 
 /// Use `n` threads for tract's matrix products (process-wide).
 ///
@@ -44,10 +45,31 @@ pub fn set_threads(n: usize) {
     }
 }
 
-fn parse(bytes: &[u8], what: &str) -> Result<InferenceModel> {
+/// Parse ONNX bytes (`what` names the model in the error).
+pub fn parse(bytes: &[u8], what: &str) -> Result<InferenceModel> {
     tract_onnx::onnx()
         .model_for_read(&mut Cursor::new(bytes))
         .with_context(|| format!("parsing the {what} ONNX model"))
+}
+
+/// The stage-1 plan for one `height` x `width` input: what [`Stage1Model`] runs, and what
+/// `ma-bench` times and profiles (one builder, so the two cannot drift apart).
+pub fn stage1_plan(model: &InferenceModel, height: usize, width: usize) -> Result<Plan> {
+    model
+        .clone()
+        .with_input_fact(0, f32::fact([1, CHANNELS, height, width]).into())
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .with_context(|| format!("optimising the stage-1 model for {width}x{height}"))
+}
+
+/// The stage-2 plan for a batch of `batch` patches of `patch` x `patch`.
+pub fn stage2_plan(model: InferenceModel, batch: usize, patch: usize) -> Result<Plan> {
+    model
+        .with_input_fact(0, f32::fact([batch, CHANNELS, patch, patch]).into())
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .with_context(|| format!("optimising the stage-2 model for batch {batch}"))
 }
 
 /// The stage-1 fully-convolutional net: input `1 x 3 x H x W` (H and W multiples of
@@ -140,13 +162,7 @@ impl Stage1Model {
             }
         }
         // Optimise outside the lock; a concurrent miss for the same size only wastes work.
-        let plan = self
-            .model
-            .clone()
-            .with_input_fact(0, f32::fact([1, CHANNELS, height, width]).into())
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .with_context(|| format!("optimising the stage-1 model for {width}x{height}"))?;
+        let plan = stage1_plan(&self.model, height, width)?;
         let mut plans = self.plans.lock().unwrap();
         plans.insert(0, (key, plan.clone()));
         plans.truncate(STAGE1_PLAN_CACHE);
@@ -275,12 +291,7 @@ impl Stage2Model {
     /// Load from ONNX bytes; prefer [`Stage2Model::from_manifest`], which checks the hash.
     pub fn load(bytes: &[u8], batch: usize, patch_size: usize) -> Result<Self> {
         ensure!(batch > 0, "stage-2 batch must be positive");
-        let p = patch_size;
-        let plan = parse(bytes, "stage-2")?
-            .with_input_fact(0, f32::fact([batch, CHANNELS, p, p]).into())
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .with_context(|| format!("optimising the stage-2 model for batch {batch}"))?;
+        let plan = stage2_plan(parse(bytes, "stage-2")?, batch, patch_size)?;
         Ok(Self {
             plan,
             batch,
