@@ -1,3 +1,3 @@
 # ma-device model bundle signature (ed25519)
-# signature of manifest.toml by key 75caebeea546b8fd
-591a472f026628e2d27c7eaf6720017231797414452047b290f4d06b15c4d4fd3b41ae5f89d74caf8d4d1b8e3c5e7b6b8c0897105157df0e718512e9586cea04
+# signature of manifest.toml by key 9d1e42a2e6c45963
+dcb8f8d15a14c02c6dc570e6a2d09d16ee13321f3ce1f098bac9d89ce266e42d25ec0ed69c6959d834ebf6707b5c39f0e2ffe54731c1274d713be836c5378d0d
