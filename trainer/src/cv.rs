@@ -350,3 +350,112 @@ pub fn evaluate_fold(
         .collect::<Result<Vec<_>>>()?;
     Ok((reports, candidate_recall(&cands, images, &RECALL_KS)?))
 }
+
+/// CPM of the held-out images of every trained fold when candidates are scored with each
+/// of several stage-1 weights (`score = sigmoid((m2 + w m1) / T)`), from
+/// [`sweep_stage1_weight`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WeightSweep {
+    /// Folds found in the CV folder (1-based).
+    pub folds_run: Vec<usize>,
+    pub rows: Vec<WeightSweepRow>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WeightSweepRow {
+    pub stage1_weight: f64,
+    /// Same order as [`WeightSweep::folds_run`].
+    pub cpm_per_fold: Vec<f64>,
+    pub mean_cpm: f64,
+    /// One FROC over the held-out images of all folds.
+    pub pooled_cpm: f64,
+}
+
+impl WeightSweep {
+    pub const FILE_NAME: &'static str = "stage1-weight-sweep.json";
+}
+
+/// Run each fold's trained nets (`cv_dir/fold-K/stage{1,2}.safetensors`, written by `cv`)
+/// once on that fold's held-out images, then score the candidates with every weight in
+/// `weights`. Only the score changes between rows, so the candidates, their number and
+/// positions are those `cv` measured.
+pub fn sweep_stage1_weight(
+    images: &[PreparedImage],
+    folds: usize,
+    cv_dir: &Path,
+    weights: &[f64],
+    cfg: &PipelineConfig,
+) -> Result<WeightSweep> {
+    if weights.is_empty() || weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+        bail!("stage-1 weights must be zero or positive numbers, got {weights:?}");
+    }
+    let mut folds_run = Vec::new();
+    // outcomes[weight][fold] per held-out image.
+    let mut outcomes: Vec<Vec<Vec<ImageOutcome>>> = vec![Vec::new(); weights.len()];
+    for fold in 0..folds {
+        let dir = cv_dir.join(format!("fold-{}", fold + 1));
+        let (p1, p2) = (
+            dir.join("stage1.safetensors"),
+            dir.join("stage2.safetensors"),
+        );
+        if !p1.exists() && !p2.exists() {
+            continue;
+        }
+        let cascade = crate::pipeline::Cascade {
+            stage1: crate::train::load_net(&p1, crate::nets::Stage::Candidates)?,
+            stage2: crate::train::load_net(&p2, crate::nets::Stage::Verdict)?,
+        };
+        let members: Vec<usize> = (0..images.len())
+            .filter(|&i| fold_of(i, folds) == fold)
+            .collect();
+        let bar = crate::pipeline::progress(members.len(), &format!("fold {}", fold + 1));
+        let runs: Vec<_> = members
+            .iter()
+            .map(|&i| {
+                let run = run_cascade(&cascade, images, i, &cfg.candidates);
+                bar.inc(1);
+                (i, run)
+            })
+            .collect();
+        bar.finish_and_clear();
+        for (k, &w) in weights.iter().enumerate() {
+            let scoring = Scoring {
+                stage1_weight: w,
+                ..cfg.scoring.clone()
+            };
+            let mut fold_outcomes = Vec::new();
+            for (i, run) in &runs {
+                let dets = run.detections(&images[*i], &scoring);
+                fold_outcomes.push(ImageOutcome::score(
+                    &images[*i].name,
+                    &images[*i].truth,
+                    &reported(&dets),
+                )?);
+            }
+            outcomes[k].push(fold_outcomes);
+        }
+        folds_run.push(fold + 1);
+    }
+    if folds_run.is_empty() {
+        bail!(
+            "no trained fold in {} (expected fold-K/stage1.safetensors and \
+             fold-K/stage2.safetensors from `ma-trainer cv --out {0}`)",
+            cv_dir.display()
+        );
+    }
+    let mut rows = Vec::new();
+    for (k, &w) in weights.iter().enumerate() {
+        let cpm_per_fold = outcomes[k]
+            .iter()
+            .map(|o| Ok(FrocReport::from_outcomes(o)?.cpm))
+            .collect::<Result<Vec<f64>>>()?;
+        let pooled: Vec<ImageOutcome> = outcomes[k].concat();
+        rows.push(WeightSweepRow {
+            stage1_weight: w,
+            mean_cpm: cpm_per_fold.iter().sum::<f64>() / cpm_per_fold.len() as f64,
+            cpm_per_fold,
+            pooled_cpm: FrocReport::from_outcomes(&pooled)?.cpm,
+        });
+    }
+    Ok(WeightSweep { folds_run, rows })
+}

@@ -12,7 +12,10 @@ use ma_device::preprocess::PreprocessConfig;
 
 use ma_device::manifest::{Training, Variant};
 use ma_device::signing::{self, KeyPair, SecretKey};
-use ma_trainer::cv::{CvSummary, ScoreSource, cross_validate, evaluate_fold, summarise};
+use ma_trainer::cv::{
+    CvSummary, ScoreSource, WeightSweep, cross_validate, evaluate_fold, summarise,
+    sweep_stage1_weight,
+};
 use ma_trainer::datasets::{Dataset, LoadOptions};
 use ma_trainer::datasets::{DatasetKind, Split};
 use ma_trainer::eval::{self, EvalOptions};
@@ -87,6 +90,20 @@ enum Command {
         /// Stage-2 weights (safetensors), e.g. CV_OUT/fold-K/stage2.safetensors.
         #[arg(long)]
         weights2: PathBuf,
+    },
+    /// Compare stage-1 weights in the score on a finished CV: runs every fold's trained
+    /// nets (OUT/fold-K, from `cv --out OUT`) once on its held-out images and prints the
+    /// per-fold, mean and pooled CPM of `sigmoid((m2 + w m1) / T)` for each weight w.
+    /// Writes OUT/stage1-weight-sweep.json. Nothing is retrained; only the score changes.
+    ScoreSweep {
+        /// The `cv` settings (--root, --out = the CV folder, ...).
+        #[command(flatten)]
+        train: TrainArgs,
+        #[arg(long, default_value_t = 4)]
+        folds: usize,
+        /// Stage-1 weights to compare, comma-separated (0 = stage 2 alone).
+        #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1,1.5,2")]
+        stage1_weights: Vec<f64>,
     },
     /// Write the trained networks as ONNX (float and int8-weight variants) with a
     /// manifest (sha256 of every file, preprocessing, candidate settings, operating
@@ -347,6 +364,39 @@ fn fold_eval(a: &TrainArgs, folds: usize, fold: usize, s1: &Path, s2: &Path) -> 
     Ok(())
 }
 
+fn score_sweep(a: &TrainArgs, folds: usize, weights: &[f64]) -> Result<()> {
+    let images = a.prepare()?;
+    let cfg = a.pipeline();
+    let sweep = sweep_stage1_weight(&images, folds, &a.out, weights, &cfg)?;
+    let folds_head: String = sweep
+        .folds_run
+        .iter()
+        .map(|f| format!("  fold {f}"))
+        .collect();
+    println!("stage-1 weight{folds_head}   mean  pooled");
+    for r in &sweep.rows {
+        let per: String = r
+            .cpm_per_fold
+            .iter()
+            .map(|c| format!("  {c:6.3}"))
+            .collect();
+        let shipped = if r.stage1_weight == cfg.scoring.stage1_weight {
+            "  (current default)"
+        } else {
+            ""
+        };
+        println!(
+            "{:>14}{per}  {:.3}  {:.3}{shipped}",
+            r.stage1_weight, r.mean_cpm, r.pooled_cpm
+        );
+    }
+    let path = a.out.join(WeightSweep::FILE_NAME);
+    std::fs::write(&path, serde_json::to_string_pretty(&sweep)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("written to {}", path.display());
+    Ok(())
+}
+
 fn export(
     weights: &Path,
     cv: &Path,
@@ -463,6 +513,11 @@ fn run(cli: Cli) -> Result<()> {
             weights1,
             weights2,
         } => fold_eval(&train, folds, fold, &weights1, &weights2),
+        Command::ScoreSweep {
+            train,
+            folds,
+            stage1_weights,
+        } => score_sweep(&train, folds, &stage1_weights),
         Command::Export {
             weights,
             cv,
