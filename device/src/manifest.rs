@@ -16,7 +16,7 @@
 //! ...
 //!
 //! [scoring]
-//! stage1_weight = 1.0
+//! stage1_weight = 0.75
 //! temperature = 8.0
 //!
 //! [[models]]

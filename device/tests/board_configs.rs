@@ -112,7 +112,7 @@ fn wrong_enum_value_is_rejected_by_name() {
     assert!(msg.contains("h264"), "{msg}");
     assert!(BoardConfig::parse(&camera_config("yuyv")).is_ok());
 
-    let msg = load_modified("operating_point = \"2fp\"", "operating_point = \"3fp\"");
+    let msg = load_modified("operating_point = \"4fp\"", "operating_point = \"3fp\"");
     assert!(msg.contains("3fp"), "{msg}");
     let msg = load_modified("kind = \"png\"", "kind = \"hdmi\"");
     assert!(msg.contains("hdmi"), "{msg}");

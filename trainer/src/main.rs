@@ -220,7 +220,9 @@ struct TrainArgs {
     /// Seed of everything random (sampling, augmentation, initialisation, dropout).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Continue from the last checkpoint in OUT instead of starting over.
+    /// Continue from the last checkpoint in OUT instead of starting over. On a finished
+    /// run nothing is trained: `cv --resume` then only re-scores the held-out images with
+    /// the current scoring rule and rewrites cv-summary.json (about 40 s per fold).
     #[arg(long)]
     resume: bool,
 }

@@ -66,12 +66,13 @@ impl FrameSource for SyntheticSource {
 
     fn describe(&self) -> String {
         format!(
-            "synthetic {} frames {}x{}, seeds {}..{}",
+            "synthetic {} frames {}x{}, seeds {} to {}",
             self.count,
             self.params.width,
             self.params.height,
             self.seed,
-            self.seed.wrapping_add(self.count)
+            // The last seed drawn, not one past it: frame i uses seed + i.
+            self.seed.wrapping_add(self.count.saturating_sub(1))
         )
     }
 }
