@@ -149,7 +149,9 @@ pub fn match_lines(names: &[&str], lines: Vec<DetectLine>) -> Result<MatchedLine
 /// Load the dataset and the detections, score every image and sweep the FROC curve.
 pub fn evaluate(opts: &EvalOptions) -> Result<Evaluation> {
     if opts.kind == DatasetKind::Folder {
-        bail!("a plain image folder has no ground truth: eval needs diaretdb1, roc or eophtha");
+        bail!(
+            "a plain image folder has no ground truth: eval needs diaretdb1, roc, eophtha or idrid"
+        );
     }
     let load = LoadOptions {
         split: opts.split,

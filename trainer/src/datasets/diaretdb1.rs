@@ -4,7 +4,9 @@
 //! `resources/images/ddb1_fundusimages/imageNNN.png`,
 //! `resources/images/ddb1_groundtruth/redsmalldots/imageNNN.png` (grey, 252 = every expert
 //! marked the pixel with high confidence), `resources/images/ddb1_fundusmask/fmask.tif`
-//! (one FOV mask for all images) and `resources/traindatasets/{trainset,testset}.txt`.
+//! (one FOV mask for all images), and the split lists `resources/traindatasets/trainset.txt`
+//! and `resources/testdatasets/testset.txt` (the publisher keeps the test list, with
+//! `testevalfiles_example.txt`, in its own folder; no known copy has it elsewhere).
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +23,8 @@ use crate::ground_truth::{GroundTruth, Lesion};
 const IMAGES: &str = "resources/images/ddb1_fundusimages";
 const MAPS: &str = "resources/images/ddb1_groundtruth/redsmalldots";
 const FOV: &str = "resources/images/ddb1_fundusmask/fmask.tif";
-const SPLITS: &str = "resources/traindatasets";
+const TRAIN_LIST: &str = "resources/traindatasets/trainset.txt";
+const TEST_LIST: &str = "resources/testdatasets/testset.txt";
 
 /// Map value meaning full confidence (all experts, high confidence).
 const FULL_CONFIDENCE: f64 = 252.0;
@@ -79,9 +82,9 @@ pub(super) fn load(root: &Path, opts: &LoadOptions) -> Result<Vec<DatasetImage>>
 
 /// The images named by a split list, in list order (the caller sorts).
 fn split_images(root: &Path, images_dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
-    let list = root.join(SPLITS).join(match split {
-        Split::Train => "trainset.txt",
-        Split::Test => "testset.txt",
+    let list = root.join(match split {
+        Split::Train => TRAIN_LIST,
+        Split::Test => TEST_LIST,
     });
     if !list.is_file() {
         bail!(
@@ -169,15 +172,78 @@ mod tests {
         }
     }
 
-    /// Writes a minimal DiaretDB1 layout with the given images, each with `sample_map`.
+    /// Writes a minimal DiaretDB1 layout with the given images, each with `sample_map`,
+    /// and the training list (no test list: see `official_layout_loads_both_splits`).
     fn make_root(root: &Path, names: &[&str], trainset: &str) {
         for n in names {
             write_rgb(&root.join(IMAGES).join(n), W, H);
             write_gray(&root.join(MAPS).join(n), W, H, sample_map);
         }
         write_gray(&root.join(FOV), W, H, |x, _| if x > 0 { 255 } else { 0 });
-        std::fs::create_dir_all(root.join(SPLITS)).unwrap();
-        std::fs::write(root.join(SPLITS).join("trainset.txt"), trainset).unwrap();
+        write_text(&root.join(TRAIN_LIST), trainset);
+    }
+
+    fn write_text(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn names(ds: &Dataset) -> Vec<&str> {
+        ds.images.iter().map(|i| i.name.as_str()).collect()
+    }
+
+    /// The layout of the published v1.1 archive: `trainset.txt` in `traindatasets/`,
+    /// `testset.txt` and `testevalfiles_example.txt` in `testdatasets/`.
+    #[test]
+    fn official_layout_loads_both_splits() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let all = [
+            "image001.png",
+            "image002.png",
+            "image003.png",
+            "image004.png",
+        ];
+        make_root(root, &all, "image002.png\nimage004.png\n");
+        write_text(
+            &root.join("resources/testdatasets/testset.txt"),
+            "image001.png\nimage003.png\n",
+        );
+        write_text(
+            &root.join("resources/testdatasets/testevalfiles_example.txt"),
+            "whatever the example lists\n",
+        );
+        let train =
+            Dataset::load(DatasetKind::Diaretdb1, root, &opts(Some(Split::Train), 0.5)).unwrap();
+        assert_eq!(names(&train), ["image002.png", "image004.png"]);
+        let test =
+            Dataset::load(DatasetKind::Diaretdb1, root, &opts(Some(Split::Test), 0.5)).unwrap();
+        assert_eq!(names(&test), ["image001.png", "image003.png"]);
+        assert_eq!(test.images[0].load_truth().unwrap().lesions.len(), 3);
+        let every = Dataset::load(DatasetKind::Diaretdb1, root, &opts(None, 0.5)).unwrap();
+        assert_eq!(names(&every), all);
+    }
+
+    /// A copy without the test list (as in ../shared, where the test split is held out):
+    /// the error names the path the publisher uses.
+    #[test]
+    fn missing_test_list_names_the_official_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        make_root(root, &["image001.png"], "image001.png\n");
+        // A list in the training folder is not the test list.
+        write_text(
+            &root.join("resources/traindatasets/testset.txt"),
+            "image001.png\n",
+        );
+        let e = err_text(
+            Dataset::load(DatasetKind::Diaretdb1, root, &opts(Some(Split::Test), 0.5)).unwrap_err(),
+        );
+        let expected = root.join("resources/testdatasets/testset.txt");
+        assert!(
+            e.contains(&expected.display().to_string()) && e.contains("test split list"),
+            "{e}"
+        );
     }
 
     fn opts(split: Option<Split>, t: f64) -> LoadOptions {
@@ -244,12 +310,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         make_root(root, &["image001.png"], "image001.png\nimage009.png\n");
-
-        // Held-out test split.
-        let e = err_text(
-            Dataset::load(DatasetKind::Diaretdb1, root, &opts(Some(Split::Test), 0.5)).unwrap_err(),
-        );
-        assert!(e.contains("testset.txt"), "{e}");
 
         // Split naming an absent image.
         let e = err_text(

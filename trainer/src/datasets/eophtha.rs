@@ -5,10 +5,8 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use ma_device::mask::Mask;
 
-use super::{DatasetImage, TruthSource, dataset_image, decode_matching, image_files, lesions_of};
-use crate::ground_truth::GroundTruth;
+use super::{DatasetImage, TruthSource, dataset_image, image_files};
 
 const MA: &str = "MA";
 const ANNOTATIONS: &str = "Annotation_MA";
@@ -50,17 +48,6 @@ pub(super) fn load(root: &Path) -> Result<Vec<DatasetImage>> {
     Ok(out)
 }
 
-pub(super) fn load_truth(image: &Path, mask: &Path) -> Result<GroundTruth> {
-    let (ann, width, height) = decode_matching(image, mask)?;
-    let lesions = lesions_of(&Mask::from_luma(&ann, |v| v != 0));
-    Ok(GroundTruth {
-        width,
-        height,
-        lesions,
-        uncertain: None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::test_util::*;
@@ -100,6 +87,42 @@ mod tests {
         let gt = healthy.load_truth().unwrap();
         assert!(gt.lesions.is_empty());
         assert_eq!((gt.width, gt.height), (20, 10));
+    }
+
+    /// The full set mixes `.jpg` and `.JPG` and sizes from 1440x960 to 2544x1696.
+    #[test]
+    fn upper_case_extension_and_mixed_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        make_root(dir.path());
+        write_rgb(&dir.path().join("MA/P4/C4.JPG"), 30, 20);
+        write_gray(
+            &dir.path().join("Annotation_MA/P4/C4.png"),
+            30,
+            20,
+            |x, y| {
+                if (x, y) == (29, 19) { 255 } else { 0 }
+            },
+        );
+        write_rgb(&dir.path().join("healthy/P5/C5.JPG"), 12, 8);
+        let ds = Dataset::load(DatasetKind::Eophtha, dir.path(), &LoadOptions::default()).unwrap();
+        let rel: Vec<_> = ds.images.iter().map(|i| i.rel_path.as_str()).collect();
+        assert_eq!(
+            rel,
+            [
+                "MA/P1/C1.jpg",
+                "MA/P4/C4.JPG",
+                "healthy/P2/C2.jpg",
+                "healthy/P5/C5.JPG"
+            ]
+        );
+        let gt = ds.find("C4.JPG").unwrap().load_truth().unwrap();
+        assert_eq!((gt.width, gt.height), (30, 20));
+        assert_eq!(gt.lesions.len(), 1);
+        assert_eq!(gt.lesions[0].pixels, [(29, 19)]);
+        let gt = ds.find("C1.jpg").unwrap().load_truth().unwrap();
+        assert_eq!((gt.width, gt.height, gt.lesions.len()), (20, 10, 2));
+        let gt = ds.find("C5.JPG").unwrap().load_truth().unwrap();
+        assert_eq!((gt.width, gt.height, gt.lesions.len()), (12, 8, 0));
     }
 
     #[test]

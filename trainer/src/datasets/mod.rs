@@ -1,18 +1,20 @@
 //! Readers for the fundus datasets the trainer and the FROC scorer use: DiaretDB1, ROC,
-//! e-ophtha-MA and a plain folder of images without ground truth.
+//! e-ophtha-MA, IDRiD and a plain folder of images without ground truth.
 //!
 //! Loading a dataset only lists files and checks that everything the ground truth needs
 //! exists, so a wrong root or an incomplete copy fails at once, before any training.
 //! Masks are decoded lazily by [`DatasetImage::load_truth`]: a full dataset of decoded
 //! maps would not fit comfortably in memory.
 //!
-//! Splits: only DiaretDB1 ships split lists. Asking for a split of another dataset is an
-//! error rather than being ignored, so a "test" evaluation can never silently run on
-//! training images.
+//! Splits: only DiaretDB1 (split lists) and IDRiD (training and testing folders) ship
+//! splits. Asking for a split of another dataset is an error rather than being ignored, so
+//! a "test" evaluation can never silently run on training images.
 
 mod diaretdb1;
 mod eophtha;
 mod folder;
+mod idrid;
+mod palette_tiff;
 mod roc;
 
 use std::collections::HashMap;
@@ -35,8 +37,17 @@ pub enum DatasetKind {
     Roc,
     /// e-ophtha-MA (root holds `MA/`, `Annotation_MA/` and optionally `healthy/`).
     Eophtha,
+    /// IDRiD segmentation part (root holds `A. Segmentation/`), pixel MA masks.
+    Idrid,
     /// Any folder of images, searched recursively; no ground truth.
     Folder,
+}
+
+impl DatasetKind {
+    /// Whether the publisher splits the dataset into training and test images.
+    pub fn has_splits(self) -> bool {
+        matches!(self, Self::Diaretdb1 | Self::Idrid)
+    }
 }
 
 impl std::fmt::Display for DatasetKind {
@@ -45,12 +56,13 @@ impl std::fmt::Display for DatasetKind {
             Self::Diaretdb1 => "DiaretDB1",
             Self::Roc => "ROC",
             Self::Eophtha => "e-ophtha-MA",
+            Self::Idrid => "IDRiD",
             Self::Folder => "image folder",
         })
     }
 }
 
-/// A published split of a dataset (DiaretDB1 only).
+/// A published split of a dataset (DiaretDB1 and IDRiD).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Split {
     Train,
@@ -75,7 +87,8 @@ enum TruthSource {
     ConfidenceMap { map: PathBuf, threshold: f64 },
     /// ROC: one disk per mark, taken from `xml`.
     Disks { xml: PathBuf, marks: Vec<roc::Mark> },
-    /// e-ophtha-MA: non-zero pixels are MA; lesions are its 8-connected components.
+    /// e-ophtha-MA, IDRiD: a mask whose non-zero pixels are MA; lesions are its
+    /// 8-connected components.
     LesionMask(PathBuf),
     /// Known healthy image (e-ophtha `healthy/`): no lesions.
     Healthy,
@@ -113,7 +126,7 @@ impl DatasetImage {
                 diaretdb1::load_truth(&self.path, map, *threshold)
             }
             TruthSource::Disks { xml, marks } => roc::load_truth(&self.path, xml, marks),
-            TruthSource::LesionMask(mask) => eophtha::load_truth(&self.path, mask),
+            TruthSource::LesionMask(mask) => lesion_mask_truth(&self.path, mask),
             TruthSource::Healthy => {
                 let (width, height) = image_size(&self.path)?;
                 Ok(GroundTruth {
@@ -158,8 +171,8 @@ pub struct Dataset {
 /// How to load a dataset.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LoadOptions {
-    /// DiaretDB1 split; `None` = every image in `ddb1_fundusimages`. Any other dataset
-    /// rejects a split (they ship no split lists).
+    /// DiaretDB1 or IDRiD split; `None` = every image the copy has. Any other dataset
+    /// rejects a split (they ship none).
     pub split: Option<Split>,
     /// DiaretDB1: a pixel is MA when its confidence `value / 252` reaches this, and
     /// uncertain when its confidence is non-zero but below it. In `(0, 1]`.
@@ -182,12 +195,12 @@ impl Dataset {
         if !root.is_dir() {
             bail!("{kind} root {} is not a folder", root.display());
         }
-        if kind != DatasetKind::Diaretdb1
+        if !kind.has_splits()
             && let Some(split) = opts.split
         {
             bail!(
                 "{kind} has no split files: cannot select the {split} split of {} \
-                 (splits exist for DiaretDB1 only)",
+                 (splits exist for DiaretDB1 and IDRiD only)",
                 root.display()
             );
         }
@@ -195,6 +208,7 @@ impl Dataset {
             DatasetKind::Diaretdb1 => diaretdb1::load(root, opts)?,
             DatasetKind::Roc => roc::load(root)?,
             DatasetKind::Eophtha => eophtha::load(root)?,
+            DatasetKind::Idrid => idrid::load(root, opts)?,
             DatasetKind::Folder => folder::load(root)?,
         };
         if images.is_empty() {
@@ -273,15 +287,17 @@ fn image_size(path: &Path) -> Result<(u32, u32)> {
         .with_context(|| format!("cannot read the size of image {}", path.display()))
 }
 
-/// Decodes an annotation or mask image to 8-bit grey.
+/// Decodes an annotation or mask image to 8-bit grey. Palette TIFFs (IDRiD's original
+/// masks), which the `image` crate refuses, go through [`palette_tiff`].
 fn decode_luma(path: &Path) -> Result<GrayImage> {
-    Ok(ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .decode()
-        .with_context(|| format!("cannot decode {}", path.display()))?
-        .to_luma8())
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let decoded = image::load_from_memory(&bytes);
+    match decoded {
+        Ok(img) => Ok(img.to_luma8()),
+        Err(e) if palette_tiff::is_tiff(&bytes) => palette_tiff::decode(&bytes, path)
+            .with_context(|| format!("cannot decode {} ({e})", path.display())),
+        Err(e) => Err(e).with_context(|| format!("cannot decode {}", path.display())),
+    }
 }
 
 /// Lesions = 8-connected components of `mask`.
@@ -290,6 +306,19 @@ fn lesions_of(mask: &Mask) -> Vec<Lesion> {
         .into_iter()
         .map(|pixels| Lesion { pixels })
         .collect()
+}
+
+/// Ground truth from a lesion mask: non-zero pixels are MA, lesions are 8-connected
+/// components. `to_luma8` keeps a 1-bit palette mask's MA pixels non-zero (index 1 is
+/// drawn in a colour, index 0 black).
+fn lesion_mask_truth(image: &Path, mask: &Path) -> Result<GroundTruth> {
+    let (ann, width, height) = decode_matching(image, mask)?;
+    Ok(GroundTruth {
+        width,
+        height,
+        lesions: lesions_of(&Mask::from_luma(&ann, |v| v != 0)),
+        uncertain: None,
+    })
 }
 
 /// Decodes an annotation mask and checks it has the image's size; returns it with that size.
@@ -389,6 +418,7 @@ mod tests {
             DatasetKind::Diaretdb1,
             DatasetKind::Roc,
             DatasetKind::Eophtha,
+            DatasetKind::Idrid,
             DatasetKind::Folder,
         ] {
             let e = err_text(Dataset::load(kind, &root, &LoadOptions::default()).unwrap_err());
