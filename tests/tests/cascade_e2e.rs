@@ -31,7 +31,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
         .map(|seed| {
             let frame = generate(&params, seed);
             let pre = preprocess(&frame.image, FovSource::Estimate, &cfg).unwrap();
-            PreparedImage::from_parts(format!("synthetic-{seed}"), pre, truth(&frame))
+            PreparedImage::from_parts("synthetic", format!("synthetic-{seed}"), pre, truth(&frame))
         })
         .collect();
     let mut pipeline = PipelineConfig::default();
@@ -79,6 +79,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
     // scores: one preprocessing, one candidate code, parity-checked models.
     let pre = preprocess(&test.image, FovSource::Estimate, &cfg).unwrap();
     let held_out = vec![PreparedImage::from_parts(
+        "synthetic",
         "held-out".into(),
         pre,
         truth(&test),

@@ -27,6 +27,7 @@ fn images() -> Vec<PreparedImage> {
             )
             .unwrap();
             PreparedImage::from_parts(
+                "synthetic",
                 format!("synthetic-{seed}"),
                 pre,
                 GroundTruth::from_synthetic(&frame),

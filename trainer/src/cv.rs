@@ -18,9 +18,62 @@ use crate::prepare::PreparedImage;
 /// Candidate counts at which recall is reported.
 pub const RECALL_KS: [usize; 8] = [10, 25, 50, 75, 100, 150, 200, 300];
 
-/// Image `i` (in name order) belongs to fold `i % folds`.
-pub fn fold_of(index: usize, folds: usize) -> usize {
-    index % folds
+/// The fold of every image: folds are made per dataset, so every fold holds images of
+/// every dataset. The k-th photo of a dataset (in name order) belongs to fold `k % folds`;
+/// with one dataset, photo `i` is in fold `i % folds`. A camera-augmented copy is in its
+/// photo's fold (it is trained on only when its photo is).
+pub fn fold_assignment(images: &[PreparedImage], folds: usize) -> Vec<usize> {
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut of: Vec<usize> = Vec::with_capacity(images.len());
+    for im in images {
+        let fold = match im.copy_of {
+            Some(source) => of[source],
+            None => {
+                let k = seen.entry(im.dataset.as_str()).or_insert(0);
+                *k += 1;
+                (*k - 1) % folds
+            }
+        };
+        of.push(fold);
+    }
+    of
+}
+
+/// The photos of fold `fold` (0-based), in image order: what the fold holds out (copies
+/// are never held out).
+pub fn fold_members(images: &[PreparedImage], folds: usize, fold: usize) -> Vec<usize> {
+    let of = fold_assignment(images, folds);
+    (0..images.len())
+        .filter(|&i| of[i] == fold && images[i].copy_of.is_none())
+        .collect()
+}
+
+/// The datasets of `images`, in order of first appearance.
+pub fn dataset_names(images: &[PreparedImage]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for im in images {
+        if !names.contains(&im.dataset) {
+            names.push(im.dataset.clone());
+        }
+    }
+    names
+}
+
+/// One dataset's share of a CV (`cv-summary.json`, `per_dataset`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetCv {
+    pub dataset: String,
+    pub images: usize,
+    pub lesions: usize,
+    /// CPM of this dataset's held-out images of each fold run (order of `folds_run`).
+    pub cpm_per_fold: Vec<f64>,
+    pub mean_cpm: f64,
+    /// One FROC over this dataset's held-out images of all folds.
+    pub pooled_cpm: f64,
+    /// Pooled lesion recall of the top-K stage-1 candidates (K, recall), from the folds'
+    /// result files; empty when they predate per-dataset figures.
+    #[serde(default)]
+    pub candidate_recall: Vec<(usize, f64)>,
 }
 
 /// What `cv` measured, saved as `cv-summary.json` for `export` (operating points and the
@@ -38,6 +91,10 @@ pub struct CvSummary {
     pub lesions: usize,
     /// CPM of the pooled held-out images (one FROC over all folds).
     pub pooled_cpm: f64,
+    /// The same figures for each dataset's images alone (absent in summaries written
+    /// before training on several datasets existed).
+    #[serde(default)]
+    pub per_dataset: Vec<DatasetCv>,
 }
 
 impl CvSummary {
@@ -56,7 +113,16 @@ pub struct FoldResult {
     pub fold: usize,
     pub report: FrocReport,
     pub recall: Vec<(usize, f64)>,
+    /// Each dataset's held-out images of this fold alone.
+    pub per_dataset: Vec<FoldDataset>,
     pub seconds: f64,
+}
+
+/// One dataset's figures on one fold.
+pub struct FoldDataset {
+    pub dataset: String,
+    pub report: FrocReport,
+    pub recall: Vec<(usize, f64)>,
 }
 
 /// Train on all folds but one, evaluate on it, for every fold. Writes per-fold
@@ -73,10 +139,23 @@ pub fn cross_validate(
     out: &Path,
     resume: bool,
 ) -> Result<Vec<FoldResult>> {
-    if folds < 2 || folds > images.len() {
+    let smallest = dataset_names(images)
+        .into_iter()
+        .map(|d| {
+            let photos = images
+                .iter()
+                .filter(|im| im.dataset == d && im.copy_of.is_none())
+                .count();
+            (photos, d)
+        })
+        .min();
+    let Some((smallest, name)) = smallest else {
+        bail!("cross-validation needs images, got none");
+    };
+    if folds < 2 || folds > smallest {
         bail!(
-            "--folds must be between 2 and the number of images ({}), got {folds}",
-            images.len()
+            "--folds must be between 2 and the number of images of the smallest dataset \
+             ({name}: {smallest}), got {folds} (every fold holds images of every dataset)"
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -89,12 +168,18 @@ pub fn cross_validate(
     let mut results = Vec::new();
     for fold in (0..folds).filter(|f| only.is_none_or(|o| o == *f)) {
         let started = Instant::now();
-        let (val, train): (Vec<usize>, Vec<usize>) =
-            (0..images.len()).partition(|&i| fold_of(i, folds) == fold);
+        let of = fold_assignment(images, folds);
+        let val = fold_members(images, folds, fold);
+        let train: Vec<usize> = (0..images.len()).filter(|&i| of[i] != fold).collect();
         eprintln!(
-            "fold {}/{folds}: training on {} images, evaluating on {}",
+            "fold {}/{folds}: training on {} images ({} of them camera copies), evaluating \
+             on {}",
             fold + 1,
             train.len(),
+            train
+                .iter()
+                .filter(|&&i| images[i].copy_of.is_some())
+                .count(),
             val.len()
         );
         let fold_dir = out.join(format!("fold-{}", fold + 1));
@@ -137,6 +222,23 @@ pub fn cross_validate(
         }
         let report = FrocReport::from_outcomes(&outcomes)?;
         let recall = candidate_recall(&cands, images, &RECALL_KS)?;
+        let mut per_dataset = Vec::new();
+        for dataset in dataset_names(images) {
+            let mine = |i: usize| images[val[i]].dataset == dataset;
+            let o: Vec<ImageOutcome> = (0..val.len())
+                .filter(|&i| mine(i))
+                .map(|i| outcomes[i].clone())
+                .collect();
+            let c: Vec<(usize, Vec<Candidate>)> = (0..val.len())
+                .filter(|&i| mine(i))
+                .map(|i| cands[i].clone())
+                .collect();
+            per_dataset.push(FoldDataset {
+                dataset,
+                report: FrocReport::from_outcomes(&o)?,
+                recall: candidate_recall(&c, images, &RECALL_KS)?,
+            });
+        }
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
             "fold {}/{folds}: CPM {:.3}, candidate recall {} ({:.0} s)",
@@ -149,10 +251,22 @@ pub fn cross_validate(
                 .join(" "),
             seconds
         );
+        if per_dataset.len() > 1 {
+            for d in &per_dataset {
+                eprintln!(
+                    "fold {}/{folds}: {}: {} images, CPM {:.3}",
+                    fold + 1,
+                    d.dataset,
+                    d.report.images,
+                    d.report.cpm
+                );
+            }
+        }
         let result = FoldResult {
             fold,
             report,
             recall,
+            per_dataset,
             seconds,
         };
         let path = out.join(format!("fold-{}-result.json", fold + 1));
@@ -175,11 +289,33 @@ impl FoldResult {
             "cpm": self.report.cpm,
             "images": self.report.images,
             "lesions": self.report.lesions,
-            "candidate_recall": self.recall.iter().map(|(k, r)| serde_json::json!({"candidates": k, "recall": r})).collect::<Vec<_>>(),
+            "candidate_recall": recall_json(&self.recall),
+            "per_dataset": self.per_dataset.iter().map(|d| serde_json::json!({
+                "dataset": d.dataset,
+                "cpm": d.report.cpm,
+                "images": d.report.images,
+                "lesions": d.report.lesions,
+                "candidate_recall": recall_json(&d.recall),
+            })).collect::<Vec<_>>(),
             "minutes": self.seconds / 60.0,
         })
         .to_string()
     }
+}
+
+fn recall_json(recall: &[(usize, f64)]) -> Vec<serde_json::Value> {
+    recall
+        .iter()
+        .map(|(k, r)| serde_json::json!({"candidates": k, "recall": r}))
+        .collect()
+}
+
+fn recall_from_json(v: &serde_json::Value) -> Vec<(usize, f64)> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["candidates"].as_u64()? as usize, p["recall"].as_f64()?)))
+        .collect()
 }
 
 /// Score the held-out detections of every fold run so far in `out` (folds may be run in
@@ -189,15 +325,17 @@ impl FoldResult {
 pub fn summarise(images: &[PreparedImage], folds: usize, out: &Path) -> Result<Option<CvSummary>> {
     let mut folds_run = Vec::new();
     let mut cpm_per_fold = Vec::new();
-    let mut pooled = Vec::new();
+    // Held-out outcomes of all folds, with the image each belongs to.
+    let mut pooled: Vec<(usize, ImageOutcome)> = Vec::new();
+    let datasets = dataset_names(images);
+    // cpm_by_dataset[d] = that dataset's CPM on each fold run.
+    let mut cpm_by_dataset: Vec<Vec<f64>> = vec![Vec::new(); datasets.len()];
     for fold in 0..folds {
         let path = detections_path(out, fold);
         if !path.exists() {
             continue;
         }
-        let members: Vec<usize> = (0..images.len())
-            .filter(|&i| fold_of(i, folds) == fold)
-            .collect();
+        let members = fold_members(images, folds, fold);
         let names: Vec<&str> = members.iter().map(|&i| images[i].name.as_str()).collect();
         let lines = read_jsonl(&path)?;
         let matched = match match_lines(&names, lines) {
@@ -215,13 +353,15 @@ pub fn summarise(images: &[PreparedImage], folds: usize, out: &Path) -> Result<O
         };
         let mut outcomes = Vec::new();
         for (&i, d) in members.iter().zip(&matched.images) {
-            outcomes.push(ImageOutcome::score(
-                &images[i].name,
-                &images[i].truth,
-                &d.detections,
-            )?);
+            outcomes.push((
+                i,
+                ImageOutcome::score(&images[i].name, &images[i].truth, &d.detections)?,
+            ));
         }
-        cpm_per_fold.push(FrocReport::from_outcomes(&outcomes)?.cpm);
+        cpm_per_fold.push(froc_of(&outcomes, |_| true)?.cpm);
+        for (d, name) in datasets.iter().enumerate() {
+            cpm_by_dataset[d].push(froc_of(&outcomes, |i| images[i].dataset == *name)?.cpm);
+        }
         folds_run.push(fold + 1);
         pooled.extend(outcomes);
     }
@@ -230,6 +370,8 @@ pub fn summarise(images: &[PreparedImage], folds: usize, out: &Path) -> Result<O
     }
     // The recall curves saved by each fold's run (absent for folds run before they were).
     let mut curves = Vec::new();
+    // Per dataset: (lesions found, lesions) at each K, summed over the folds.
+    let mut found_by_dataset: Vec<Vec<(usize, f64, f64)>> = vec![Vec::new(); datasets.len()];
     for &k in &folds_run {
         let path = out.join(format!("fold-{k}-result.json"));
         let Ok(text) = std::fs::read_to_string(&path) else {
@@ -237,18 +379,48 @@ pub fn summarise(images: &[PreparedImage], folds: usize, out: &Path) -> Result<O
         };
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("malformed {}", path.display()))?;
-        let curve: Vec<(usize, f64)> = v["candidate_recall"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| Some((p["candidates"].as_u64()? as usize, p["recall"].as_f64()?)))
-            .collect();
-        curves.push((format!("fold {k}"), curve));
+        curves.push((
+            format!("fold {k}"),
+            recall_from_json(&v["candidate_recall"]),
+        ));
+        for part in v["per_dataset"].as_array().into_iter().flatten() {
+            let Some(d) = datasets.iter().position(|n| part["dataset"] == n.as_str()) else {
+                continue;
+            };
+            let lesions = part["lesions"].as_f64().unwrap_or(0.0);
+            for (k, r) in recall_from_json(&part["candidate_recall"]) {
+                let acc = &mut found_by_dataset[d];
+                match acc.iter_mut().find(|(kk, _, _)| *kk == k) {
+                    Some(e) => {
+                        e.1 += r * lesions;
+                        e.2 += lesions;
+                    }
+                    None => acc.push((k, r * lesions, lesions)),
+                }
+            }
+        }
     }
     if !curves.is_empty() {
         crate::plot::write_recall_png(&out.join("cv-recall.png"), &curves)?;
     }
-    let report = FrocReport::from_outcomes(&pooled)?;
+    let mut per_dataset = Vec::new();
+    for (d, name) in datasets.iter().enumerate() {
+        let report = froc_of(&pooled, |i| images[i].dataset == *name)?;
+        let cpm = &cpm_by_dataset[d];
+        per_dataset.push(DatasetCv {
+            dataset: name.clone(),
+            images: report.images,
+            lesions: report.lesions,
+            mean_cpm: cpm.iter().sum::<f64>() / cpm.len() as f64,
+            cpm_per_fold: cpm.clone(),
+            pooled_cpm: report.cpm,
+            candidate_recall: found_by_dataset[d]
+                .iter()
+                .map(|&(k, found, total)| (k, if total > 0.0 { found / total } else { 0.0 }))
+                .collect(),
+        });
+    }
+    let report = froc_of(&pooled, |_| true)?;
     // A rate the curve never reaches: every reported detection is within the budget.
     let op = |k: usize| report.operating[k].threshold.unwrap_or(MIN_REPORTED_SCORE);
     let summary = CvSummary {
@@ -260,11 +432,22 @@ pub fn summarise(images: &[PreparedImage], folds: usize, out: &Path) -> Result<O
         images: report.images,
         lesions: report.lesions,
         pooled_cpm: report.cpm,
+        per_dataset,
     };
     let path = out.join(CvSummary::FILE_NAME);
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(Some(summary))
+}
+
+/// One FROC over the outcomes whose image passes `keep`.
+fn froc_of(outcomes: &[(usize, ImageOutcome)], keep: impl Fn(usize) -> bool) -> Result<FrocReport> {
+    let kept: Vec<ImageOutcome> = outcomes
+        .iter()
+        .filter(|(i, _)| keep(*i))
+        .map(|(_, o)| o.clone())
+        .collect();
+    FrocReport::from_outcomes(&kept)
 }
 
 /// Which margins make a candidate's score (compared by `ma-trainer fold-eval`).
@@ -316,9 +499,7 @@ pub fn evaluate_fold(
     cascade: &crate::pipeline::Cascade,
     cfg: &PipelineConfig,
 ) -> Result<(Vec<FrocReport>, RecallCurve)> {
-    let val: Vec<usize> = (0..images.len())
-        .filter(|&i| fold_of(i, folds) == fold)
-        .collect();
+    let val = fold_members(images, folds, fold);
     let mut eval_cfg = cfg.candidates.clone();
     eval_cfg.max_candidates = *RECALL_KS.last().expect("non-empty");
     let mut outcomes: Vec<Vec<ImageOutcome>> = vec![Vec::new(); ScoreSource::ALL.len()];
@@ -405,9 +586,7 @@ pub fn sweep_stage1_weight(
             stage1: crate::train::load_net(&p1, crate::nets::Stage::Candidates)?,
             stage2: crate::train::load_net(&p2, crate::nets::Stage::Verdict)?,
         };
-        let members: Vec<usize> = (0..images.len())
-            .filter(|&i| fold_of(i, folds) == fold)
-            .collect();
+        let members = fold_members(images, folds, fold);
         let bar = crate::pipeline::progress(members.len(), &format!("fold {}", fold + 1));
         let runs: Vec<_> = members
             .iter()
@@ -458,4 +637,85 @@ pub fn sweep_stage1_weight(
         });
     }
     Ok(WeightSweep { folds_run, rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ground_truth::GroundTruth;
+    use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
+    use ma_device::synthetic::{SyntheticParams, generate};
+
+    /// Small synthetic images labelled with a dataset name; `copy_of` marks copies.
+    fn images(spec: &[(&str, Option<usize>)]) -> Vec<PreparedImage> {
+        let frame = generate(&SyntheticParams::small(), 3);
+        let pre = preprocess(
+            &frame.image,
+            FovSource::Estimate,
+            &PreprocessConfig::default(),
+        )
+        .unwrap();
+        spec.iter()
+            .enumerate()
+            .map(|(i, (dataset, copy_of))| {
+                let mut im = PreparedImage::from_parts(
+                    dataset,
+                    format!("{dataset}-{i}"),
+                    pre.clone(),
+                    GroundTruth::from_synthetic(&frame),
+                );
+                im.copy_of = *copy_of;
+                im
+            })
+            .collect()
+    }
+
+    #[test]
+    fn folds_are_made_per_dataset_and_copies_follow_their_photo() {
+        // One dataset: photo i in fold i % K, as before several datasets existed.
+        let one = images(&[("A", None); 6]);
+        assert_eq!(fold_assignment(&one, 4), [0, 1, 2, 3, 0, 1]);
+
+        // Two datasets, then copies of photos 1 (A) and 4 (B).
+        let two = images(&[
+            ("A", None),
+            ("A", None),
+            ("A", None),
+            ("B", None),
+            ("B", None),
+            ("B", None),
+            ("B", None),
+            ("A", Some(1)),
+            ("B", Some(4)),
+        ]);
+        assert_eq!(fold_assignment(&two, 2), [0, 1, 0, 0, 1, 0, 1, 1, 1]);
+        // Every fold holds both datasets; copies are never held out.
+        assert_eq!(fold_members(&two, 2, 0), [0, 2, 3, 5]);
+        assert_eq!(fold_members(&two, 2, 1), [1, 4, 6]);
+        assert_eq!(dataset_names(&two), ["A", "B"]);
+    }
+
+    #[test]
+    fn too_many_folds_for_the_smallest_dataset_is_an_error() {
+        let imgs = images(&[
+            ("A", None),
+            ("A", None),
+            ("B", None),
+            ("B", None),
+            ("B", None),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let e = cross_validate(
+            &imgs,
+            3,
+            None,
+            &PipelineConfig::default(),
+            dir.path(),
+            false,
+        )
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap();
+        assert!(e.contains("smallest dataset") && e.contains("A: 2"), "{e}");
+    }
 }

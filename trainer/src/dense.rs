@@ -259,7 +259,12 @@ mod tests {
             &PreprocessConfig::default(),
         )
         .expect("preprocess");
-        PreparedImage::from_parts("s".into(), pre, GroundTruth::from_synthetic(&frame))
+        PreparedImage::from_parts(
+            "synthetic",
+            "s".into(),
+            pre,
+            GroundTruth::from_synthetic(&frame),
+        )
     }
 
     #[test]

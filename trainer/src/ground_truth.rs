@@ -65,6 +65,46 @@ pub struct GroundTruth {
 }
 
 impl GroundTruth {
+    /// The same truth for the image resampled to `size` (pixel edges scale, as in
+    /// [`ma_device::geometry::ScaleMap`]); a lesion keeps at least one pixel.
+    pub fn resized(&self, size: (u32, u32)) -> Self {
+        if size == (self.width, self.height) {
+            return self.clone();
+        }
+        let map = ma_device::geometry::ScaleMap::between((self.width, self.height), size);
+        let to = |x: u32, y: u32| {
+            let (nx, ny) = map.to_canonical(x as f64, y as f64);
+            (
+                nx.round().clamp(0.0, size.0 as f64 - 1.0) as u32,
+                ny.round().clamp(0.0, size.1 as f64 - 1.0) as u32,
+            )
+        };
+        let lesions = self
+            .lesions
+            .iter()
+            .map(|l| {
+                let mut pixels: Vec<(u32, u32)> = l.pixels.iter().map(|&(x, y)| to(x, y)).collect();
+                pixels.sort_by_key(|&(x, y)| (y, x));
+                pixels.dedup();
+                Lesion { pixels }
+            })
+            .collect();
+        let uncertain = self.uncertain.as_ref().map(|u| {
+            let mut m = Mask::new(size.0, size.1);
+            for (i, _) in u.as_slice().iter().enumerate().filter(|(_, v)| **v) {
+                let (x, y) = to(i as u32 % u.width(), i as u32 / u.width());
+                m.set(x, y, true);
+            }
+            m
+        });
+        Self {
+            width: size.0,
+            height: size.1,
+            lesions,
+            uncertain,
+        }
+    }
+
     /// The MAs a synthetic frame was drawn with, as disk lesions (look-alikes are not
     /// lesions: detections on them are false positives).
     pub fn from_synthetic(frame: &ma_device::synthetic::SyntheticFundus) -> Self {
@@ -79,5 +119,40 @@ impl GroundTruth {
                 .collect(),
             uncertain: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resized_truth_follows_the_pixels() {
+        let mut uncertain = Mask::new(100, 80);
+        uncertain.set(99, 79, true);
+        let gt = GroundTruth {
+            width: 100,
+            height: 80,
+            lesions: vec![
+                Lesion::disk(50.0, 40.0, 2.0, 100, 80),
+                Lesion {
+                    pixels: vec![(0, 0)],
+                },
+            ],
+            uncertain: Some(uncertain),
+        };
+        assert_eq!(gt.resized((100, 80)), gt);
+        let half = gt.resized((50, 40));
+        assert_eq!((half.width, half.height), (50, 40));
+        assert_eq!(half.lesions.len(), 2);
+        let (cx, cy) = half.lesions[0].centroid();
+        assert!(
+            (cx - 24.75).abs() < 0.6 && (cy - 19.75).abs() < 0.6,
+            "{cx} {cy}"
+        );
+        assert!(half.lesions[0].pixels.len() < gt.lesions[0].pixels.len());
+        assert_eq!(half.lesions[1].pixels, [(0, 0)]);
+        let u = half.uncertain.unwrap();
+        assert!(u.get(49, 39) && u.count() == 1);
     }
 }

@@ -1,6 +1,8 @@
 //! `ma-trainer`: dataset readers, FROC evaluation and (with `tch`) the two-stage training.
 
+pub mod camera_aug;
 pub mod cv;
+pub mod dataset_stats;
 pub mod datasets;
 pub mod dense;
 pub mod eval;
@@ -13,3 +15,4 @@ pub mod pipeline;
 pub mod plot;
 pub mod prepare;
 pub mod train;
+pub mod training_data;

@@ -12,10 +12,12 @@ use ma_device::preprocess::PreprocessConfig;
 
 use ma_device::manifest::{Training, Variant};
 use ma_device::signing::{self, KeyPair, SecretKey};
+use ma_trainer::camera_aug::CameraAugment;
 use ma_trainer::cv::{
-    CvSummary, ScoreSource, WeightSweep, cross_validate, evaluate_fold, summarise,
+    CvSummary, ScoreSource, WeightSweep, cross_validate, evaluate_fold, fold_assignment, summarise,
     sweep_stage1_weight,
 };
+use ma_trainer::dataset_stats::dataset_stats;
 use ma_trainer::datasets::{Dataset, LoadOptions};
 use ma_trainer::datasets::{DatasetKind, Split};
 use ma_trainer::eval::{self, EvalOptions};
@@ -24,6 +26,7 @@ use ma_trainer::nets::Stage;
 use ma_trainer::pipeline::{Cascade, PipelineConfig, train_cascade};
 use ma_trainer::prepare::{PreparedImage, prepare_all};
 use ma_trainer::train::load_net;
+use ma_trainer::training_data::TrainingData;
 
 #[derive(Parser)]
 #[command(
@@ -51,7 +54,7 @@ enum Command {
         one successful line; lines for other images are ignored and counted."
     )]
     Eval(EvalArgs),
-    /// Train both stages of the cascade on a dataset (all images of the split).
+    /// Train both stages of the cascade on one or more datasets (all images of the split).
     ///
     /// Stage 1 (a small fully-convolutional net, output stride 2) learns from 128x128
     /// crops whose every output cell is labelled, drawn afresh every epoch; its candidates
@@ -152,8 +155,14 @@ enum Command {
         #[arg(long, value_name = "KEY")]
         key: PathBuf,
     },
-    /// Show the libtorch device training would use, CUDA availability and torch threads.
-    Info,
+    /// Show the libtorch device training would use, CUDA availability and torch threads;
+    /// with datasets (the same --dataset/--root pairs as `train`), also what the
+    /// canonical-scale step does to each: photo sizes, FOV diameters, the scale applied and
+    /// the MA diameters before and after it.
+    Info {
+        #[command(flatten)]
+        data: DataArgs,
+    },
 }
 
 #[derive(Args)]
@@ -165,7 +174,7 @@ struct EvalArgs {
     /// ../shared/datasets/diaretdb1).
     #[arg(long)]
     root: PathBuf,
-    /// DiaretDB1 only: score this published split; omit for every image the dataset has.
+    /// DiaretDB1 and IDRiD: score this published split; omit for every image the copy has.
     #[arg(long, value_enum)]
     split: Option<Split>,
     /// JSONL file written by `ma-device detect` (one line per image, every candidate with
@@ -185,20 +194,31 @@ struct EvalArgs {
     per_image: bool,
 }
 
+/// Which datasets to read: `train`, `cv`, `fold-eval`, `score-sweep` and `info` take them.
 #[derive(Args)]
-struct TrainArgs {
-    /// Which dataset reader to use for --root.
-    #[arg(long, value_enum, default_value = "diaretdb1")]
-    dataset: DatasetKind,
-    /// Dataset root folder (e.g. ../shared/datasets/diaretdb1).
-    #[arg(long)]
-    root: PathBuf,
-    /// DiaretDB1 only: the published split to train on.
+struct DataArgs {
+    /// Dataset reader for each --root, in the same order. Repeat the pair to train on
+    /// several datasets at once (`--dataset diaretdb1 --root A --dataset idrid --root
+    /// B`): CV folds are then made per dataset and every figure is reported per dataset
+    /// and pooled. With a single --root and no --dataset, DiaretDB1.
+    #[arg(long = "dataset", value_enum, value_name = "NAME")]
+    datasets: Vec<DatasetKind>,
+    /// Dataset root folder (e.g. ../shared/datasets/diaretdb1), one per --dataset.
+    #[arg(long = "root", value_name = "DIR")]
+    roots: Vec<PathBuf>,
+    /// The published split to train on, for the datasets that have one (DiaretDB1,
+    /// IDRiD); the others use every image.
     #[arg(long, value_enum, default_value = "train")]
     split: Split,
     /// DiaretDB1 only: fused-confidence threshold that makes a pixel part of an MA.
     #[arg(long, default_value_t = 0.5)]
     threshold: f64,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
     /// Output folder for checkpoints, weights and reports.
     #[arg(long)]
     out: PathBuf,
@@ -220,6 +240,37 @@ struct TrainArgs {
     /// Seed of everything random (sampling, augmentation, initialisation, dropout).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Camera augmentation: this many extra training copies of each photo, each made to
+    /// look as if another camera had taken it by the effects below (at least one is
+    /// needed). Held-out images are never augmented. 0 = off.
+    #[arg(long, default_value_t = 0, help_heading = "Camera augmentation")]
+    camera_copies: usize,
+    /// Resolution loss: shrink each copy by a factor drawn in [MIN, 1] (preprocessing
+    /// enlarges it back), e.g. 0.5.
+    #[arg(long, value_name = "MIN", help_heading = "Camera augmentation")]
+    aug_shrink: Option<f64>,
+    /// JPEG re-compression at a quality drawn in [LO, HI], e.g. 30,90.
+    #[arg(
+        long,
+        value_name = "LO,HI",
+        value_delimiter = ',',
+        help_heading = "Camera augmentation"
+    )]
+    aug_jpeg: Option<Vec<u8>>,
+    /// Defocus: Gaussian blur with a sigma drawn in [0, MAX] pixels, e.g. 1.5.
+    #[arg(long, value_name = "MAX", help_heading = "Camera augmentation")]
+    aug_blur: Option<f32>,
+    /// Canonical-scale jitter: FOV diameter target times a factor in [1-J, 1+J], e.g. 0.1.
+    #[arg(long, value_name = "J", help_heading = "Camera augmentation")]
+    aug_scale_jitter: Option<f64>,
+    /// Colour: gamma in [1/G, G] and a gain per channel in [1-C, 1+C], e.g. 1.4,0.15.
+    #[arg(
+        long,
+        value_name = "G,C",
+        value_delimiter = ',',
+        help_heading = "Camera augmentation"
+    )]
+    aug_colour: Option<Vec<f64>>,
     /// Continue from the last checkpoint in OUT instead of starting over. On a finished
     /// run nothing is trained: `cv --resume` then only re-scores the held-out images with
     /// the current scoring rule and rewrites cv-summary.json (about 40 s per fold).
@@ -228,6 +279,83 @@ struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The camera augmentation the options ask for, checked.
+    fn camera_augment(&self) -> Result<CameraAugment> {
+        let pair = |name: &str, v: &Option<Vec<f64>>| -> Result<Option<(f64, f64)>> {
+            match v.as_deref() {
+                None => Ok(None),
+                Some([a, b]) => Ok(Some((*a, *b))),
+                Some(other) => anyhow::bail!("{name} takes two numbers A,B, got {other:?}"),
+            }
+        };
+        let jpeg = self
+            .aug_jpeg
+            .as_ref()
+            .map(|v| v.iter().map(|&q| f64::from(q)).collect());
+        let aug = CameraAugment {
+            copies: self.camera_copies,
+            min_shrink: self.aug_shrink,
+            jpeg_quality: pair("--aug-jpeg", &jpeg)?.map(|(a, b)| (a as u8, b as u8)),
+            blur_sigma: self.aug_blur,
+            scale_jitter: self.aug_scale_jitter,
+            colour: pair("--aug-colour", &self.aug_colour)?,
+            seed: self.seed,
+        };
+        let effects = [
+            aug.min_shrink.is_some(),
+            aug.jpeg_quality.is_some(),
+            aug.blur_sigma.is_some(),
+            aug.scale_jitter.is_some(),
+            aug.colour.is_some(),
+        ]
+        .iter()
+        .filter(|on| **on)
+        .count();
+        match (aug.copies, effects) {
+            (0, 0) => {}
+            (0, _) => anyhow::bail!(
+                "--aug-* options need --camera-copies N (how many augmented copies of each \
+                 photo to train on)"
+            ),
+            (_, 0) => anyhow::bail!(
+                "--camera-copies needs at least one effect (--aug-shrink, --aug-jpeg, \
+                 --aug-blur, --aug-scale-jitter or --aug-colour)"
+            ),
+            _ => {}
+        }
+        if let Some(s) = aug.min_shrink
+            && !(0.1..=1.0).contains(&s)
+        {
+            anyhow::bail!("--aug-shrink must be in [0.1, 1], got {s}");
+        }
+        if let Some((lo, hi)) = aug.jpeg_quality
+            && !(1 <= lo && lo <= hi && hi <= 100)
+        {
+            anyhow::bail!("--aug-jpeg LO,HI needs 1 <= LO <= HI <= 100, got {lo},{hi}");
+        }
+        if let Some(b) = aug.blur_sigma
+            && !(0.0..=10.0).contains(&b)
+        {
+            anyhow::bail!("--aug-blur must be in [0, 10] pixels, got {b}");
+        }
+        if let Some(j) = aug.scale_jitter
+            && !(0.0..0.5).contains(&j)
+        {
+            anyhow::bail!("--aug-scale-jitter must be in [0, 0.5), got {j}");
+        }
+        if let Some((g, c)) = aug.colour
+            && !((1.0..=3.0).contains(&g) && (0.0..0.5).contains(&c))
+        {
+            anyhow::bail!("--aug-colour G,C needs G in [1, 3] and C in [0, 0.5), got {g},{c}");
+        }
+        Ok(aug)
+    }
+
+    /// The training images: the datasets' photos, then their camera copies.
+    fn prepare(&self) -> Result<Vec<PreparedImage>> {
+        self.data.prepare_with(&self.camera_augment()?)
+    }
+
     fn pipeline(&self) -> PipelineConfig {
         let mut cfg = PipelineConfig::default();
         cfg.stage1.epochs = self.epochs1;
@@ -239,28 +367,82 @@ impl TrainArgs {
         cfg.stage2.seed = self.seed + 1;
         cfg
     }
+}
+
+impl DataArgs {
+    /// The (reader, root) pairs of the command line.
+    fn dataset_roots(&self) -> Result<Vec<(DatasetKind, &Path)>> {
+        let kinds = match (self.datasets.len(), self.roots.len()) {
+            (_, 0) => anyhow::bail!("give at least one --root (dataset folder)"),
+            (0, 1) => vec![DatasetKind::Diaretdb1],
+            (d, r) if d == r => self.datasets.clone(),
+            (d, r) => anyhow::bail!(
+                "give one --dataset for each --root, in the same order: got {d} --dataset \
+                 and {r} --root"
+            ),
+        };
+        Ok(kinds
+            .into_iter()
+            .zip(self.roots.iter().map(PathBuf::as_path))
+            .collect())
+    }
+
+    /// What the images of this run are, for `training-data.json` and the manifest.
+    fn training_data<'a>(
+        &self,
+        images: impl IntoIterator<Item = &'a PreparedImage>,
+    ) -> Result<TrainingData> {
+        let kinds: Vec<DatasetKind> = self.dataset_roots()?.into_iter().map(|(k, _)| k).collect();
+        let (split, threshold) = (self.split, self.threshold);
+        Ok(TrainingData::of(images, |name| {
+            match kinds.iter().find(|k| k.to_string() == name) {
+                Some(DatasetKind::Diaretdb1) => {
+                    format!("{split} split, redsmalldots >= {threshold}")
+                }
+                Some(k) if k.has_splits() => format!("{split} split"),
+                _ => "every image".to_string(),
+            }
+        }))
+    }
 
     fn prepare(&self) -> Result<Vec<PreparedImage>> {
-        let split = (self.dataset == DatasetKind::Diaretdb1).then_some(self.split);
-        let opts = LoadOptions {
-            split,
-            confidence_threshold: self.threshold,
-        };
-        let dataset = Dataset::load(self.dataset, &self.root, &opts)?;
-        if dataset.images.iter().any(|i| !i.has_truth()) {
-            anyhow::bail!(
-                "training needs ground truth: the {} dataset at {} has none",
-                self.dataset,
-                self.root.display()
+        self.prepare_with(&CameraAugment::OFF)
+    }
+
+    fn prepare_with(&self, aug: &CameraAugment) -> Result<Vec<PreparedImage>> {
+        let mut datasets = Vec::new();
+        for (kind, root) in self.dataset_roots()? {
+            let opts = LoadOptions {
+                split: kind.has_splits().then_some(self.split),
+                confidence_threshold: self.threshold,
+            };
+            let dataset = Dataset::load(kind, root, &opts)?;
+            if dataset.images.iter().any(|i| !i.has_truth()) {
+                anyhow::bail!(
+                    "training needs ground truth: the {kind} dataset at {} has none",
+                    root.display()
+                );
+            }
+            if datasets.iter().any(|(name, _)| *name == kind.to_string()) {
+                anyhow::bail!("the {kind} dataset is given twice");
+            }
+            eprintln!(
+                "{kind}: {} images from {}",
+                dataset.images.len(),
+                root.display()
             );
+            datasets.push((kind.to_string(), dataset.images));
         }
-        prepare_all(&dataset.images, &PreprocessConfig::default())
+        prepare_all(&datasets, &PreprocessConfig::default(), aug)
     }
 }
 
 fn train(a: &TrainArgs) -> Result<()> {
     let started = Instant::now();
     let images = a.prepare()?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    a.data.training_data(&images)?.save(&a.out)?;
     let all: Vec<usize> = (0..images.len()).collect();
     let cascade = train_cascade(&images, &all, &[], &a.pipeline(), &a.out, a.resume)?;
     for (stage, (vs, _)) in [("stage1", &cascade.stage1), ("stage2", &cascade.stage2)] {
@@ -269,9 +451,10 @@ fn train(a: &TrainArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("{stage} weights: {}", path.display());
     }
+    let copies = images.iter().filter(|im| im.copy_of.is_some()).count();
     println!(
-        "trained on {} images in {:.1} min",
-        images.len(),
+        "trained on {} photos and {copies} camera copies in {:.1} min",
+        images.len() - copies,
         started.elapsed().as_secs_f64() / 60.0
     );
     Ok(())
@@ -291,6 +474,16 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
         &a.out,
         a.resume,
     )?;
+    // Each fold's weights can be exported (scripts/cv-device.sh): say what they learned from.
+    let of = fold_assignment(&images, folds);
+    for r in &results {
+        let train = (0..images.len())
+            .filter(|&i| of[i] != r.fold)
+            .map(|i| &images[i]);
+        a.data
+            .training_data(train)?
+            .save(&a.out.join(format!("fold-{}", r.fold + 1)))?;
+    }
     println!("fold  images  lesions  CPM    recall@50  recall@100  recall@150  minutes");
     for r in &results {
         let at = |k| {
@@ -317,6 +510,9 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
         results.len()
     );
     if let Some(s) = summarise(&images, folds, &a.out)? {
+        if s.per_dataset.len() > 1 {
+            print_per_dataset(&s);
+        }
         println!(
             "all folds run so far in {} ({:?} of {}): mean CPM {:.3}, pooled CPM {:.3}; operating points (score at 1/2/4 FP per image) {:.3}/{:.3}/{:.3}; written to {}",
             a.out.display(),
@@ -338,11 +534,72 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+fn print_dataset_stats(images: &[PreparedImage]) {
+    let f = |v: [f64; 3]| format!("{:.1} / {:.1} / {:.1}", v[0], v[1], v[2]);
+    for s in dataset_stats(images) {
+        let sizes: Vec<String> = s.sizes.iter().map(|(w, h)| format!("{w}x{h}")).collect();
+        println!("{}: {} images, {} lesions", s.dataset, s.images, s.lesions);
+        println!("  photo sizes: {}", sizes.join(", "));
+        println!(
+            "  FOV diameter (px, min / median / max): {}",
+            f(s.fov_diameter)
+        );
+        println!(
+            "  scale to canonical (min / median / max): {:.3} / {:.3} / {:.3}",
+            s.scale[0], s.scale[1], s.scale[2]
+        );
+        println!(
+            "  MA diameter, original px (p10 / median / p90): {}",
+            f(s.ma_diameter_original)
+        );
+        println!(
+            "  MA diameter, canonical px (p10 / median / p90): {}",
+            f(s.ma_diameter_canonical)
+        );
+    }
+}
+
+/// Each dataset's CV figures over all folds run so far, and the pooled row.
+fn print_per_dataset(s: &CvSummary) {
+    let folds: String = s.folds_run.iter().map(|k| format!("  fold {k}")).collect();
+    println!("dataset       images  lesions{folds}   mean  pooled  recall@150");
+    let recall150 = |r: &[(usize, f64)]| {
+        r.iter()
+            .find(|(k, _)| *k == 150)
+            .map_or("-".to_string(), |(_, v)| format!("{v:.3}"))
+    };
+    for d in &s.per_dataset {
+        let per: String = d
+            .cpm_per_fold
+            .iter()
+            .map(|c| format!("  {c:6.3}"))
+            .collect();
+        println!(
+            "{:<12}  {:>6}  {:>7}{per}  {:.3}  {:>6.3}  {:>10}",
+            d.dataset,
+            d.images,
+            d.lesions,
+            d.mean_cpm,
+            d.pooled_cpm,
+            recall150(&d.candidate_recall)
+        );
+    }
+    let per: String = s
+        .cpm_per_fold
+        .iter()
+        .map(|c| format!("  {c:6.3}"))
+        .collect();
+    println!(
+        "{:<12}  {:>6}  {:>7}{per}  {:.3}  {:>6.3}",
+        "all", s.images, s.lesions, s.mean_cpm, s.pooled_cpm
+    );
+}
+
 fn fold_eval(a: &TrainArgs, folds: usize, fold: usize, s1: &Path, s2: &Path) -> Result<()> {
     if fold == 0 || fold > folds {
         anyhow::bail!("--fold must be between 1 and --folds ({folds}), got {fold}");
     }
-    let images = a.prepare()?;
+    let images = a.data.prepare()?;
     let cascade = Cascade {
         stage1: load_net(s1, Stage::Candidates)?,
         stage2: load_net(s2, Stage::Verdict)?,
@@ -367,7 +624,7 @@ fn fold_eval(a: &TrainArgs, folds: usize, fold: usize, s1: &Path, s2: &Path) -> 
 }
 
 fn score_sweep(a: &TrainArgs, folds: usize, weights: &[f64]) -> Result<()> {
-    let images = a.prepare()?;
+    let images = a.data.prepare()?;
     let cfg = a.pipeline();
     let sweep = sweep_stage1_weight(&images, folds, &a.out, weights, &cfg)?;
     let folds_head: String = sweep
@@ -412,11 +669,12 @@ fn export(
         .map(|k| SecretKey::read(k).context("export --sign"))
         .transpose()?;
     let summary = CvSummary::load(cv)?;
+    let data = TrainingData::load(weights)?;
     let (vs1, _) = load_net(&weights.join("stage1.safetensors"), Stage::Candidates)?;
     let (vs2, _) = load_net(&weights.join("stage2.safetensors"), Stage::Verdict)?;
     let training = Training {
-        data: "DiaretDB1 v1.1 training split (28 images), redsmalldots >= 0.5".to_string(),
-        images: 28,
+        data: data.describe(),
+        images: data.images(),
         licence: "research use only (trained on research-use datasets)".to_string(),
         cv_cpm: summary.mean_cpm,
     };
@@ -537,8 +795,13 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Keygen { out } => keygen(&out),
         Command::Sign { models, key } => sign(&models, &key),
-        Command::Info => {
+        Command::Info { data } => {
             info();
+            if data.roots.is_empty() && data.datasets.is_empty() {
+                return Ok(());
+            }
+            // The same reading and preprocessing as `train`.
+            print_dataset_stats(&data.prepare()?);
             Ok(())
         }
     }

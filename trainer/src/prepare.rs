@@ -7,6 +7,7 @@ use ma_device::image_io::read_image;
 use ma_device::mask::Mask;
 use ma_device::preprocess::{FovSource, PreprocessConfig, Preprocessed, preprocess};
 
+use crate::camera_aug::CameraAugment;
 use crate::datasets::DatasetImage;
 use crate::ground_truth::GroundTruth;
 
@@ -17,7 +18,13 @@ pub const NEGATIVE_EXCLUSION: usize = 10;
 
 /// One training image.
 pub struct PreparedImage {
+    /// Which dataset it comes from (e.g. "DiaretDB1"): folds are made per dataset and
+    /// the CV reports each dataset's figures.
+    pub dataset: String,
     pub name: String,
+    /// A camera-augmented training copy of image `i` (see [`crate::camera_aug`]): trained
+    /// on with its source, never held out or scored. `None` for the photos themselves.
+    pub copy_of: Option<usize>,
     pub pre: Preprocessed,
     /// Ground truth in original coordinates (for FROC scoring).
     pub truth: GroundTruth,
@@ -28,16 +35,49 @@ pub struct PreparedImage {
 }
 
 impl PreparedImage {
-    /// Preprocess one dataset image (FOV estimated, as on the device).
-    pub fn load(image: &DatasetImage, cfg: &PreprocessConfig) -> Result<Self> {
+    /// Preprocess one image of `dataset` (FOV estimated, as on the device).
+    pub fn load(dataset: &str, image: &DatasetImage, cfg: &PreprocessConfig) -> Result<Self> {
+        Ok(Self::load_with_copies(dataset, image, 0, cfg, &CameraAugment::OFF)?.0)
+    }
+
+    /// The image and its camera-augmented copies (`aug.copies` of them; `index` is the
+    /// image's place in the run, which seeds them). The copies point at `index`.
+    fn load_with_copies(
+        dataset: &str,
+        image: &DatasetImage,
+        index: usize,
+        cfg: &PreprocessConfig,
+        aug: &CameraAugment,
+    ) -> Result<(Self, Vec<Self>)> {
         let rgb = read_image(&image.path)?;
         let truth = image.load_truth()?;
         let pre = preprocess(&rgb, FovSource::Estimate, cfg)
             .with_context(|| format!("preprocessing {}", image.path.display()))?;
-        Ok(Self::from_parts(image.name.clone(), pre, truth))
+        let mut copies = Vec::with_capacity(aug.copies);
+        for k in 0..aug.copies {
+            let (degraded, copy_cfg) = aug.degrade(&rgb, cfg, index, k)?;
+            // The ground truth is in original pixels; a shrunk copy needs it rescaled.
+            let copy_truth = truth.resized(degraded.dimensions());
+            let copy_pre =
+                preprocess(&degraded, FovSource::Estimate, &copy_cfg).with_context(|| {
+                    format!("preprocessing camera copy {k} of {}", image.path.display())
+                })?;
+            let mut c = Self::from_parts(
+                dataset,
+                format!("{}#camera-copy-{}", image.name, k + 1),
+                copy_pre,
+                copy_truth,
+            );
+            c.copy_of = Some(index);
+            copies.push(c);
+        }
+        Ok((
+            Self::from_parts(dataset, image.name.clone(), pre, truth),
+            copies,
+        ))
     }
 
-    pub fn from_parts(name: String, pre: Preprocessed, truth: GroundTruth) -> Self {
+    pub fn from_parts(dataset: &str, name: String, pre: Preprocessed, truth: GroundTruth) -> Self {
         let (w, h) = (pre.planes.width, pre.planes.height);
         let to_canonical = |x: f64, y: f64| {
             let (cx, cy) = pre.scale.to_canonical(x, y);
@@ -79,7 +119,9 @@ impl PreparedImage {
         }
         let exclusion = dilate_square(&marked, NEGATIVE_EXCLUSION);
         Self {
+            dataset: dataset.to_owned(),
             name,
+            copy_of: None,
             pre,
             truth,
             lesion_centres,
@@ -88,19 +130,80 @@ impl PreparedImage {
     }
 }
 
-/// Load and preprocess every image, with a progress bar.
-pub fn prepare_all(images: &[DatasetImage], cfg: &PreprocessConfig) -> Result<Vec<PreparedImage>> {
-    let bar = ProgressBar::new(images.len() as u64).with_style(
-        ProgressStyle::with_template("preprocessing {bar:30} {pos}/{len} {msg}")
+/// Load and preprocess every image of every `(dataset name, images)` pair, in that order,
+/// on all cores, with a progress bar; then the camera-augmented copies (`aug`), after all
+/// the photos, so a photo's index does not depend on the augmentation. Image names must be
+/// unique across the datasets: CV detection files and `eval` match lines by name.
+pub fn prepare_all(
+    datasets: &[(String, Vec<DatasetImage>)],
+    cfg: &PreprocessConfig,
+    aug: &CameraAugment,
+) -> Result<Vec<PreparedImage>> {
+    let jobs: Vec<(&str, &DatasetImage)> = datasets
+        .iter()
+        .flat_map(|(name, images)| images.iter().map(move |im| (name.as_str(), im)))
+        .collect();
+    let mut seen = std::collections::HashMap::new();
+    for (dataset, im) in &jobs {
+        if let Some(other) = seen.insert(im.name.as_str(), (*dataset, &im.path)) {
+            anyhow::bail!(
+                "image name {} is in two datasets ({}: {}, {dataset}: {}); names must be \
+                 unique across the datasets of one run",
+                im.name,
+                other.0,
+                other.1.display(),
+                im.path.display()
+            );
+        }
+    }
+    let bar = ProgressBar::new(jobs.len() as u64).with_style(
+        ProgressStyle::with_template("preprocessing {bar:30} {pos}/{len} [{elapsed}<{eta}]")
             .expect("valid template"),
     );
-    let mut out = Vec::with_capacity(images.len());
-    for image in images {
-        bar.set_message(image.name.clone());
-        out.push(PreparedImage::load(image, cfg)?);
-        bar.inc(1);
-    }
+    // Images are independent: one worker per core, each taking the next image. Each
+    // result lands in its own slot, so the order (and every byte) is that of a serial run.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    type Slot = Option<Result<(PreparedImage, Vec<PreparedImage>)>>;
+    let slots: Vec<std::sync::Mutex<Slot>> =
+        jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(jobs.len()) {
+            s.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((dataset, image)) = jobs.get(k) else {
+                        break;
+                    };
+                    let r = PreparedImage::load_with_copies(dataset, image, k, cfg, aug);
+                    let failed = r.is_err();
+                    *slots[k].lock().expect("no panics while held") = Some(r);
+                    bar.inc(1);
+                    if failed {
+                        // Stop early: the first error (in image order) is reported below.
+                        next.store(jobs.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
     bar.finish_and_clear();
+    let mut out = Vec::with_capacity(jobs.len() * (1 + aug.copies));
+    let mut copies = Vec::new();
+    for slot in slots {
+        match slot.into_inner().expect("no panics while held") {
+            Some(r) => {
+                let (image, c) = r?;
+                out.push(image);
+                copies.extend(c);
+            }
+            None => break,
+        }
+    }
+    if out.len() != jobs.len() {
+        anyhow::bail!("preprocessing stopped early without an error (a bug)");
+    }
+    out.extend(copies);
     Ok(out)
 }
 

@@ -1,0 +1,135 @@
+//! What a training run learned from, written by `train` beside its weights
+//! (`training-data.json`) so that `export` describes the data in the manifest from the
+//! run itself rather than from text that has to be kept in step by hand.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::prepare::PreparedImage;
+
+/// One dataset of a training run.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetUse {
+    /// Reader name, e.g. "DiaretDB1".
+    pub dataset: String,
+    /// How its images were chosen, e.g. "train split" or "every image".
+    pub selection: String,
+    pub images: usize,
+    pub lesions: usize,
+}
+
+/// The datasets of a training run, in command-line order.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainingData {
+    pub datasets: Vec<DatasetUse>,
+}
+
+impl TrainingData {
+    pub const FILE_NAME: &'static str = "training-data.json";
+
+    /// Counts the photos and lesions of each dataset in `images` (camera-augmented copies
+    /// are not counted); `selection(name)` says how that dataset's photos were chosen.
+    pub fn of<'a>(
+        images: impl IntoIterator<Item = &'a PreparedImage>,
+        selection: impl Fn(&str) -> String,
+    ) -> Self {
+        let mut datasets: Vec<DatasetUse> = Vec::new();
+        for im in images.into_iter().filter(|im| im.copy_of.is_none()) {
+            let i = match datasets.iter().position(|d| d.dataset == im.dataset) {
+                Some(i) => i,
+                None => {
+                    datasets.push(DatasetUse {
+                        dataset: im.dataset.clone(),
+                        selection: selection(&im.dataset),
+                        images: 0,
+                        lesions: 0,
+                    });
+                    datasets.len() - 1
+                }
+            };
+            datasets[i].images += 1;
+            datasets[i].lesions += im.truth.lesions.len();
+        }
+        Self { datasets }
+    }
+
+    pub fn images(&self) -> usize {
+        self.datasets.iter().map(|d| d.images).sum()
+    }
+
+    /// One line for the manifest, e.g. "DiaretDB1 train split (28 images, 245 lesions,
+    /// redsmalldots >= 0.5) + IDRiD train split (54 images, ...)".
+    pub fn describe(&self) -> String {
+        self.datasets
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {} ({} images, {} lesions)",
+                    d.dataset, d.selection, d.images, d.lesions
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(Self::FILE_NAME);
+        std::fs::write(&path, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE_NAME);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (written by `ma-trainer train`; weights trained before it \
+                 existed need a new `train` run)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("malformed {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_each_dataset_and_round_trips() {
+        let data = TrainingData {
+            datasets: vec![
+                DatasetUse {
+                    dataset: "DiaretDB1".into(),
+                    selection: "train split, redsmalldots >= 0.5".into(),
+                    images: 28,
+                    lesions: 245,
+                },
+                DatasetUse {
+                    dataset: "IDRiD".into(),
+                    selection: "train split".into(),
+                    images: 54,
+                    lesions: 900,
+                },
+            ],
+        };
+        assert_eq!(data.images(), 82);
+        assert_eq!(
+            data.describe(),
+            "DiaretDB1 train split, redsmalldots >= 0.5 (28 images, 245 lesions) + IDRiD \
+             train split (54 images, 900 lesions)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        data.save(dir.path()).unwrap();
+        assert_eq!(TrainingData::load(dir.path()).unwrap(), data);
+        let e = format!(
+            "{:#}",
+            TrainingData::load(&dir.path().join("x")).unwrap_err()
+        );
+        assert!(
+            e.contains("training-data.json") && e.contains("train"),
+            "{e}"
+        );
+    }
+}

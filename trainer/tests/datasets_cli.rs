@@ -1,0 +1,145 @@
+//! The dataset options of `ma-trainer` (`--dataset NAME --root DIR`, repeated), through
+//! the real binary: argument errors come before any work, and `info` reports what the
+//! canonical-scale step does to real datasets.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn shared(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/datasets")
+        .join(name);
+    assert!(
+        root.is_dir(),
+        "the {name} dataset is missing at {} (see shared/datasets/README.md); these tests \
+         need it",
+        root.display()
+    );
+    root
+}
+
+fn trainer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ma-trainer"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn mismatched_dataset_and_root_counts_are_refused_before_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let ddb1 = shared("diaretdb1");
+    let idrid = shared("idrid");
+    let o = trainer(&[
+        "train",
+        "--dataset",
+        "diaretdb1",
+        "--dataset",
+        "idrid",
+        "--root",
+        ddb1.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("2 --dataset and 1 --root"), "{e}");
+    assert!(
+        !out.exists(),
+        "nothing is written before the arguments are checked"
+    );
+
+    // The same dataset twice.
+    let o = trainer(&[
+        "cv",
+        "--dataset",
+        "idrid",
+        "--root",
+        idrid.to_str().unwrap(),
+        "--dataset",
+        "idrid",
+        "--root",
+        idrid.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("given twice"), "{}", stderr(&o));
+
+    // Augmentation effects without copies, and copies without effects.
+    let o = trainer(&[
+        "train",
+        "--root",
+        ddb1.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--aug-jpeg",
+        "30,90",
+    ]);
+    assert!(
+        stderr(&o).contains("need --camera-copies"),
+        "{}",
+        stderr(&o)
+    );
+    let o = trainer(&[
+        "train",
+        "--root",
+        ddb1.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--camera-copies",
+        "1",
+    ]);
+    assert!(stderr(&o).contains("at least one effect"), "{}", stderr(&o));
+    let o = trainer(&[
+        "train",
+        "--root",
+        ddb1.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--camera-copies",
+        "1",
+        "--aug-jpeg",
+        "90,30",
+    ]);
+    assert!(stderr(&o).contains("--aug-jpeg LO,HI"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+/// `info` on the two small external samples (5 ROC and 4 e-ophtha photos): the 768 px
+/// ROC photos are enlarged 1.87x, e-ophtha shrunk 0.73x.
+#[test]
+fn info_reports_scale_and_ma_sizes_per_dataset() {
+    let roc = shared("roc");
+    let eophtha = shared("e_optha_MA");
+    let o = trainer(&[
+        "info",
+        "--dataset",
+        "roc",
+        "--root",
+        roc.to_str().unwrap(),
+        "--dataset",
+        "eophtha",
+        "--root",
+        eophtha.to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{}", out, stderr(&o));
+    assert!(out.contains("ROC: 5 images, 21 lesions"), "{out}");
+    assert!(out.contains("768x576"), "{out}");
+    assert!(
+        out.contains("scale to canonical (min / median / max): 1.000 / 1.873 / 1.875"),
+        "{out}"
+    );
+    assert!(out.contains("e-ophtha-MA: 4 images, 7 lesions"), "{out}");
+    assert!(
+        out.contains("scale to canonical (min / median / max): 0.731 / 0.731 / 0.731"),
+        "{out}"
+    );
+    assert!(out.contains("MA diameter, canonical px"), "{out}");
+}
