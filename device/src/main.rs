@@ -17,7 +17,7 @@ use ma_device::display::Canvas;
 use ma_device::display::overlay::{OverlayInfo, STATUS_BAR_HEIGHT, draw_overlay};
 use ma_device::image_io;
 use ma_device::manifest::Variant;
-use ma_device::preprocess::{self, FovSource, PreprocessConfig};
+use ma_device::preprocess::{self, FovSource};
 use ma_device::records;
 use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
 use ma_device::signing::ModelTrust;
@@ -158,6 +158,11 @@ enum Command {
         /// Number of synthetic frames when no --input is given.
         #[arg(long, default_value_t = 3)]
         synthetic: usize,
+        /// Model folder whose manifest's [preprocess] settings to use, so the pictures
+        /// show what those models see (only the settings are read: nothing is run, and
+        /// the signature is not checked).
+        #[arg(long, default_value = "models")]
+        models: PathBuf,
     },
     /// Write synthetic fundus images with known microaneurysms, for tests and demos.
     ///
@@ -269,11 +274,13 @@ fn run(cli: Cli) -> Result<()> {
             output_dir,
             fov_mask,
             synthetic,
+            models,
         } => run_preprocess(
             input.as_deref(),
             &output_dir,
             fov_mask.as_deref(),
             synthetic,
+            &models,
         ),
         Command::Synth {
             output_dir,
@@ -580,6 +587,7 @@ fn run_preprocess(
     output_dir: &Path,
     fov_mask: Option<&Path>,
     synthetic_count: usize,
+    models: &Path,
 ) -> Result<()> {
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("cannot create output folder {}", output_dir.display()))?;
@@ -591,7 +599,9 @@ fn run_preprocess(
             Ok(ma_device::mask::Mask::from_luma(&img, |v| v > 0))
         })
         .transpose()?;
-    let cfg = PreprocessConfig::default();
+    let cfg = ma_device::manifest::Manifest::load(models)
+        .with_context(|| format!("preprocess --models {}", models.display()))?
+        .preprocess;
     let frames = frames(input, synthetic_count)?;
     let bar = ProgressBar::new(frames.len() as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"),

@@ -51,6 +51,24 @@ pub struct PreprocessConfig {
     pub background_floor: f32,
     /// Normalised values are clipped to +-clip.
     pub clip: f32,
+    /// 8-bit levels `(low, high)` at or beyond which a channel is clipped by the camera
+    /// (a red channel burnt out at 255, a blue one crushed to 0). Such pixels carry no
+    /// contrast: they are normalised to 0 and left out of the channel's spread, whose
+    /// median would otherwise collapse to 0 and turn the rest of the channel into noise
+    /// at +-clip. `None` (models before 0.4, whose manifests lack the key): every pixel
+    /// counts.
+    #[serde(default)]
+    pub clipped_levels: Option<(u8, u8)>,
+    /// Smallest robust spread of each channel (R, G, B): a channel with almost no
+    /// variation is not amplified into noise. Absent from manifests before 0.4, which
+    /// used 1e-4 for every channel.
+    #[serde(default = "legacy_spread_floor")]
+    pub spread_floor: [f32; CHANNELS],
+}
+
+/// The spread floor of models before 0.4 (see [`PreprocessConfig::spread_floor`]).
+fn legacy_spread_floor() -> [f32; CHANNELS] {
+    [1e-4; CHANNELS]
 }
 
 impl Default for PreprocessConfig {
@@ -62,6 +80,10 @@ impl Default for PreprocessConfig {
             background_subsample: 3,
             background_floor: 10.0,
             clip: 10.0,
+            clipped_levels: Some((1, 254)),
+            // Half the median spread of the DiaretDB1 training photos per channel: no
+            // photo with a working channel is near it.
+            spread_floor: [0.010, 0.021, 0.084],
         }
     }
 }
@@ -175,6 +197,7 @@ fn normalise(img: &RgbImage, fov: &Mask, cfg: &PreprocessConfig) -> Planes {
     let (gw, gh) = (w.div_ceil(k), h.div_ceil(k));
     let (xt, yt) = (bilinear_taps(w, gw, k), bilinear_taps(h, gh, k));
 
+    let usable = usable_pixels(raw, inside, cfg);
     // Contrast relative to the interpolated background, one row at a time.
     let mut planes = Planes::zeros(w, h);
     let mut row_bg = vec![0.0f32; gw];
@@ -189,20 +212,36 @@ fn normalise(img: &RgbImage, fov: &Mask, cfg: &PreprocessConfig) -> Planes {
             let row = y * w;
             for (x, &(x0, x1, tx)) in xt.iter().enumerate() {
                 let i = row + x;
-                if inside[i] {
+                if usable[c][i] {
                     let bg = row_bg[x0] + (row_bg[x1] - row_bg[x0]) * tx;
                     plane[i] = (raw[i * CHANNELS + c] as f32 - bg) / (bg + cfg.background_floor);
                 }
             }
         }
-        let spread = robust_spread(plane, inside).max(1e-4);
-        for (v, &inside) in plane.iter_mut().zip(inside) {
-            if inside {
+        let spread = robust_spread(plane, &usable[c]).max(cfg.spread_floor[c]);
+        for (v, &usable) in plane.iter_mut().zip(&usable[c]) {
+            if usable {
                 *v = (*v / spread).clamp(-cfg.clip, cfg.clip);
             }
         }
     }
     planes
+}
+
+/// Per channel, the FOV pixels whose value the camera did not clip (all FOV pixels when
+/// `cfg.clipped_levels` is `None`).
+fn usable_pixels(raw: &[u8], inside: &[bool], cfg: &PreprocessConfig) -> [Vec<bool>; CHANNELS] {
+    std::array::from_fn(|c| match cfg.clipped_levels {
+        None => inside.to_vec(),
+        Some((low, high)) => inside
+            .iter()
+            .enumerate()
+            .map(|(i, &inside)| {
+                let v = raw[i * CHANNELS + c];
+                inside && v > low && v < high
+            })
+            .collect(),
+    })
 }
 
 /// Background of each channel on the `k x k` block grid: the masked median of the
@@ -380,6 +419,119 @@ mod tests {
         assert_eq!(c.planes.get(1, 30, 250), 0.0);
         let wrong = Mask::new(10, 10);
         assert!(preprocess(&img, FovSource::Supplied(&wrong), &cfg).is_err());
+    }
+
+    /// A camera that burns the red channel out over most of the FOV (ROC photos have red
+    /// at 255 on 60-70% of it): without the clipped levels the red spread collapses and
+    /// the red plane turns into +-clip noise; with them it stays calm, and green is the
+    /// same either way.
+    #[test]
+    fn clipped_channels_do_not_turn_into_noise() {
+        let base = fundus(600, 500, 480.0, 3.0);
+        let burnt = RgbImage::from_fn(600, 500, |x, y| {
+            let p = *base.get_pixel(x, y);
+            // Red burnt out on the left two thirds of the FOV, textured on the rest.
+            let red = match p.0[0] {
+                v if v <= 100 => v,
+                _ if x < 380 => 255,
+                v => v + ((x * 3 + y * 7) % 5) as u8,
+            };
+            Rgb([red, p.0[1], p.0[2]])
+        });
+        let legacy = PreprocessConfig {
+            canonical_fov_diameter: 480.0,
+            clipped_levels: None,
+            spread_floor: legacy_spread_floor(),
+            ..PreprocessConfig::default()
+        };
+        let new = PreprocessConfig {
+            clipped_levels: Some((1, 254)),
+            ..legacy.clone()
+        };
+        let fraction_at_clip = |p: &Preprocessed, c: usize| {
+            let (mut n, mut at) = (0, 0);
+            for (v, &inside) in p.planes.channel(c).iter().zip(p.fov.as_slice()) {
+                if inside {
+                    n += 1;
+                    at += usize::from(v.abs() >= 9.99);
+                }
+            }
+            at as f64 / n as f64
+        };
+        let old = preprocess(&burnt, FovSource::Estimate, &legacy).unwrap();
+        let fixed = preprocess(&burnt, FovSource::Estimate, &new).unwrap();
+        assert!(
+            fraction_at_clip(&old, 0) > 0.2,
+            "{}",
+            fraction_at_clip(&old, 0)
+        );
+        assert!(
+            fraction_at_clip(&fixed, 0) < 0.01,
+            "{}",
+            fraction_at_clip(&fixed, 0)
+        );
+        // A burnt-out pixel carries no contrast.
+        assert_eq!(fixed.planes.get(0, 200, 251), 0.0);
+        assert!(
+            old.planes.channel(1) == fixed.planes.channel(1),
+            "green has no clipped pixel and must not change"
+        );
+        assert!(fixed.planes.get(1, 299, 249) < -3.0);
+    }
+
+    /// A channel with almost no variation (a blue channel crushed to a few levels) is
+    /// not amplified into noise once its spread is floored.
+    #[test]
+    fn spread_floor_keeps_a_flat_channel_flat() {
+        let base = fundus(600, 500, 480.0, 3.0);
+        // Blue 25 everywhere in the FOV but one pixel in 40 at 26.
+        let flat = RgbImage::from_fn(600, 500, |x, y| {
+            let p = *base.get_pixel(x, y);
+            let b = if p.0[0] > 100 && (x + 3 * y) % 40 == 0 {
+                26
+            } else {
+                p.0[2]
+            };
+            Rgb([p.0[0], p.0[1], b])
+        });
+        let legacy = PreprocessConfig {
+            canonical_fov_diameter: 480.0,
+            clipped_levels: None,
+            spread_floor: legacy_spread_floor(),
+            ..PreprocessConfig::default()
+        };
+        let floored = PreprocessConfig {
+            spread_floor: PreprocessConfig::default().spread_floor,
+            ..legacy.clone()
+        };
+        let at_clip = |cfg: &PreprocessConfig| {
+            let p = preprocess(&flat, FovSource::Estimate, cfg).unwrap();
+            p.planes
+                .channel(2)
+                .iter()
+                .filter(|v| v.abs() >= 9.99)
+                .count()
+        };
+        // Without a floor one level up becomes +clip (1 pixel in 40 of the FOV).
+        assert!(at_clip(&legacy) > 3000, "{}", at_clip(&legacy));
+        assert_eq!(at_clip(&floored), 0);
+    }
+
+    /// Manifests written before the clipped levels and spread floors existed read as the
+    /// preprocessing those models were trained with.
+    #[test]
+    fn old_manifest_tables_mean_the_old_preprocessing() {
+        let old: PreprocessConfig = toml::from_str(
+            "canonical_fov_diameter = 1410.0\nscale_tolerance = 0.05\n\
+             background_window = 30\nbackground_subsample = 3\n\
+             background_floor = 10.0\nclip = 10.0\n",
+        )
+        .unwrap();
+        assert_eq!(old.clipped_levels, None);
+        assert_eq!(old.spread_floor, [1e-4; 3]);
+        let new = PreprocessConfig::default();
+        let back: PreprocessConfig = toml::from_str(&toml::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
     }
 
     #[test]
