@@ -37,6 +37,9 @@ pub struct CameraAugment {
     /// Colour: gamma drawn in `[1/g, g]` and an independent gain per channel in
     /// `[1 - c, 1 + c]`. `None` = off.
     pub colour: Option<(f64, f64)>,
+    /// Red cast: the red channel multiplied by a factor in `[1, max]` and clipped at 255,
+    /// as cameras that burn red out over much of the field (the ROC photos). `None` = off.
+    pub red_gain: Option<f64>,
     pub seed: u64,
 }
 
@@ -48,6 +51,7 @@ impl CameraAugment {
         blur_sigma: None,
         scale_jitter: None,
         colour: None,
+        red_gain: None,
         seed: 0,
     };
 
@@ -101,6 +105,15 @@ impl CameraAugment {
                 }
             }
         }
+        if let Some(max) = self.red_gain {
+            let gain = rng.random_range(1.0..=max.max(1.0));
+            let lut: Vec<u8> = (0..=255u32)
+                .map(|v| (v as f64 * gain).round().min(255.0) as u8)
+                .collect();
+            for p in out.pixels_mut() {
+                p.0[0] = lut[p.0[0] as usize];
+            }
+        }
         if let Some(max) = self.blur_sigma {
             let sigma = rng.random_range(0.0..=max.max(0.0));
             if sigma > 0.1 {
@@ -151,6 +164,7 @@ mod tests {
             blur_sigma: Some(1.5),
             scale_jitter: Some(0.1),
             colour: Some((1.4, 0.15)),
+            red_gain: Some(2.0),
             seed: 7,
         }
     }
@@ -195,6 +209,10 @@ mod tests {
             },
             CameraAugment {
                 colour: Some((1.5, 0.2)),
+                ..off.clone()
+            },
+            CameraAugment {
+                red_gain: Some(2.5),
                 ..off.clone()
             },
         ] {

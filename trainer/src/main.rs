@@ -271,6 +271,10 @@ struct TrainArgs {
         help_heading = "Camera augmentation"
     )]
     aug_colour: Option<Vec<f64>>,
+    /// Red cast: red channel times a factor in [1, MAX], clipped at 255 (cameras that
+    /// burn red out), e.g. 2.5.
+    #[arg(long, value_name = "MAX", help_heading = "Camera augmentation")]
+    aug_red_gain: Option<f64>,
     /// Continue from the last checkpoint in OUT instead of starting over. On a finished
     /// run nothing is trained: `cv --resume` then only re-scores the held-out images with
     /// the current scoring rule and rewrites cv-summary.json (about 40 s per fold).
@@ -299,6 +303,7 @@ impl TrainArgs {
             blur_sigma: self.aug_blur,
             scale_jitter: self.aug_scale_jitter,
             colour: pair("--aug-colour", &self.aug_colour)?,
+            red_gain: self.aug_red_gain,
             seed: self.seed,
         };
         let effects = [
@@ -307,6 +312,7 @@ impl TrainArgs {
             aug.blur_sigma.is_some(),
             aug.scale_jitter.is_some(),
             aug.colour.is_some(),
+            aug.red_gain.is_some(),
         ]
         .iter()
         .filter(|on| **on)
@@ -319,7 +325,7 @@ impl TrainArgs {
             ),
             (_, 0) => anyhow::bail!(
                 "--camera-copies needs at least one effect (--aug-shrink, --aug-jpeg, \
-                 --aug-blur, --aug-scale-jitter or --aug-colour)"
+                 --aug-blur, --aug-scale-jitter, --aug-colour or --aug-red-gain)"
             ),
             _ => {}
         }
@@ -347,6 +353,11 @@ impl TrainArgs {
             && !((1.0..=3.0).contains(&g) && (0.0..0.5).contains(&c))
         {
             anyhow::bail!("--aug-colour G,C needs G in [1, 3] and C in [0, 0.5), got {g},{c}");
+        }
+        if let Some(r) = aug.red_gain
+            && !(1.0..=4.0).contains(&r)
+        {
+            anyhow::bail!("--aug-red-gain must be in [1, 4], got {r}");
         }
         Ok(aug)
     }
