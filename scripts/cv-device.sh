@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # Device-path cross-validation: the CPM of what the device would report, not of libtorch.
 #
-#   scripts/cv-device.sh CV_DIR [float|int8]
+#   scripts/cv-device.sh CV_DIR [float|int8] [NAME ROOT ...]
 #
 # CV_DIR is the --out folder of `ma-trainer cv` with every fold run (fold-K/stage1.safetensors,
 # fold-K/stage2.safetensors, cv-detections-fold-K.jsonl, cv-summary.json). For each fold K
 # this exports its weights to ONNX (CV_DIR/device-VARIANT/fold-K/models), runs `ma-device detect`
 # (tract) on that fold's held-out images only, then scores all folds together with
-# `ma-trainer eval`. Output: CV_DIR/device-VARIANT/detections-VARIANT.jsonl, froc-VARIANT.png and
-# the printed report.
+# `ma-trainer eval`, once per dataset. NAME ROOT pairs name the datasets the CV was run on
+# (as its --dataset/--root pairs; default: diaretdb1 ../shared/datasets/diaretdb1); the
+# held-out photos are found by file name below the roots. Output:
+# CV_DIR/device-VARIANT/detections-VARIANT.jsonl, froc-VARIANT-NAME.png and the printed
+# reports.
 set -euo pipefail
 
-cv_dir="${1:?usage: scripts/cv-device.sh CV_DIR [float|int8]}"
+cv_dir="${1:?usage: scripts/cv-device.sh CV_DIR [float|int8] [NAME ROOT ...]}"
 variant="${2:-float}"
+shift $(($# < 2 ? $# : 2))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-root="$repo/../shared/datasets/diaretdb1"
-images="$root/resources/images/ddb1_fundusimages"
-[ -d "$images" ] || { echo "cv-device: no DiaretDB1 images at $images" >&2; exit 1; }
+[ $# -gt 0 ] || set -- diaretdb1 "$repo/../shared/datasets/diaretdb1"
+[ $(($# % 2)) -eq 0 ] || { echo "cv-device: give NAME ROOT pairs, got: $*" >&2; exit 1; }
+names=()
+roots=()
+while [ $# -gt 0 ]; do
+    [ -d "$2" ] || { echo "cv-device: no $1 dataset at $2" >&2; exit 1; }
+    names+=("$1")
+    roots+=("$(cd "$2" && pwd)")
+    shift 2
+done
 [ -f "$cv_dir/cv-summary.json" ] || {
     echo "cv-device: $cv_dir/cv-summary.json is missing: run \`ma-trainer cv\` into $cv_dir first" >&2
     exit 1
@@ -49,10 +60,25 @@ for held in "$cv_dir"/cv-detections-fold-*.jsonl; do
     # The fold's held-out images are the ones its libtorch evaluation scored.
     input="$work/fold-$k/images"
     mkdir -p "$input"
-    python3 -c 'import json,sys; [print(json.loads(l)["image"]) for l in open(sys.argv[1]) if l.strip()]' \
-        "$held" | while read -r name; do
-        ln -s "$images/$(basename "$name")" "$input/"
-    done
+    python3 - "$held" "$input" "${roots[@]}" <<'PY'
+import json, os, sys
+held, dest, roots = sys.argv[1], sys.argv[2], sys.argv[3:]
+exts = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm")
+found = {}
+for root in roots:
+    for d, _, files in os.walk(root):
+        for f in files:
+            if f.lower().endswith(exts):
+                found.setdefault(f, []).append(os.path.join(d, f))
+for line in open(held):
+    if not line.strip():
+        continue
+    name = os.path.basename(json.loads(line)["image"])
+    paths = found.get(name, [])
+    if len(paths) != 1:
+        sys.exit(f"cv-device: held-out photo {name} is found {len(paths)} times below {roots}")
+    os.symlink(paths[0], os.path.join(dest, name))
+PY
     # Fold models are workstation evaluations, never shipped: they are not signed.
     "$bin/ma-device" detect --allow-unsigned --models "$models" --variant "$variant" --input "$input" \
         --output "$work/fold-$k/detections.jsonl" --threads 2
@@ -60,5 +86,10 @@ for held in "$cv_dir"/cv-detections-fold-*.jsonl; do
     folds=$((folds + 1))
 done
 echo "device path: $folds fold(s), detections in $all"
-"$bin/ma-trainer" eval --dataset diaretdb1 --root "$root" --split train \
-    --detections "$all" --plot "$work/froc-$variant.png"
+for i in "${!names[@]}"; do
+    split=()
+    case "${names[$i]}" in diaretdb1 | idrid) split=(--split train) ;; esac
+    echo "== ${names[$i]}"
+    "$bin/ma-trainer" eval --dataset "${names[$i]}" --root "${roots[$i]}" "${split[@]}" \
+        --detections "$all" --plot "$work/froc-$variant-${names[$i]}.png"
+done
