@@ -6,8 +6,9 @@ use std::sync::OnceLock;
 
 use ma_device::manifest::{Training, Variant};
 use ma_device::signing::{self, KeyPair};
-use ma_trainer::export::export_model_set;
+use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::nets::{Net, Stage};
+use ma_trainer::training_data::DeviceSettings;
 
 /// Export a model set of untrained networks (seeded) into `out`: real ONNX files and a
 /// manifest with hashes, in seconds, for tests of what surrounds the cascade (the loop,
@@ -36,10 +37,13 @@ pub fn export_untrained_models(
         &stage1,
         &stage2,
         out,
-        version,
-        Variant::Float,
-        operating_points,
-        training,
+        &Release {
+            version: version.to_string(),
+            default_variant: Variant::Float,
+            operating_points,
+            training,
+            settings: DeviceSettings::default(),
+        },
     )
     .expect("exporting an untrained model set");
     let name = out

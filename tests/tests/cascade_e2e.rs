@@ -11,10 +11,11 @@ use ma_device::manifest::{Training, Variant};
 use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
 use ma_device::signing::ModelTrust;
 use ma_device::synthetic::{SyntheticFundus, SyntheticParams, generate};
-use ma_trainer::export::export_model_set;
+use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::ground_truth::GroundTruth;
 use ma_trainer::pipeline::{PipelineConfig, reported, run_cascade, train_cascade};
 use ma_trainer::prepare::PreparedImage;
+use ma_trainer::training_data::DeviceSettings;
 
 fn truth(frame: &SyntheticFundus) -> GroundTruth {
     GroundTruth::from_synthetic(frame)
@@ -26,7 +27,13 @@ fn trained_exported_and_detected_on_synthetic_images() {
         n_microaneurysms: 20,
         ..SyntheticParams::default()
     };
-    let cfg = PreprocessConfig::default();
+    // Settings that differ from every default, so the device can only match the
+    // workstation if they travel from training through the manifest: a canonical FOV
+    // of 1200 px shrinks these 1400-px frames (the default leaves them as they are).
+    let cfg = PreprocessConfig {
+        canonical_fov_diameter: 1200.0,
+        ..PreprocessConfig::default()
+    };
     let images: Vec<PreparedImage> = (1..=4)
         .map(|seed| {
             let frame = generate(&params, seed);
@@ -35,6 +42,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
         })
         .collect();
     let mut pipeline = PipelineConfig::default();
+    pipeline.candidates.max_candidates = 97;
     pipeline.stage1.epochs = 2;
     pipeline.stage1_crops = 96;
     pipeline.stage2.epochs = 1;
@@ -61,12 +69,18 @@ fn trained_exported_and_detected_on_synthetic_images() {
         &cascade.stage1.0,
         &cascade.stage2.0,
         &models,
-        "e2e-test",
-        Variant::Float,
-        [0.5, 0.5, 0.5],
-        training,
+        &Release {
+            version: "e2e-test".to_string(),
+            default_variant: Variant::Float,
+            operating_points: [0.5, 0.5, 0.5],
+            training,
+            settings: DeviceSettings::of(&cfg, &pipeline),
+        },
     )
     .unwrap();
+    let manifest = ma_device::manifest::Manifest::load(&models).unwrap();
+    assert_eq!(manifest.preprocess, cfg);
+    assert_eq!(manifest.stage1, pipeline.candidates);
 
     // A held-out synthetic image through the device cascade.
     let device = Cascade::load(&models, Some(Variant::Float), &ModelTrust::Unsigned).unwrap();

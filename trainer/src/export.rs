@@ -31,10 +31,9 @@ use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
 use ma_device::manifest::{
     Manifest, ModelEntry, ModelGeometry, OUTPUT_NAME, OperatingPoints, Training, Variant,
 };
-use ma_device::preprocess::PreprocessConfig;
 
 use crate::nets::{Layer, Stage};
-use crate::pipeline::PipelineConfig;
+use crate::training_data::DeviceSettings;
 
 /// ONNX IR version written (IR 8 goes with opsets up to 17; onnxruntime and tract read it).
 pub const IR_VERSION: i64 = 8;
@@ -617,18 +616,29 @@ fn float(name: &str, f: f32) -> pb::AttributeProto {
     }
 }
 
+/// What a model set's manifest says besides its files.
+#[derive(Clone, Debug)]
+pub struct Release {
+    /// Release name (shown in records and on screen).
+    pub version: String,
+    /// Variant the device loads by default.
+    pub default_variant: Variant,
+    /// Scores at 1, 2 and 4 FP/image (from the CV).
+    pub operating_points: [f64; 3],
+    pub training: Training,
+    /// The settings the weights were trained with.
+    pub settings: DeviceSettings,
+}
+
 /// Write a shippable model set into `out`: both stages as float and int8-weight ONNX,
 /// and `manifest.toml` with every file's sha256, the preprocessing, candidate and scoring
-/// settings of this build, the operating points (scores at 1, 2 and 4 FP/image) and the
+/// settings the weights were trained with, the operating points (scores at 1, 2 and 4 FP/image) and the
 /// training provenance.
 pub fn export_model_set(
     stage1: &tch::nn::VarStore,
     stage2: &tch::nn::VarStore,
     out: &Path,
-    version: &str,
-    default_variant: Variant,
-    operating_points: [f64; 3],
-    training: Training,
+    release: &Release,
 ) -> Result<Manifest> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut models = Vec::new();
@@ -654,21 +664,21 @@ pub fn export_model_set(
             models.push(ModelEntry::for_file(out, &file, variant, geometry)?);
         }
     }
-    let [op1, op2, op4] = operating_points;
-    let pipeline = PipelineConfig::default();
+    let [op1, op2, op4] = release.operating_points;
+    let settings = &release.settings;
     let manifest = Manifest {
-        version: version.to_string(),
-        default_variant,
+        version: release.version.clone(),
+        default_variant: release.default_variant,
         patch_size: Stage::VERDICT_PATCH,
-        preprocess: PreprocessConfig::default(),
-        stage1: pipeline.candidates,
-        scoring: pipeline.scoring,
+        preprocess: settings.preprocess.clone(),
+        stage1: settings.candidates.clone(),
+        scoring: settings.scoring.clone(),
         operating_points: OperatingPoints {
             fp_per_image_1: op1,
             fp_per_image_2: op2,
             fp_per_image_4: op4,
         },
-        training,
+        training: release.training.clone(),
         models,
         dir: out.to_path_buf(),
     };

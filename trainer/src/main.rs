@@ -21,12 +21,12 @@ use ma_trainer::dataset_stats::dataset_stats;
 use ma_trainer::datasets::{Dataset, LoadOptions};
 use ma_trainer::datasets::{DatasetKind, Split};
 use ma_trainer::eval::{self, EvalOptions};
-use ma_trainer::export::export_model_set;
+use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::nets::Stage;
 use ma_trainer::pipeline::{Cascade, PipelineConfig, train_cascade};
 use ma_trainer::prepare::{PreparedImage, prepare_all};
 use ma_trainer::train::load_net;
-use ma_trainer::training_data::TrainingData;
+use ma_trainer::training_data::{DeviceSettings, TrainingData};
 
 #[derive(Parser)]
 #[command(
@@ -367,6 +367,11 @@ impl TrainArgs {
         self.data.prepare_with(&self.camera_augment()?)
     }
 
+    /// The settings the device must use with this run's weights.
+    fn device_settings(&self) -> DeviceSettings {
+        DeviceSettings::of(&self.data.preprocess(), &self.pipeline())
+    }
+
     fn pipeline(&self) -> PipelineConfig {
         let mut cfg = PipelineConfig::default();
         cfg.stage1.epochs = self.epochs1;
@@ -402,22 +407,30 @@ impl DataArgs {
     fn training_data<'a>(
         &self,
         images: impl IntoIterator<Item = &'a PreparedImage>,
+        settings: DeviceSettings,
     ) -> Result<TrainingData> {
         let kinds: Vec<DatasetKind> = self.dataset_roots()?.into_iter().map(|(k, _)| k).collect();
         let (split, threshold) = (self.split, self.threshold);
-        Ok(TrainingData::of(images, |name| {
-            match kinds.iter().find(|k| k.to_string() == name) {
+        Ok(TrainingData::of(
+            images,
+            |name| match kinds.iter().find(|k| k.to_string() == name) {
                 Some(DatasetKind::Diaretdb1) => {
                     format!("{split} split, redsmalldots >= {threshold}")
                 }
                 Some(k) if k.has_splits() => format!("{split} split"),
                 _ => "every image".to_string(),
-            }
-        }))
+            },
+            settings,
+        ))
     }
 
     fn prepare(&self) -> Result<Vec<PreparedImage>> {
         self.prepare_with(&CameraAugment::OFF)
+    }
+
+    /// The preprocessing every image of the run gets (recorded for the device).
+    fn preprocess(&self) -> PreprocessConfig {
+        PreprocessConfig::default()
     }
 
     fn prepare_with(&self, aug: &CameraAugment) -> Result<Vec<PreparedImage>> {
@@ -444,7 +457,7 @@ impl DataArgs {
             );
             datasets.push((kind.to_string(), dataset.images));
         }
-        prepare_all(&datasets, &PreprocessConfig::default(), aug)
+        prepare_all(&datasets, &self.preprocess(), aug)
     }
 }
 
@@ -453,7 +466,9 @@ fn train(a: &TrainArgs) -> Result<()> {
     let images = a.prepare()?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
-    a.data.training_data(&images)?.save(&a.out)?;
+    a.data
+        .training_data(&images, a.device_settings())?
+        .save(&a.out)?;
     let all: Vec<usize> = (0..images.len()).collect();
     let cascade = train_cascade(&images, &all, &[], &a.pipeline(), &a.out, a.resume)?;
     for (stage, (vs, _)) in [("stage1", &cascade.stage1), ("stage2", &cascade.stage2)] {
@@ -492,7 +507,7 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
             .filter(|&i| of[i] != r.fold)
             .map(|i| &images[i]);
         a.data
-            .training_data(train)?
+            .training_data(train, a.device_settings())?
             .save(&a.out.join(format!("fold-{}", r.fold + 1)))?;
     }
     println!("fold  images  lesions  CPM    recall@50  recall@100  recall@150  minutes");
@@ -689,15 +704,14 @@ fn export(
         licence: "research use only (trained on research-use datasets)".to_string(),
         cv_cpm: summary.mean_cpm,
     };
-    let manifest = export_model_set(
-        &vs1,
-        &vs2,
-        out,
-        version,
+    let release = Release {
+        version: version.to_string(),
         default_variant,
-        summary.operating_points,
+        operating_points: summary.operating_points,
         training,
-    )?;
+        settings: data.settings,
+    };
+    let manifest = export_model_set(&vs1, &vs2, out, &release)?;
     for m in &manifest.models {
         println!("wrote {}", out.join(&m.file).display());
     }

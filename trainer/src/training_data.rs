@@ -1,12 +1,43 @@
-//! What a training run learned from, written by `train` beside its weights
-//! (`training-data.json`) so that `export` describes the data in the manifest from the
-//! run itself rather than from text that has to be kept in step by hand.
+//! What a training run learned from and the settings it ran with, written by `train`
+//! beside its weights (`training-data.json`). `export` takes the manifest's data
+//! description and its `[preprocess]`, `[stage1]` and `[scoring]` tables from here, so the
+//! device computes what training computed, rather than two defaults that happen to agree.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use ma_device::cascade::Scoring;
+use ma_device::cascade::candidates::CandidateConfig;
+use ma_device::preprocess::PreprocessConfig;
 
+use crate::pipeline::PipelineConfig;
 use crate::prepare::PreparedImage;
+
+/// The settings the device must use with a run's weights: the preprocessing the images
+/// were prepared with, and the candidate picking and scoring the run was evaluated with.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceSettings {
+    pub preprocess: PreprocessConfig,
+    pub candidates: CandidateConfig,
+    pub scoring: Scoring,
+}
+
+impl DeviceSettings {
+    pub fn of(preprocess: &PreprocessConfig, pipeline: &PipelineConfig) -> Self {
+        Self {
+            preprocess: preprocess.clone(),
+            candidates: pipeline.candidates.clone(),
+            scoring: pipeline.scoring.clone(),
+        }
+    }
+}
+
+impl Default for DeviceSettings {
+    /// The settings of a run with every default (test fixtures, untrained model sets).
+    fn default() -> Self {
+        Self::of(&PreprocessConfig::default(), &PipelineConfig::default())
+    }
+}
 
 /// One dataset of a training run.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -19,10 +50,11 @@ pub struct DatasetUse {
     pub lesions: usize,
 }
 
-/// The datasets of a training run, in command-line order.
+/// The datasets of a training run, in command-line order, and its device settings.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainingData {
     pub datasets: Vec<DatasetUse>,
+    pub settings: DeviceSettings,
 }
 
 impl TrainingData {
@@ -33,6 +65,7 @@ impl TrainingData {
     pub fn of<'a>(
         images: impl IntoIterator<Item = &'a PreparedImage>,
         selection: impl Fn(&str) -> String,
+        settings: DeviceSettings,
     ) -> Self {
         let mut datasets: Vec<DatasetUse> = Vec::new();
         for im in images.into_iter().filter(|im| im.copy_of.is_none()) {
@@ -51,7 +84,7 @@ impl TrainingData {
             datasets[i].images += 1;
             datasets[i].lesions += im.truth.lesions.len();
         }
-        Self { datasets }
+        Self { datasets, settings }
     }
 
     pub fn images(&self) -> usize {
@@ -113,6 +146,7 @@ mod tests {
                     lesions: 900,
                 },
             ],
+            settings: DeviceSettings::default(),
         };
         assert_eq!(data.images(), 82);
         assert_eq!(

@@ -7,8 +7,9 @@ use std::process::{Command, Output};
 
 use ma_device::manifest::{Manifest, Training, Variant};
 use ma_device::signing::ModelTrust;
-use ma_trainer::export::export_model_set;
+use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::nets::{Net, Stage};
+use ma_trainer::training_data::DeviceSettings;
 
 fn trainer(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ma-trainer"))
@@ -42,10 +43,13 @@ fn bundle(dir: &Path) {
         &vs1,
         &vs2,
         dir,
-        "sign-test",
-        Variant::Int8,
-        [0.9, 0.8, 0.7],
-        training,
+        &Release {
+            version: "sign-test".to_string(),
+            default_variant: Variant::Int8,
+            operating_points: [0.9, 0.8, 0.7],
+            training,
+            settings: DeviceSettings::default(),
+        },
     )
     .unwrap();
 }
