@@ -11,6 +11,7 @@
 pub mod board;
 pub mod capture;
 pub mod cascade;
+pub mod console;
 pub mod detection;
 pub mod display;
 pub mod fov;

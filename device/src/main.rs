@@ -22,6 +22,7 @@ use ma_device::records;
 use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
 use ma_device::signing::ModelTrust;
 use ma_device::synthetic::{self, SyntheticParams};
+use ma_device::{console, errln, outln};
 
 #[derive(Parser)]
 #[command(
@@ -69,7 +70,8 @@ enum Command {
     /// progress is finished and its record written, then the run exits with status 0
     /// and prints where the screens and the records log are. A second signal exits at
     /// once. Exit status 1: the board config or models could not be loaded, or some
-    /// record could not be saved.
+    /// record could not be saved. A closed stdout or stderr (the reader of a pipe gone)
+    /// only drops messages: every frame is still processed and recorded.
     ///
     /// Model bundles must be signed (ed25519, manifest.toml.sig) by the key named in the
     /// board config's inference.public_key; anything else is refused before a model is
@@ -218,7 +220,7 @@ enum ExportFormat {
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        errln!("error: {e:#}");
         std::process::exit(1);
     }
 }
@@ -256,7 +258,7 @@ fn run(cli: Cli) -> Result<()> {
                 operating_point,
             })?;
             if failed > 0 {
-                eprintln!(
+                errln!(
                     "{failed} image(s) failed: see the error lines in {}",
                     output.display()
                 );
@@ -313,13 +315,15 @@ fn run_board(board: &Path, allow_unsigned: bool) -> Result<RunSummary> {
     let (mut station, report) = Station::from_board(&config, allow_unsigned)
         .with_context(|| format!("board {} ({})", config.name, board.display()))?;
     if !report.is_clean() {
-        eprintln!(
+        errln!(
             "warning: records log {}: {report}",
             station.log.path().display()
         );
     }
     let summary = station.run(&stop);
-    println!("{summary}");
+    // The records are saved by now; a reader that went away (`run | head`) only loses
+    // this summary, it does not turn a good run into a failed one.
+    let _ = outln!("{summary}");
     Ok(summary)
 }
 
@@ -327,7 +331,7 @@ fn run_board(board: &Path, allow_unsigned: bool) -> Result<RunSummary> {
 fn read_records(log: &Path) -> Result<Vec<records::Record>> {
     let (list, report) = records::read_all(log)?;
     if !report.is_clean() {
-        eprintln!("warning: records log {}: {report}", log.display());
+        errln!("warning: records log {}: {report}", log.display());
     }
     Ok(list)
 }
@@ -339,7 +343,7 @@ fn records_list(log: &Path) -> Result<()> {
         .write_all(records::list_summary(&list).as_bytes())
         .and_then(|()| out.flush());
     ignore_broken_pipe(written.map_err(anyhow::Error::from))?;
-    eprintln!("{} record(s) in {}", list.len(), log.display());
+    errln!("{} record(s) in {}", list.len(), log.display());
     Ok(())
 }
 
@@ -365,14 +369,7 @@ fn records_export(log: &Path, format: ExportFormat, output: Option<&Path>) -> Re
 /// A reader that stopped early (`| head`) is not an error.
 fn ignore_broken_pipe(result: Result<()>) -> Result<()> {
     match result {
-        Err(e)
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            Ok(())
-        }
+        Err(e) if console::is_broken_pipe(&e) => Ok(()),
         other => other,
     }
 }
@@ -389,7 +386,7 @@ fn default_models_dir() -> PathBuf {
 
 /// `--allow-unsigned` must never go unnoticed.
 fn warn_unsigned() {
-    eprintln!(
+    errln!(
         "WARNING: --allow-unsigned: model signatures are NOT checked. For development \
          only; never use it on a screening device."
     );
@@ -491,7 +488,7 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    eprintln!(
+    errln!(
         "{} image(s), {failed} failed, {referred} with >= 1 MA at {} FP/image (score >= {threshold:.3}) -> {}",
         files.len(),
         a.operating_point,
@@ -624,11 +621,14 @@ fn run_preprocess(
         });
         match result {
             // Results go to stdout even when the bar is hidden (not a terminal).
-            Ok(line) => bar.suspend(|| println!("{line}")),
+            // A closed stdout only loses these lines; the pictures are written.
+            Ok(line) => bar.suspend(|| {
+                let _ = outln!("{line}");
+            }),
             Err(e) => {
                 failed += 1;
                 let reason = image_io::one_line(&format!("{e:#}"));
-                bar.suspend(|| eprintln!("{}: error: {reason}", frame.name));
+                bar.suspend(|| errln!("{}: error: {reason}", frame.name));
             }
         }
         bar.inc(1);
@@ -669,7 +669,7 @@ fn run_synth(output_dir: &Path, count: usize, seed: u64, small: bool) -> Result<
         let json = output_dir.join(format!("frame-{i:03}.json"));
         std::fs::write(&json, serde_json::to_string_pretty(&truth)?)
             .with_context(|| format!("cannot write {}", json.display()))?;
-        println!(
+        let _ = outln!(
             "{}: {} MAs, {} look-alikes",
             png.display(),
             frame.microaneurysms.len(),

@@ -805,7 +805,8 @@ pub fn list_summary(records: &[Record]) -> String {
             "#{i} {} frame {} {} {}x{}",
             format_time_utc(r.time_unix_ms),
             r.frame,
-            r.source,
+            // One line per record, whatever bytes a file name held.
+            crate::console::escape_controls(&r.source),
             r.width,
             r.height
         );
