@@ -14,6 +14,7 @@ pub mod cascade;
 pub mod console;
 pub mod detection;
 pub mod display;
+pub mod files;
 pub mod fov;
 pub mod geometry;
 pub mod image_io;
