@@ -415,8 +415,12 @@ struct DetectArgs<'a> {
 
 /// Returns the number of images that failed.
 fn run_detect(a: &DetectArgs) -> Result<usize> {
-    if a.threads == 0 {
-        bail!("--threads must be at least 1");
+    if a.threads == 0 || a.threads > onnx::MAX_THREADS {
+        bail!(
+            "--threads must be 1 to {}, got {}",
+            onnx::MAX_THREADS,
+            a.threads
+        );
     }
     onnx::set_threads(a.threads);
     let cascade = Cascade::load(a.models, a.variant, a.trust)
