@@ -554,14 +554,14 @@ impl Station {
         }
     }
 
-    /// SHA-256 of the file for folder frames (read again; the source only hands out the
-    /// decoded pixels), of the RGB8 pixels otherwise.
+    /// SHA-256 of the file for folder frames (read again from the path the source read,
+    /// not from the record's name, which is lossy for a name that is not UTF-8), of the
+    /// RGB8 pixels otherwise.
     fn frame_hash(&self, frame: &Frame) -> ImageHash {
-        if let SourceKind::Folder { root, .. } = &self.source_kind {
-            let path = root.join(&frame.source);
-            match std::fs::read(&path) {
+        if let (SourceKind::Folder { .. }, Some(path)) = (&self.source_kind, &frame.path) {
+            match std::fs::read(path) {
                 Ok(bytes) => return ImageHash::of(&bytes),
-                Err(e) => eprintln!(
+                Err(e) => errln!(
                     "warning: cannot read {} again to hash it ({e}); hashing its pixels",
                     path.display()
                 ),
