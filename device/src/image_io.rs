@@ -77,9 +77,15 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     if bytes.is_empty() {
         bail!("empty file (0 bytes)");
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .context("cannot read image header")?;
+    // Reading the header reads a PNG's chunks up to the image data, colour profile
+    // included: bound that too (the reader's default allows 512 MiB). The size limits
+    // are ours to check, with our message.
+    let mut header_limits = Limits::no_limits();
+    header_limits.max_alloc = Some(METADATA_BUDGET);
+    reader.limits(header_limits);
     let Some(format) = reader.format() else {
         bail!("not an image in a supported format (PNG, JPEG, TIFF, BMP, PPM)");
     };
