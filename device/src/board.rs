@@ -17,6 +17,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+/// Largest panel side accepted (`display.width`, `display.height`): a canvas is allocated
+/// at the configured size before anything is shown, so 100000 x 100000 used to abort the
+/// process (30 GB) instead of naming the key.
+pub const MAX_PANEL_SIDE: u32 = 8192;
+/// Longest trigger interval (`source.trigger.seconds`): one day. Larger values overflow
+/// the clock arithmetic of the trigger.
+pub const MAX_INTERVAL_SECONDS: f64 = 86_400.0;
+/// Longest camera retry back-off (`source.retry_backoff_ms`): one hour. Larger values
+/// overflow the clock arithmetic of the retry.
+pub const MAX_BACKOFF_MS: u64 = 3_600_000;
+
 /// One supported board.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -273,9 +284,17 @@ impl BoardConfig {
             },
             SourceConfig::Camera(c) => {
                 non_empty_path(&c.device, "source.device")?;
-                positive_size(c.width, c.height, "source")?;
+                // A frame is decoded at this size; nothing larger is decoded anyway.
+                bounded_size(c.width, c.height, crate::image_io::MAX_SIDE, "source")?;
                 if c.retry_backoff_ms.initial == 0 {
                     bail!("source.retry_backoff_ms.initial must be > 0");
+                }
+                if c.retry_backoff_ms.max > MAX_BACKOFF_MS {
+                    bail!(
+                        "source.retry_backoff_ms.max must be at most {MAX_BACKOFF_MS} (one hour), \
+                         got {}",
+                        c.retry_backoff_ms.max
+                    );
                 }
                 if c.retry_backoff_ms.max < c.retry_backoff_ms.initial {
                     bail!(
@@ -296,6 +315,12 @@ impl BoardConfig {
                         if !(seconds.is_finite() && *seconds > 0.0) {
                             bail!("source.trigger.seconds must be > 0 (got {seconds})");
                         }
+                        if *seconds > MAX_INTERVAL_SECONDS {
+                            bail!(
+                                "source.trigger.seconds must be at most {MAX_INTERVAL_SECONDS} \
+                                 (one day), got {seconds}"
+                            );
+                        }
                     }
                 }
             }
@@ -307,9 +332,13 @@ impl BoardConfig {
             DisplayConfig::Framebuffer { device, .. } => non_empty_path(device, "display.device")?,
         }
         let (w, h) = self.display.size();
-        positive_size(w, h, "display")?;
-        if self.inference.threads == 0 {
-            bail!("inference.threads must be at least 1 (got 0)");
+        bounded_size(w, h, MAX_PANEL_SIDE, "display")?;
+        let max_threads = crate::cascade::onnx::MAX_THREADS;
+        if self.inference.threads == 0 || self.inference.threads > max_threads {
+            bail!(
+                "inference.threads must be 1 to {max_threads} (got {})",
+                self.inference.threads
+            );
         }
         non_empty_path(&self.inference.models, "inference.models")?;
         if let Some(k) = &self.inference.public_key {
@@ -327,12 +356,11 @@ fn non_empty_path(p: &Path, key: &str) -> Result<()> {
     Ok(())
 }
 
-fn positive_size(width: u32, height: u32, table: &str) -> Result<()> {
-    if width == 0 {
-        bail!("{table}.width must be > 0");
-    }
-    if height == 0 {
-        bail!("{table}.height must be > 0");
+fn bounded_size(width: u32, height: u32, max: u32, table: &str) -> Result<()> {
+    for (key, value) in [("width", width), ("height", height)] {
+        if value == 0 || value > max {
+            bail!("{table}.{key} must be 1 to {max} pixels, got {value}");
+        }
     }
     Ok(())
 }
@@ -414,6 +442,22 @@ log = "out/records.log"
         );
         assert!(err(&camera("{ kind = \"key\", line = 3 }")).contains("line"));
         assert!(err(&camera("{ kind = \"pedal\" }")).contains("pedal"));
+        assert!(
+            err(&camera("{ kind = \"interval\", seconds = 1e300 }"))
+                .contains("source.trigger.seconds")
+        );
+        let huge = camera("{ kind = \"key\" }").replace("width = 640", "width = 100000");
+        assert!(err(&huge).contains("source.width"), "{}", err(&huge));
+        let backoff = format!(
+            "{}\n[source.retry_backoff_ms]\ninitial = 500\nmax = 18446744073709551615\n",
+            camera("{ kind = \"key\" }")
+        );
+        // TOML allows the sub-table after the other tables.
+        assert!(
+            err(&backoff).contains("retry_backoff_ms"),
+            "{}",
+            err(&backoff)
+        );
     }
 
     #[test]
@@ -441,6 +485,12 @@ log = "out/records.log"
     fn semantic_errors_name_the_setting() {
         assert!(err(&with("threads = 1", "threads = 0")).contains("inference.threads"));
         assert!(err(&with("width = 800", "width = 0")).contains("display.width"));
+        // Sizes and counts that would allocate or overflow: bounded, the key named.
+        assert!(err(&with("width = 800", "width = 100000")).contains("display.width"));
+        assert!(err(&with("height = 480", "height = 100000")).contains("display.height"));
+        assert!(BoardConfig::parse(&with("width = 800", "width = 8192")).is_ok());
+        assert!(err(&with("width = 800", "width = 8193")).contains("8192"));
+        assert!(err(&with("threads = 1", "threads = 100000")).contains("inference.threads"));
         assert!(err(&with("count = 2", "count = 0")).contains("source.count"));
         assert!(err(&with("name = \"t\"", "name = \"\"")).contains("name"));
     }

@@ -16,7 +16,19 @@ use crate::mask::Mask;
 /// bright specks in the surround (text, reflections) are dropped (largest component).
 pub fn estimate(img: &RgbImage) -> Result<Mask> {
     let (w, h) = img.dimensions();
-    let threshold = red_threshold(img);
+    let corners = corner_levels(img);
+    // The estimate rests on a dark surround; without one (an all-white or uniform frame)
+    // it took the whole frame, padding and all, for the FOV, and detections fell outside
+    // the photo.
+    if corners.median >= MAX_THRESHOLD {
+        bail!(
+            "no field of view found: the corners of the image are lit (median red {} of 255), \
+             a fundus photograph has a dark surround (overexposed, blank, or not a fundus \
+             photograph?)",
+            corners.median
+        );
+    }
+    let threshold = corners.threshold();
     let lit = Mask::from_vec(w, h, img.pixels().map(|p| p.0[0] >= threshold).collect())?;
     let filled = lit.fill_holes();
     let mask = filled.largest_component_8();
@@ -49,12 +61,28 @@ pub fn diameter(mask: &Mask) -> f64 {
     }
 }
 
-/// Just above the surround's own level: the 99th percentile of red in the four corners
-/// (outside the FOV circle on every fundus camera), plus 5 levels, capped at 60.
-///
-/// A threshold relative to the FOV's brightness would cut off dim parts of unevenly lit
-/// photos (some DiaretDB1 images have a quadrant with red at 9-12 of 255).
-fn red_threshold(img: &RgbImage) -> u8 {
+/// Highest red threshold between surround and FOV.
+const MAX_THRESHOLD: u8 = 60;
+
+/// Red levels of the four corners (outside the FOV circle on every fundus camera).
+struct CornerLevels {
+    median: u8,
+    p99: u8,
+}
+
+impl CornerLevels {
+    /// Just above the surround's own level: the corners' 99th percentile plus 5 levels,
+    /// capped at [`MAX_THRESHOLD`].
+    ///
+    /// A threshold relative to the FOV's brightness would cut off dim parts of unevenly
+    /// lit photos (some DiaretDB1 images have a quadrant with red at 9-12 of 255).
+    fn threshold(&self) -> u8 {
+        (self.p99 as u32 + 5).min(MAX_THRESHOLD as u32) as u8
+    }
+}
+
+/// The median and 99th percentile of red in the four corners (each 1/20 of the sides).
+fn corner_levels(img: &RgbImage) -> CornerLevels {
     let (w, h) = img.dimensions();
     let (cw, ch) = ((w / 20).max(1), (h / 20).max(1));
     let mut hist = [0u64; 256];
@@ -66,16 +94,20 @@ fn red_threshold(img: &RgbImage) -> u8 {
         }
     }
     let total: u64 = hist.iter().sum();
-    let mut acc = 0;
-    let mut p99 = 255;
-    for (v, &n) in hist.iter().enumerate() {
-        acc += n;
-        if acc * 100 >= total * 99 {
-            p99 = v;
-            break;
+    let percentile = |p: u64| {
+        let mut acc = 0;
+        for (v, &n) in hist.iter().enumerate() {
+            acc += n;
+            if acc * 100 >= total * p {
+                return v as u8;
+            }
         }
+        255
+    };
+    CornerLevels {
+        median: percentile(50),
+        p99: percentile(99),
     }
-    (p99 + 5).min(60) as u8
 }
 
 /// A FOV must cover a sizeable part of the frame, or the photo is not a fundus image
@@ -132,6 +164,26 @@ mod tests {
         let img = RgbImage::from_pixel(300, 300, Rgb([0, 0, 0]));
         let err = estimate(&img).unwrap_err().to_string();
         assert!(err.contains("no field of view"), "{err}");
+    }
+
+    #[test]
+    fn white_or_uniform_image_has_no_fov() {
+        for level in [255, 180, 60] {
+            let img = RgbImage::from_pixel(300, 300, Rgb([level, level, level]));
+            let err = estimate(&img).unwrap_err().to_string();
+            assert!(
+                err.contains("no field of view") && err.contains("corners"),
+                "{err}"
+            );
+        }
+        // A dim surround just under the limit still gives a FOV.
+        let mut img = disk_image(400, 400, 190.0);
+        for p in img.pixels_mut() {
+            if p.0[0] < 10 {
+                *p = Rgb([40, 20, 10]);
+            }
+        }
+        assert!(estimate(&img).is_ok());
     }
 
     #[test]

@@ -77,9 +77,15 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     if bytes.is_empty() {
         bail!("empty file (0 bytes)");
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .context("cannot read image header")?;
+    // Reading the header reads a PNG's chunks up to the image data, colour profile
+    // included: bound that too (the reader's default allows 512 MiB). The size limits
+    // are ours to check, with our message.
+    let mut header_limits = Limits::no_limits();
+    header_limits.max_alloc = Some(METADATA_BUDGET);
+    reader.limits(header_limits);
     let Some(format) = reader.format() else {
         bail!("not an image in a supported format (PNG, JPEG, TIFF, BMP, PPM)");
     };
@@ -102,12 +108,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     }
 
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    // Room for a 16-bit RGBA decode of the largest accepted image, and no more.
-    limits.max_alloc = Some(MAX_SIDE as u64 * MAX_SIDE as u64 * 8 + (1 << 20));
-    reader.limits(limits);
+    reader.limits(decode_limits(width, height));
     let img = reader
         .decode()
         .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))
@@ -121,6 +122,29 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
         );
     }
     Ok(img.to_rgb8())
+}
+
+/// Metadata a decoder may hold besides the pixels (colour profile, text chunks).
+const METADATA_BUDGET: u64 = 16 << 20;
+
+/// The decoder limits for an image whose header says `width` x `height` (already
+/// checked against [`MAX_SIDE`]): memory in proportion to the image, not to what its
+/// metadata claims. Twice the picture at its widest layout (16-bit RGBA: the picture,
+/// and room for one intermediate buffer as large, e.g. a TIFF strip) plus
+/// [`METADATA_BUDGET`], and never more than a 16-bit RGBA picture at the size limit.
+///
+/// Without a per-image budget, a 512-px PNG whose colour profile (iCCP chunk) inflates
+/// to 1 GiB was decoded in 1.07 GB. Over the budget, the PNG decoder drops the profile
+/// (nothing here uses it) and decodes the pixels; other decoders fail with a limit
+/// error.
+pub fn decode_limits(width: u32, height: u32) -> Limits {
+    let picture = u64::from(width) * u64::from(height) * 8;
+    let cap = u64::from(MAX_SIDE) * u64::from(MAX_SIDE) * 8 + (1 << 20);
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some((2 * picture + METADATA_BUDGET).min(cap));
+    limits
 }
 
 fn check_size(width: u32, height: u32) -> Result<()> {

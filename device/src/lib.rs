@@ -11,8 +11,10 @@
 pub mod board;
 pub mod capture;
 pub mod cascade;
+pub mod console;
 pub mod detection;
 pub mod display;
+pub mod files;
 pub mod fov;
 pub mod geometry;
 pub mod image_io;

@@ -15,6 +15,7 @@ use ma_device::cascade::{Cascade, ImageResult};
 use ma_device::detection::{DetectLine, ImageDetections, ImageFailure};
 use ma_device::display::Canvas;
 use ma_device::display::overlay::{OverlayInfo, STATUS_BAR_HEIGHT, draw_overlay};
+use ma_device::files::{Protected, portable_name};
 use ma_device::image_io;
 use ma_device::manifest::Variant;
 use ma_device::preprocess::{self, FovSource};
@@ -22,6 +23,7 @@ use ma_device::records;
 use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
 use ma_device::signing::ModelTrust;
 use ma_device::synthetic::{self, SyntheticParams};
+use ma_device::{console, errln, outln};
 
 #[derive(Parser)]
 #[command(
@@ -69,7 +71,8 @@ enum Command {
     /// progress is finished and its record written, then the run exits with status 0
     /// and prints where the screens and the records log are. A second signal exits at
     /// once. Exit status 1: the board config or models could not be loaded, or some
-    /// record could not be saved.
+    /// record could not be saved. A closed stdout or stderr (the reader of a pipe gone)
+    /// only drops messages: every frame is still processed and recorded.
     ///
     /// Model bundles must be signed (ed25519, manifest.toml.sig) by the key named in the
     /// board config's inference.public_key; anything else is refused before a model is
@@ -113,7 +116,7 @@ enum Command {
         /// .tiff .bmp .ppm, any case).
         #[arg(long)]
         input: PathBuf,
-        /// JSONL output file.
+        /// JSONL output file (never one of the input images: refused).
         #[arg(long)]
         output: PathBuf,
         /// Threads for the network arithmetic.
@@ -123,6 +126,10 @@ enum Command {
         #[arg(long)]
         variant: Option<Variant>,
         /// Also write each image with its MAs circled (colour by score) as PNG here.
+        /// Names are flat and portable: the path below the input folder with characters
+        /// other than ASCII letters, digits, . _ - replaced by _, plus a short hash of the
+        /// path when anything was replaced or cut. A photo whose annotation cannot be
+        /// written gets an error line.
         #[arg(long)]
         annotate: Option<PathBuf>,
         /// Operating point for --annotate circles and the summary: 1, 2 or 4 false
@@ -223,7 +230,7 @@ enum ExportFormat {
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        errln!("error: {e:#}");
         std::process::exit(1);
     }
 }
@@ -261,7 +268,7 @@ fn run(cli: Cli) -> Result<()> {
                 operating_point,
             })?;
             if failed > 0 {
-                eprintln!(
+                errln!(
                     "{failed} image(s) failed: see the error lines in {}",
                     output.display()
                 );
@@ -320,13 +327,15 @@ fn run_board(board: &Path, allow_unsigned: bool) -> Result<RunSummary> {
     let (mut station, report) = Station::from_board(&config, allow_unsigned)
         .with_context(|| format!("board {} ({})", config.name, board.display()))?;
     if !report.is_clean() {
-        eprintln!(
+        errln!(
             "warning: records log {}: {report}",
             station.log.path().display()
         );
     }
     let summary = station.run(&stop);
-    println!("{summary}");
+    // The records are saved by now; a reader that went away (`run | head`) only loses
+    // this summary, it does not turn a good run into a failed one.
+    let _ = outln!("{summary}");
     Ok(summary)
 }
 
@@ -334,7 +343,7 @@ fn run_board(board: &Path, allow_unsigned: bool) -> Result<RunSummary> {
 fn read_records(log: &Path) -> Result<Vec<records::Record>> {
     let (list, report) = records::read_all(log)?;
     if !report.is_clean() {
-        eprintln!("warning: records log {}: {report}", log.display());
+        errln!("warning: records log {}: {report}", log.display());
     }
     Ok(list)
 }
@@ -346,24 +355,29 @@ fn records_list(log: &Path) -> Result<()> {
         .write_all(records::list_summary(&list).as_bytes())
         .and_then(|()| out.flush());
     ignore_broken_pipe(written.map_err(anyhow::Error::from))?;
-    eprintln!("{} record(s) in {}", list.len(), log.display());
+    errln!("{} record(s) in {}", list.len(), log.display());
     Ok(())
 }
 
 fn records_export(log: &Path, format: ExportFormat, output: Option<&Path>) -> Result<()> {
+    // The export must never land on the log it reads (`--output` naming the log, a hard
+    // link or symlink to it, or `>> log`): checked by file identity before writing.
+    let protected = Protected::new([log], "records log");
     let list = read_records(log)?;
     let write = |w: &mut dyn Write| match format {
         ExportFormat::Jsonl => records::to_jsonl(&list, w),
         ExportFormat::Csv => records::to_csv(&list, w),
     };
     match output {
-        None => ignore_broken_pipe(write(&mut std::io::stdout().lock())),
+        None => {
+            protected.check_stdout()?;
+            ignore_broken_pipe(write(&mut std::io::stdout().lock()))
+        }
         Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
+            let file = protected.create(path)?;
             let mut file = std::io::BufWriter::new(file);
             write(&mut file).with_context(|| format!("cannot write {}", path.display()))?;
-            eprintln!("{} record(s) -> {}", list.len(), path.display());
+            errln!("{} record(s) -> {}", list.len(), path.display());
             Ok(())
         }
     }
@@ -372,14 +386,7 @@ fn records_export(log: &Path, format: ExportFormat, output: Option<&Path>) -> Re
 /// A reader that stopped early (`| head`) is not an error.
 fn ignore_broken_pipe(result: Result<()>) -> Result<()> {
     match result {
-        Err(e)
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            Ok(())
-        }
+        Err(e) if console::is_broken_pipe(&e) => Ok(()),
         other => other,
     }
 }
@@ -396,7 +403,7 @@ fn default_models_dir() -> PathBuf {
 
 /// `--allow-unsigned` must never go unnoticed.
 fn warn_unsigned() {
-    eprintln!(
+    errln!(
         "WARNING: --allow-unsigned: model signatures are NOT checked. For development \
          only; never use it on a screening device."
     );
@@ -415,8 +422,12 @@ struct DetectArgs<'a> {
 
 /// Returns the number of images that failed.
 fn run_detect(a: &DetectArgs) -> Result<usize> {
-    if a.threads == 0 {
-        bail!("--threads must be at least 1");
+    if a.threads == 0 || a.threads > onnx::MAX_THREADS {
+        bail!(
+            "--threads must be 1 to {}, got {}",
+            onnx::MAX_THREADS,
+            a.threads
+        );
     }
     onnx::set_threads(a.threads);
     let cascade = Cascade::load(a.models, a.variant, a.trust)
@@ -444,8 +455,11 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
     if let Some(dir) = a.annotate {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let out = std::fs::File::create(a.output)
-        .with_context(|| format!("cannot create {}", a.output.display()))?;
+    // Neither the JSONL output nor an annotation may land on a photo (`--output
+    // photo.png`, `--output dir/keep.png`, a link to one): the identities are taken
+    // before anything is created or truncated.
+    let inputs = Protected::new(files.iter().map(PathBuf::as_path), "input image");
+    let out = inputs.create(a.output)?;
     let mut out = std::io::BufWriter::new(out);
     let bar = ProgressBar::new(files.len() as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
@@ -456,26 +470,39 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
     }
     let (mut failed, mut referred) = (0, 0);
     for path in &files {
-        let name = if a.input.is_dir() {
-            path.strip_prefix(a.input)
-                .unwrap_or(path)
-                .to_string_lossy()
-                .replace('\\', "/")
+        // The path below the input folder (or the file name), kept as it is: the JSON
+        // name must equal the file's name, `\` included.
+        let relative = if a.input.is_dir() {
+            path.strip_prefix(a.input).unwrap_or(path)
         } else {
-            path.file_name()
-                .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy())
-                .into_owned()
+            path.file_name().map_or(path.as_path(), Path::new)
         };
+        let name = relative.to_string_lossy().into_owned();
         bar.set_message(name.clone());
         let started = Instant::now();
-        let result = image_io::read_image(path).and_then(|img| Ok((cascade.detect(&img)?, img)));
-        let line = match result {
-            Ok((r, img)) => {
-                let count = r.ma_count(threshold);
-                referred += usize::from(count > 0);
+        let result = image_io::read_image(path)
+            .and_then(|img| Ok((cascade.detect(&img)?, img)))
+            .and_then(|(r, img)| {
+                // A photo whose annotation cannot be written gets an error line; the
+                // batch goes on.
                 if let Some(dir) = a.annotate {
-                    annotate(dir, &name, &img, &r, threshold, &cascade.manifest.version)?;
+                    let file = dir.join(format!("{}.png", portable_name(relative)));
+                    annotate(
+                        &inputs,
+                        &file,
+                        &name,
+                        &img,
+                        &r,
+                        threshold,
+                        &cascade.manifest.version,
+                    )
+                    .context("cannot write the annotated image")?;
                 }
+                Ok(r)
+            });
+        let line = match result {
+            Ok(r) => {
+                referred += usize::from(r.ma_count(threshold) > 0);
                 DetectLine::Ok(ImageDetections {
                     image: name,
                     width: r.width,
@@ -498,7 +525,7 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    eprintln!(
+    errln!(
         "{} image(s), {failed} failed, {referred} with >= 1 MA at {} FP/image (score >= {threshold:.3}) -> {}",
         files.len(),
         a.operating_point,
@@ -507,9 +534,11 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
     Ok(failed)
 }
 
-/// The image with its MAs circled and a status bar, as PNG.
+/// Writes `img` with its MAs circled and a status bar, as the PNG file `out` (never over
+/// an input image).
 fn annotate(
-    dir: &Path,
+    inputs: &Protected,
+    out: &Path,
     name: &str,
     img: &image::RgbImage,
     r: &ImageResult,
@@ -530,11 +559,19 @@ fn annotate(
     };
     let mut canvas = Canvas::new(img.width(), img.height() + STATUS_BAR_HEIGHT);
     let Ok(()) = draw_overlay(&mut canvas, img, &info);
-    let out = dir.join(format!("{}.png", name.replace(['/', '\\'], "_")));
-    canvas
+    let file = inputs.create(out)?;
+    let mut writer = std::io::BufWriter::new(file);
+    let written = canvas
         .into_image()
-        .save(&out)
-        .with_context(|| format!("cannot write {}", out.display()))
+        .write_to(&mut writer, image::ImageFormat::Png)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| writer.flush().map_err(anyhow::Error::from))
+        .with_context(|| format!("cannot write {}", out.display()));
+    if written.is_err() {
+        // No half-written picture left behind (a full disk, say).
+        let _ = std::fs::remove_file(out);
+    }
+    written
 }
 
 /// One input frame: a name for the outputs and its pixels (or why it could not be read).
@@ -569,14 +606,14 @@ fn frames(input: Option<&Path>, synthetic_count: usize) -> Result<Vec<Frame>> {
     Ok(files
         .iter()
         .map(|path| Frame {
-            name: path
-                .strip_prefix(input)
-                .ok()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(path.file_name().map(Path::new).unwrap_or(path))
-                .with_extension("")
-                .to_string_lossy()
-                .replace(['/', '\\'], "_"),
+            name: portable_name(
+                &path
+                    .strip_prefix(input)
+                    .ok()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(path.file_name().map(Path::new).unwrap_or(path))
+                    .with_extension(""),
+            ),
             image: image_io::read_image(path),
         })
         .collect())
@@ -634,11 +671,14 @@ fn run_preprocess(
         });
         match result {
             // Results go to stdout even when the bar is hidden (not a terminal).
-            Ok(line) => bar.suspend(|| println!("{line}")),
+            // A closed stdout only loses these lines; the pictures are written.
+            Ok(line) => bar.suspend(|| {
+                let _ = outln!("{line}");
+            }),
             Err(e) => {
                 failed += 1;
                 let reason = image_io::one_line(&format!("{e:#}"));
-                bar.suspend(|| eprintln!("{}: error: {reason}", frame.name));
+                bar.suspend(|| errln!("{}: error: {reason}", frame.name));
             }
         }
         bar.inc(1);
@@ -679,7 +719,7 @@ fn run_synth(output_dir: &Path, count: usize, seed: u64, small: bool) -> Result<
         let json = output_dir.join(format!("frame-{i:03}.json"));
         std::fs::write(&json, serde_json::to_string_pretty(&truth)?)
             .with_context(|| format!("cannot write {}", json.display()))?;
-        println!(
+        let _ = outln!(
             "{}: {} MAs, {} look-alikes",
             png.display(),
             frame.microaneurysms.len(),

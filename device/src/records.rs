@@ -203,6 +203,9 @@ pub struct CorruptFrame {
     pub reason: String,
 }
 
+/// Corrupt frames described one by one in an [`OpenReport`]'s text; the rest are counted.
+const REPORT_EXAMPLES: usize = 3;
+
 /// What opening or reading a log found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OpenReport {
@@ -236,11 +239,26 @@ impl fmt::Display for OpenReport {
         }
         if !self.corrupt.is_empty() {
             write!(f, ", {} corrupt frames skipped", self.corrupt.len())?;
-            for c in &self.corrupt {
+            // A few examples and the byte range, not every frame: a badly damaged log
+            // printed 12 MB on one line at every start of `run`.
+            for c in self.corrupt.iter().take(REPORT_EXAMPLES) {
                 write!(
                     f,
                     "; frame {} at byte {} ({} bytes): {}",
                     c.frame, c.offset, c.len, c.reason
+                )?;
+            }
+            if let (Some(more), Some(first), Some(last)) = (
+                self.corrupt.len().checked_sub(REPORT_EXAMPLES + 1),
+                self.corrupt.first(),
+                self.corrupt.last(),
+            ) {
+                write!(
+                    f,
+                    "; and {} more (corrupt frames lie between bytes {} and {})",
+                    more + 1,
+                    first.offset,
+                    last.offset + last.len
                 )?;
             }
         }
@@ -805,7 +823,8 @@ pub fn list_summary(records: &[Record]) -> String {
             "#{i} {} frame {} {} {}x{}",
             format_time_utc(r.time_unix_ms),
             r.frame,
-            r.source,
+            // One line per record, whatever bytes a file name held.
+            crate::console::escape_controls(&r.source),
             r.width,
             r.height
         );

@@ -48,6 +48,7 @@ use crate::capture::{
 use crate::cascade::{Cascade, ImageResult};
 use crate::display::overlay::{Layout, OverlayInfo, draw_overlay};
 use crate::display::{Canvas, FramebufferSink, Panel, PngSink};
+use crate::errln;
 use crate::image_io::one_line;
 use crate::manifest::{self, OperatingPoints};
 use crate::records::{ImageHash, OpenReport, Record, RecordLog, now_unix_ms};
@@ -290,7 +291,7 @@ impl Station {
                 let sink = FramebufferSink::open(device).context("display.device")?;
                 if sink.size() != (*width, *height) {
                     let (w, h) = sink.size();
-                    eprintln!(
+                    errln!(
                         "warning: {} is {w}x{h}, the board config says {width}x{height}; \
                          drawing at {w}x{h}",
                         device.display()
@@ -330,7 +331,7 @@ impl Station {
             threshold: self.threshold,
             state_key: None,
         };
-        eprintln!(
+        errln!(
             "board {}: {}; model {model_version}, operating point {} (score >= {:.3}); \
              records {}; {}",
             self.board,
@@ -430,7 +431,7 @@ impl Station {
             Err(_) => "NOT SAVED".to_string(),
         };
         match &record.error {
-            None => eprintln!(
+            None => errln!(
                 "frame {} {name}: {} MA{} at {} ({} candidates), {elapsed_ms:.0} ms, {saved_text}",
                 frame.id,
                 record.ma_count,
@@ -442,7 +443,7 @@ impl Station {
                 self.operating_point,
                 record.detections.len()
             ),
-            Some(e) => eprintln!("frame {} {name}: FAILED: {e}; {saved_text}", frame.id),
+            Some(e) => errln!("frame {} {name}: FAILED: {e}; {saved_text}", frame.id),
         }
         let ok = saved.is_ok() && state.is_ok();
         let status = format!("{saved_text}, {state}");
@@ -504,7 +505,7 @@ impl Station {
             error: Some(message.clone()),
         };
         let saved = self.append(&record, summary);
-        eprintln!(
+        errln!(
             "source error: {message}; {}",
             match &saved {
                 Ok(index) => format!("saved #{index}"),
@@ -528,7 +529,7 @@ impl Station {
             }
             Err(e) => {
                 summary.records_unsaved += 1;
-                eprintln!("error: {e:#}");
+                errln!("error: {e:#}");
                 Err(e)
             }
         }
@@ -540,7 +541,7 @@ impl Station {
             Ok(()) => summary.screens += 1,
             Err(e) => {
                 summary.screen_failures += 1;
-                eprintln!("error: cannot show the result: {e:#}");
+                errln!("error: cannot show the result: {e:#}");
             }
         }
     }
@@ -553,14 +554,14 @@ impl Station {
         }
     }
 
-    /// SHA-256 of the file for folder frames (read again; the source only hands out the
-    /// decoded pixels), of the RGB8 pixels otherwise.
+    /// SHA-256 of the file for folder frames (read again from the path the source read,
+    /// not from the record's name, which is lossy for a name that is not UTF-8), of the
+    /// RGB8 pixels otherwise.
     fn frame_hash(&self, frame: &Frame) -> ImageHash {
-        if let SourceKind::Folder { root, .. } = &self.source_kind {
-            let path = root.join(&frame.source);
-            match std::fs::read(&path) {
+        if let (SourceKind::Folder { .. }, Some(path)) = (&self.source_kind, &frame.path) {
+            match std::fs::read(path) {
                 Ok(bytes) => return ImageHash::of(&bytes),
-                Err(e) => eprintln!(
+                Err(e) => errln!(
                     "warning: cannot read {} again to hash it ({e}); hashing its pixels",
                     path.display()
                 ),

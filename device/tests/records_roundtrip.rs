@@ -162,6 +162,34 @@ fn corrupt_middle_frame_is_skipped_and_reported() {
     assert_eq!(records.len(), 5);
 }
 
+/// A log damaged all over (200000 garbage frames) is summarised in a short warning, not
+/// described frame by frame (that was a 12 MB line at every start of `run`).
+#[test]
+fn a_badly_damaged_log_gives_a_short_report() {
+    let (_dir, path) = temp_log();
+    write_records(&path, 2);
+    let mut bytes = fs::read(&path).unwrap();
+    let garbage_start = bytes.len() as u64;
+    for _ in 0..200_000 {
+        bytes.extend_from_slice(b"\x05junk\x00");
+    }
+    fs::write(&path, &bytes).unwrap();
+    let (records, report) = records::read_all(&path).unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(report.corrupt_skipped(), 200_000);
+    let text = report.to_string();
+    assert!(text.len() < 600, "{} bytes: {text}", text.len());
+    assert!(
+        text.contains("200000 corrupt frames skipped")
+            && text.contains(&format!(
+                "between bytes {garbage_start} and {}",
+                bytes.len() - 1
+            ))
+            && text.contains("and 199997 more"),
+        "{text}"
+    );
+}
+
 #[test]
 fn every_single_byte_flip_is_caught() {
     let (_dir, path) = temp_log();

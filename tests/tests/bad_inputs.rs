@@ -86,8 +86,17 @@ impl Run {
 /// Runs `detect` on `input` and measures the child's peak RSS with `wait4`.
 fn detect(fx: &Fixture, input: &Path) -> Run {
     let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("out.jsonl");
+    detect_with(fx, input, &dir.path().join("out.jsonl"), &[])
+}
+
+/// Runs `detect --input input --output output` plus `extra` arguments; `lines` are read
+/// from `output` if it is a JSONL file the run wrote.
+fn detect_with(fx: &Fixture, input: &Path, output: &Path, extra: &[&std::ffi::OsStr]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
     let stderr_path = dir.path().join("stderr.txt");
+    let before = std::fs::metadata(output)
+        .ok()
+        .map(|m| m.modified().unwrap());
     let started = Instant::now();
     let child = Command::new(&fx.binary)
         .arg("detect")
@@ -98,7 +107,8 @@ fn detect(fx: &Fixture, input: &Path) -> Run {
         .arg("--input")
         .arg(input)
         .arg("--output")
-        .arg(&output)
+        .arg(output)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -135,8 +145,11 @@ fn detect(fx: &Fixture, input: &Path) -> Run {
     } else {
         (None, Some(libc::WTERMSIG(status)))
     };
-    let lines = if output.exists() {
-        read_jsonl(&output).unwrap_or_else(|e| panic!("{e:#}\n{stderr}"))
+    let written = std::fs::metadata(output)
+        .ok()
+        .map(|m| m.modified().unwrap());
+    let lines = if written.is_some() && written != before {
+        read_jsonl(output).unwrap_or_else(|e| panic!("{e:#}\n{stderr}"))
     } else {
         Vec::new()
     };
@@ -475,6 +488,13 @@ fn bad_images() -> Corpus {
         encode(&black, ImageFormat::Png),
         Expect::Error("no field of view"),
     );
+    // All white: no dark surround either (was accepted, with detections off the photo).
+    let white = DynamicImage::ImageRgb8(RgbImage::from_pixel(512, 512, Rgb([255, 255, 255])));
+    c.add(
+        "white-512x512.png",
+        encode(&white, ImageFormat::Png),
+        Expect::Error("no field of view"),
+    );
 
     // Pixel formats the contract accepts: each must give a result.
     c.add("rgb.png", png.clone(), Expect::Ok);
@@ -549,6 +569,11 @@ fn check_line(case_name: &str, expect: Expect, line: &DetectLine) {
         );
         assert!(!f.error.contains("panicked"), "{case_name}: {:?}", f.error);
     }
+}
+
+/// A detection lies on the photo's pixels (the centre of pixel 0 is 0).
+fn on_photo(det: &ma_device::detection::Detection, width: u32, height: u32) -> bool {
+    (-0.5..=width as f64 - 0.5).contains(&det.x) && (-0.5..=height as f64 - 0.5).contains(&det.y)
 }
 
 fn outcome(line: &DetectLine) -> String {
@@ -649,10 +674,7 @@ fn good_images_in_every_accepted_pixel_format_exit_0() {
         assert!(d.width >= MIN_SIDE && d.height >= MIN_SIDE, "{d:?}");
         for det in &d.detections {
             assert!((0.01..=1.0).contains(&det.score), "{det:?}");
-            assert!(
-                det.x >= -0.5 && det.x <= d.width as f64 && det.y >= -0.5,
-                "{det:?}"
-            );
+            assert!(on_photo(det, d.width, d.height), "{det:?} on {d:?}");
         }
     }
     println!(
@@ -806,4 +828,159 @@ fn images_at_and_over_the_size_limit() {
         run.elapsed.as_secs_f64()
     );
     println!("size limits: {tried} inputs tried");
+}
+
+/// A PNG whose colour profile (iCCP chunk, zlib) inflates to 1 GiB in a file of about
+/// 1 MB: the decoder's memory is bounded by the image's own size, so the run costs what
+/// the plain image costs (it took 1.07 GB) and the photo gets its line.
+#[test]
+fn a_colour_profile_bomb_costs_bounded_memory() {
+    use flate2::{Compression, write::ZlibEncoder};
+
+    let png = encode(&DynamicImage::ImageRgb8(small_fundus()), ImageFormat::Png);
+    let mut profile = b"bomb\0\0".to_vec(); // name, NUL, compression method 0
+    let mut zlib = ZlibEncoder::new(&mut profile, Compression::default());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        zlib.write_all(&zeros).unwrap();
+    }
+    zlib.finish().unwrap();
+    assert!(profile.len() < 4 << 20, "{} bytes", profile.len());
+    // The profile must come before the image data: right after IHDR (8 + 25 bytes).
+    let mut bomb = png[..33].to_vec();
+    png_chunk(&mut bomb, b"iCCP", &profile);
+    bomb.extend_from_slice(&png[33..]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let fx = lock_fixture();
+    let plain = dir.path().join("plain.png");
+    std::fs::write(&plain, &png).unwrap();
+    let baseline = detect(&fx, &plain);
+    let path = dir.path().join("icc-bomb.png");
+    std::fs::write(&path, &bomb).unwrap();
+    let run = detect(&fx, &path);
+    assert_no_panic(&run);
+    assert_eq!(run.lines.len(), 1, "{}", run.describe());
+    // The profile is dropped (nothing uses it); the pixels are fine.
+    check_line("icc-bomb.png", Expect::Ok, &run.lines[0]);
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    println!(
+        "iCCP inflating to 1 GiB ({} KB file): {}, peak RSS {:.0} MB (plain image {:.0} MB)",
+        bomb.len() / 1024,
+        outcome(&run.lines[0]),
+        run.max_rss_mb,
+        baseline.max_rss_mb
+    );
+    assert!(
+        run.max_rss_mb < baseline.max_rss_mb + 64.0,
+        "peak RSS {:.0} MB, {:.0} MB without the profile",
+        run.max_rss_mb,
+        baseline.max_rss_mb
+    );
+}
+
+/// `--output` naming an input photo, directly or through a link, is refused before
+/// anything is truncated; the error names both files.
+#[test]
+fn detect_output_never_overwrites_an_input_photo() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    let png = encode(&DynamicImage::ImageRgb8(small_fundus()), ImageFormat::Png);
+    let keep = photos.join("keep.png");
+    std::fs::write(&keep, &png).unwrap();
+    std::fs::write(photos.join("other.png"), &png).unwrap();
+    let hard = dir.path().join("hard-link.jsonl");
+    std::fs::hard_link(&keep, &hard).unwrap();
+    let soft = dir.path().join("symlink.jsonl");
+    std::os::unix::fs::symlink(&keep, &soft).unwrap();
+
+    let fx = lock_fixture();
+    let cases: [(&Path, &Path); 4] = [
+        (&keep, &keep),   // detect --input photo.png --output photo.png
+        (&photos, &keep), // --input dir --output dir/keep.png
+        (&photos, &hard), // a hard link to a photo
+        (&photos, &soft), // a symlink to a photo
+    ];
+    for (input, output) in cases {
+        let run = detect_with(&fx, input, output, &[]);
+        assert_no_panic(&run);
+        assert_eq!(run.code, Some(1), "{}", run.describe());
+        assert!(
+            run.stderr.contains("refusing to write")
+                && run.stderr.contains(&output.display().to_string())
+                && run.stderr.contains(&keep.display().to_string()),
+            "{}",
+            run.describe()
+        );
+        assert_eq!(std::fs::read(&keep).unwrap(), png, "the photo was changed");
+    }
+    println!("output over an input: {} cases refused", cases.len());
+}
+
+/// Annotation names are flat, bounded and unique: `a/b.png` and `a_b.png` used to write
+/// the same `a_b.png.png`, and a nested name over 255 bytes stopped the batch. A photo
+/// whose annotation cannot be written gets an error line and the batch goes on. Names
+/// keep `\` as it is.
+#[test]
+fn annotation_names_are_unique_and_a_failed_one_does_not_stop_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    let long = format!("{}/{}", "d".repeat(200), "e".repeat(200));
+    for sub in ["a", long.as_str()] {
+        std::fs::create_dir_all(photos.join(sub)).unwrap();
+    }
+    let png = encode(&DynamicImage::ImageRgb8(small_fundus()), ImageFormat::Png);
+    let names = [
+        "a/b.png".to_string(),
+        "a_b.png".to_string(),
+        format!("{long}/x.png"),
+        "back\\slash.png".to_string(),
+        "z-blocked.png".to_string(),
+    ];
+    for name in &names {
+        std::fs::write(photos.join(name), &png).unwrap();
+    }
+    let annotations = dir.path().join("annotated");
+    // The annotation of the last photo cannot be written: its name is taken by a folder.
+    std::fs::create_dir_all(annotations.join("z-blocked.png.png/in-the-way")).unwrap();
+
+    let fx = lock_fixture();
+    let output = dir.path().join("out.jsonl");
+    let run = detect_with(
+        &fx,
+        &photos,
+        &output,
+        &[std::ffi::OsStr::new("--annotate"), annotations.as_os_str()],
+    );
+    assert_no_panic(&run);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    let mut sorted = names.to_vec();
+    sorted.sort();
+    let got: Vec<&str> = run.lines.iter().map(DetectLine::image).collect();
+    assert_eq!(got, sorted, "one line per photo, names as on disk");
+    for line in &run.lines {
+        if line.image() == "z-blocked.png" {
+            check_line("z-blocked.png", Expect::Error("annotated image"), line);
+        } else {
+            check_line(line.image(), Expect::Ok, line);
+        }
+    }
+    let mut written: Vec<String> = std::fs::read_dir(&annotations)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "z-blocked.png.png")
+        .collect();
+    written.sort();
+    assert_eq!(written.len(), 4, "{written:?}");
+    assert!(
+        written.iter().all(|n| n.len() < 160 && n.ends_with(".png")),
+        "{written:?}"
+    );
+    assert!(written.contains(&"a_b.png.png".to_string()), "{written:?}");
+    for name in &written {
+        let img = image::open(annotations.join(name)).unwrap();
+        assert_eq!(img.width(), small_fundus().width(), "{name}");
+    }
+    println!("annotations: {written:?}");
 }

@@ -916,3 +916,346 @@ fn binary_run_without_models_or_board_says_what_is_missing() {
         help.stdout
     );
 }
+
+// ---- hostile conditions (issue 24) ----------------------------------------------------------
+
+/// The write end of a pipe whose reader is already gone: every write gets EPIPE.
+fn closed_pipe() -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: plain syscalls; `fds` has room for the two descriptors, and the write end
+    // is owned by the returned value only.
+    unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        Stdio::from(OwnedFd::from_raw_fd(fds[1]))
+    }
+}
+
+/// Runs `ma-device args` in `cwd` with stdout and stderr both closed pipes; the exit code
+/// (`None`: killed by a signal).
+fn ma_device_closed_pipes(cwd: &Path, args: &[&str]) -> Option<i32> {
+    Command::new(ma_tests::ma_device_binary())
+        .current_dir(cwd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(closed_pipe())
+        .stderr(closed_pipe())
+        .status()
+        .unwrap()
+        .code()
+}
+
+/// A records log with `n` small records, written in-process.
+fn small_log(path: &Path, n: u64) {
+    let (mut log, _) = RecordLog::open(path).unwrap();
+    for i in 0..n {
+        log.append(&Record {
+            time_unix_ms: 1_714_566_896_000 + i as i64,
+            frame: i,
+            source: format!("eye-{i}.png"),
+            image_sha256: ImageHash::of(&i.to_le_bytes()),
+            width: 320,
+            height: 288,
+            detections: Vec::new(),
+            refer: false,
+            ma_count: 0,
+            model_version: "loop-test float".into(),
+            board: "test-board".into(),
+            elapsed_ms: 1.0,
+            error: None,
+        })
+        .unwrap();
+    }
+}
+
+/// `records export` never writes over the log it reads: not by name, not through a hard
+/// link or a symlink, not through `>> log`. The error names both paths.
+#[test]
+fn binary_records_export_never_writes_over_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let log = work.join("r.log");
+    small_log(&log, 3);
+    let original = std::fs::read(&log).unwrap();
+    std::fs::hard_link(&log, work.join("hard.log")).unwrap();
+    std::os::unix::fs::symlink(&log, work.join("soft.log")).unwrap();
+    for output in ["r.log", "./r.log", "hard.log", "soft.log"] {
+        for format in ["jsonl", "csv"] {
+            let run = ma_device(
+                work,
+                &[
+                    "records", "export", "--log", "r.log", "--format", format, "--output", output,
+                ],
+            );
+            assert_eq!(run.code, Some(1), "{output}: {}", run.stderr);
+            assert!(
+                run.stderr.contains("refusing to write")
+                    && run.stderr.contains(output)
+                    && run.stderr.contains("records log r.log"),
+                "{}",
+                run.stderr
+            );
+            assert_eq!(std::fs::read(&log).unwrap(), original, "{output}");
+        }
+    }
+    // Standard output appending to the log (`>> r.log`).
+    let append = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let out = Command::new(ma_tests::ma_device_binary())
+        .current_dir(work)
+        .args(["records", "export", "--log", "r.log", "--format", "jsonl"])
+        .stdout(append)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("standard output"), "{stderr}");
+    assert_eq!(std::fs::read(&log).unwrap(), original);
+    // The log still reads back, and another output works.
+    let list = ma_device(work, &["records", "list", "--log", "r.log"]);
+    assert_eq!((list.code, list.stdout.lines().count()), (Some(0), 3));
+    let run = ma_device(
+        work,
+        &[
+            "records", "export", "--log", "r.log", "--format", "jsonl", "--output", "r.jsonl",
+        ],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(work.join("r.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+}
+
+/// A reader that went away (`| head`, `| true`) is no failure: `run` saves every record
+/// and exits 0, `detect` writes its JSONL, `records list/export` stop quietly. Before, the
+/// first print panicked (status 101).
+#[test]
+fn binary_commands_survive_closed_stdout_and_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let toml = board_toml(
+        Path::new("out"),
+        "kind = \"synthetic\"\ncount = 2\nseed = 9",
+        "2fp",
+        models(),
+    );
+    write_board(work, &toml);
+    let code = ma_device_closed_pipes(work, &["run", "--board", "board.toml"]);
+    assert_eq!(code, Some(0), "run");
+    let log = work.join("out/log/records.log");
+    assert_eq!(read_log(&log).len(), 2);
+
+    for args in [
+        &["records", "list", "--log", "out/log/records.log"][..],
+        &[
+            "records",
+            "export",
+            "--log",
+            "out/log/records.log",
+            "--format",
+            "csv",
+        ],
+        // An error message on a closed stderr still gives status 1, not a panic.
+        &["records", "list", "--log", "missing.log"],
+    ] {
+        let expected = if args.contains(&"missing.log") {
+            Some(1)
+        } else {
+            Some(0)
+        };
+        assert_eq!(ma_device_closed_pipes(work, args), expected, "{args:?}");
+    }
+
+    generate(&small_params(), 4)
+        .image
+        .save(work.join("eye.png"))
+        .unwrap();
+    let code = ma_device_closed_pipes(
+        work,
+        &[
+            "detect",
+            "--models",
+            models().to_str().unwrap(),
+            "--public-key",
+            models_key().to_str().unwrap(),
+            "--input",
+            "eye.png",
+            "--output",
+            "d.jsonl",
+        ],
+    );
+    assert_eq!(code, Some(0), "detect");
+    let lines = ma_device::detection::read_jsonl(&work.join("d.jsonl")).unwrap();
+    assert_eq!(lines.len(), 1);
+}
+
+/// Board values that would allocate without bound or overflow the clock are refused at
+/// start-up, naming the key (100000 x 100000 used to abort with status 134).
+#[test]
+fn binary_refuses_unbounded_board_values_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let toml = board_toml(
+        Path::new("out"),
+        "kind = \"synthetic\"\ncount = 1",
+        "2fp",
+        models(),
+    );
+    for (from, to, key) in [
+        ("width = 400", "width = 100000", "display.width"),
+        ("height = 272", "height = 100000", "display.height"),
+        ("threads = 1", "threads = 1000000", "inference.threads"),
+    ] {
+        assert!(toml.contains(from));
+        write_board(work, &toml.replace(from, to));
+        let run = ma_device(work, &["run", "--board", "board.toml"]);
+        assert_eq!(run.code, Some(1), "{key}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(key) && run.stderr.contains("board.toml"),
+            "{}",
+            run.stderr
+        );
+        assert!(!work.join("out").exists());
+    }
+}
+
+/// A full disk for the screens (RLIMIT_FSIZE below the size of one screen, a file size
+/// limit as a full disk is, for the writer): every screen fails, no temporary `.part`
+/// file is left to hold space, and every record is saved (records come first).
+#[test]
+fn binary_disk_full_leaves_no_temporary_screen_and_saves_every_record() {
+    use std::os::unix::process::CommandExt;
+
+    /// Larger than a few records, smaller than one 400x272 screen.
+    const FILE_SIZE_LIMIT: u64 = 48 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let toml = board_toml(
+        Path::new("out"),
+        "kind = \"synthetic\"\ncount = 3\nseed = 21",
+        "2fp",
+        models(),
+    );
+    write_board(work, &toml);
+    let mut command = Command::new(ma_tests::ma_device_binary());
+    command
+        .current_dir(work)
+        .args(["run", "--board", "board.toml"])
+        .stdin(Stdio::null());
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            // A write past the limit then fails with EFBIG instead of killing the process.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: FILE_SIZE_LIMIT,
+                rlim_max: FILE_SIZE_LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.matches("cannot show the result").count(),
+        3,
+        "every screen should fail: {stderr}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(work.join("out/screens"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let records = read_log(&work.join("out/log/records.log"));
+    assert_eq!(records.len(), 3, "{stderr}");
+    for r in &records {
+        check_result_record(r, THRESHOLDS[1]);
+    }
+}
+
+/// A folder replay with hostile names, started on a damaged log: names with control
+/// characters are escaped on stderr, a name that is not UTF-8 still gets the hash of its
+/// file, and the damaged log gives one short warning.
+#[test]
+fn binary_folder_run_escapes_names_hashes_every_file_and_summarises_a_damaged_log() {
+    use std::os::unix::ffi::OsStrExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let photos = work.join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    let escape_name = "eye\n\u{1b}[31mred.png";
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9.png");
+    generate(&small_params(), 6)
+        .image
+        .save_with_format(photos.join(escape_name), image::ImageFormat::Png)
+        .unwrap();
+    generate(&small_params(), 7)
+        .image
+        .save_with_format(photos.join(latin1), image::ImageFormat::Png)
+        .unwrap();
+    // The log of an earlier run, then 100000 damaged frames.
+    let log = work.join("out/log/records.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    small_log(&log, 1);
+    let mut damage = Vec::new();
+    for _ in 0..100_000 {
+        damage.extend_from_slice(b"\x05junk\x00");
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .unwrap()
+        .write_all(&damage)
+        .unwrap();
+
+    let source = format!(
+        "kind = \"folder\"\npath = \"{}\"\nloop = false",
+        photos.display()
+    );
+    write_board(
+        work,
+        &board_toml(Path::new("out"), &source, "2fp", models()),
+    );
+    let run = ma_device(work, &["run", "--board", "board.toml"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+    assert!(
+        run.stderr.contains("eye\\n\\u{1b}[31mred.png"),
+        "{}",
+        run.stderr
+    );
+    let warning = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("warning: records log"))
+        .unwrap_or_else(|| panic!("no warning: {}", run.stderr));
+    assert!(
+        warning.len() < 1000 && warning.contains("100000 corrupt frames skipped"),
+        "{} bytes: {warning}",
+        warning.len()
+    );
+
+    let (records, _) = records::read_all(&log).unwrap();
+    assert_eq!(records.len(), 3);
+    for r in &records[1..] {
+        check_result_record(r, THRESHOLDS[1]);
+    }
+    let latin1_record = records
+        .iter()
+        .find(|r| r.source.starts_with("caf"))
+        .unwrap();
+    let bytes = std::fs::read(photos.join(latin1)).unwrap();
+    assert_eq!(latin1_record.image_sha256, ImageHash::of(&bytes));
+    // `records list` keeps one line per record.
+    let list = ma_device(work, &["records", "list", "--log", "out/log/records.log"]);
+    assert_eq!(list.stdout.lines().count(), 3, "{}", list.stdout);
+}

@@ -228,6 +228,7 @@ impl FrameSource for CameraSource {
                 FrameEvent::Frame(Frame {
                     id,
                     source: self.capture.name(),
+                    path: None,
                     image,
                     captured_at,
                 })

@@ -84,6 +84,7 @@ impl FrameSource for FolderSource {
                 FrameEvent::Frame(Frame {
                     id,
                     source: self.name(&path),
+                    path: Some(path),
                     image,
                     captured_at: SystemTime::now(),
                 })

@@ -47,6 +47,9 @@ pub struct Frame {
     /// Where it came from: the file name (relative to the replayed folder), the camera
     /// device path, or "synthetic seed N".
     pub source: String,
+    /// The file the frame was read from (folder replay), for hashing its bytes: `source`
+    /// is for display and loses bytes of a name that is not UTF-8.
+    pub path: Option<std::path::PathBuf>,
     pub image: RgbImage,
     /// When the frame entered the device: after the camera buffer was dequeued, or when
     /// the file was read or the synthetic image generated.
@@ -59,6 +62,7 @@ impl fmt::Debug for Frame {
         f.debug_struct("Frame")
             .field("id", &self.id)
             .field("source", &self.source)
+            .field("path", &self.path)
             .field(
                 "image",
                 &format_args!("{}x{}", self.image.width(), self.image.height()),

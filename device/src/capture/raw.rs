@@ -9,10 +9,10 @@ use std::str::FromStr;
 
 use anyhow::{Context, Result, bail};
 use image::codecs::jpeg::JpegDecoder;
-use image::{DynamicImage, ImageDecoder, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder, RgbImage};
 
 pub use crate::image_io::{JpegLayout, scan_markers};
-use crate::image_io::{MAX_SIDE, one_line};
+use crate::image_io::{MAX_SIDE, decode_limits, one_line};
 
 /// The two formats UVC cameras commonly offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -176,11 +176,8 @@ fn decode_mjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage> {
     if (jw, jh) != (width, height) {
         bail!("JPEG inside is {jw}x{jh}, the frame format says {width}x{height}");
     }
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
     decoder
-        .set_limits(limits)
+        .set_limits(decode_limits(jw, jh))
         .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))?;
     let img = DynamicImage::from_decoder(decoder)
         .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))

@@ -46,6 +46,7 @@ impl FrameSource for SyntheticSource {
         FrameEvent::Frame(Frame {
             id,
             source: format!("synthetic seed {seed}"),
+            path: None,
             image: generate(&self.params, seed).image,
             captured_at: SystemTime::now(),
         })

@@ -169,6 +169,12 @@ impl Cascade {
                 .extract(&pre.planes, c.x as i64, c.y as i64, patch);
         }
         let margins = self.stage2.run(&patches, found.len())?;
+        // Candidates from the canonical image's padding map outside the photo: they are
+        // no lesion of it, and coordinates must stay on the photo (its pixels' area, the
+        // centre of pixel 0 being 0).
+        let (w, h) = (f64::from(image.width()), f64::from(image.height()));
+        let on_photo =
+            |d: &Detection| (-0.5..=w - 0.5).contains(&d.x) && (-0.5..=h - 0.5).contains(&d.y);
         let detections = reported(
             found
                 .iter()
@@ -181,6 +187,7 @@ impl Cascade {
                         score: self.scoring.score(c.stage1, m2),
                     }
                 })
+                .filter(on_photo)
                 .collect(),
         );
         let total = started.elapsed().as_secs_f64() * 1e3;

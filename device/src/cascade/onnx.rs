@@ -32,6 +32,10 @@ pub const STAGE1_BANDS: usize = 3;
 /// An optimised, runnable tract model for one concrete input shape.
 pub type Plan = Arc<TypedRunnableModel>;
 
+/// Most threads accepted (`inference.threads`, `detect --threads`): far above any board's
+/// cores, low enough that a typo cannot ask the OS for millions of threads.
+pub const MAX_THREADS: usize = 256;
+
 /// Use `n` threads for tract's matrix products (process-wide).
 ///
 /// `n <= 1` restores tract's own single-threaded executor rather than a one-thread pool:

@@ -53,7 +53,9 @@ impl Panel for PngSink {
     }
 
     /// Writes to a temporary name and renames, so a viewer polling the folder never
-    /// reads a half-written PNG.
+    /// reads a half-written PNG. On any failure the temporary file is removed: on a full
+    /// disk a leftover `.part` kept its space from the records log (which the loop writes
+    /// first, and which matters more than a screen).
     fn present(&mut self, canvas: &Canvas) -> Result<()> {
         check_canvas_size(
             &format!("the PNG panel in {}", self.dir.display()),
@@ -62,7 +64,7 @@ impl Panel for PngSink {
         )?;
         let path = self.frame_path(self.next);
         let tmp = path.with_extension("png.part");
-        image::save_buffer_with_format(
+        let written = image::save_buffer_with_format(
             &tmp,
             canvas.as_rgb(),
             canvas.width(),
@@ -70,9 +72,18 @@ impl Panel for PngSink {
             image::ExtendedColorType::Rgb8,
             image::ImageFormat::Png,
         )
-        .with_context(|| format!("cannot write panel frame {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        .with_context(|| format!("cannot write panel frame {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+        });
+        if let Err(e) = written {
+            return Err(match std::fs::remove_file(&tmp) {
+                Ok(()) => e,
+                Err(r) if r.kind() == std::io::ErrorKind::NotFound => e,
+                Err(r) => e.context(format!("and cannot remove {} ({r})", tmp.display())),
+            });
+        }
         self.next += 1;
         Ok(())
     }
@@ -121,6 +132,19 @@ mod tests {
         let mut sink = PngSink::new(tmp.path().join("ok"), 4, 4).unwrap();
         let err = sink.present(&Canvas::new(5, 4)).unwrap_err();
         assert!(format!("{err:#}").contains("5x4"), "{err:#}");
+        assert_eq!(sink.frames_written(), 0);
+    }
+
+    #[test]
+    fn a_failed_screen_leaves_no_temporary_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut sink = PngSink::new(tmp.path(), 4, 4).unwrap();
+        // The final name is taken by a folder that is not empty: the PNG is written,
+        // the rename fails.
+        std::fs::create_dir_all(sink.frame_path(0).join("in-the-way")).unwrap();
+        let err = sink.present(&Canvas::new(4, 4)).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot rename"), "{err:#}");
+        assert!(!sink.frame_path(0).with_extension("png.part").exists());
         assert_eq!(sink.frames_written(), 0);
     }
 }
