@@ -213,6 +213,11 @@ struct DataArgs {
     /// DiaretDB1 only: fused-confidence threshold that makes a pixel part of an MA.
     #[arg(long, default_value_t = 0.5)]
     threshold: f64,
+    /// Preprocess with the `[preprocess]` settings of this model folder's manifest
+    /// instead of the current defaults, e.g. `models` to reproduce how the shipped models
+    /// were trained (the settings are recorded for `export` either way).
+    #[arg(long, value_name = "MODELS_DIR")]
+    preprocess_from: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -368,8 +373,11 @@ impl TrainArgs {
     }
 
     /// The settings the device must use with this run's weights.
-    fn device_settings(&self) -> DeviceSettings {
-        DeviceSettings::of(&self.data.preprocess(), &self.pipeline())
+    fn device_settings(&self) -> Result<DeviceSettings> {
+        Ok(DeviceSettings::of(
+            &self.data.preprocess()?,
+            &self.pipeline(),
+        ))
     }
 
     fn pipeline(&self) -> PipelineConfig {
@@ -429,8 +437,13 @@ impl DataArgs {
     }
 
     /// The preprocessing every image of the run gets (recorded for the device).
-    fn preprocess(&self) -> PreprocessConfig {
-        PreprocessConfig::default()
+    fn preprocess(&self) -> Result<PreprocessConfig> {
+        match &self.preprocess_from {
+            None => Ok(PreprocessConfig::default()),
+            Some(dir) => Ok(ma_device::manifest::Manifest::load(dir)
+                .with_context(|| format!("--preprocess-from {}", dir.display()))?
+                .preprocess),
+        }
     }
 
     fn prepare_with(&self, aug: &CameraAugment) -> Result<Vec<PreparedImage>> {
@@ -457,7 +470,7 @@ impl DataArgs {
             );
             datasets.push((kind.to_string(), dataset.images));
         }
-        prepare_all(&datasets, &self.preprocess(), aug)
+        prepare_all(&datasets, &self.preprocess()?, aug)
     }
 }
 
@@ -467,7 +480,7 @@ fn train(a: &TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     a.data
-        .training_data(&images, a.device_settings())?
+        .training_data(&images, a.device_settings()?)?
         .save(&a.out)?;
     let all: Vec<usize> = (0..images.len()).collect();
     let cascade = train_cascade(&images, &all, &[], &a.pipeline(), &a.out, a.resume)?;
@@ -507,7 +520,7 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
             .filter(|&i| of[i] != r.fold)
             .map(|i| &images[i]);
         a.data
-            .training_data(train, a.device_settings())?
+            .training_data(train, a.device_settings()?)?
             .save(&a.out.join(format!("fold-{}", r.fold + 1)))?;
     }
     println!("fold  images  lesions  CPM    recall@50  recall@100  recall@150  minutes");

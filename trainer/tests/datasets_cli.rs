@@ -108,6 +108,22 @@ fn mismatched_dataset_and_root_counts_are_refused_before_work() {
         "90,30",
     ]);
     assert!(stderr(&o).contains("--aug-jpeg LO,HI"), "{}", stderr(&o));
+    // Preprocessing settings from a folder without a manifest.
+    let o = trainer(&[
+        "train",
+        "--root",
+        ddb1.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preprocess-from",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--preprocess-from") && stderr(&o).contains("manifest.toml"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!out.exists());
 }
 
@@ -131,6 +147,23 @@ fn info_reports_scale_and_ma_sizes_per_dataset() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}\n{}", out, stderr(&o));
     assert!(out.contains("ROC: 5 images, 21 lesions"), "{out}");
+    // The same with the shipped models' preprocessing settings: the scale step is the same.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    let o2 = trainer(&[
+        "info",
+        "--dataset",
+        "roc",
+        "--root",
+        roc.to_str().unwrap(),
+        "--preprocess-from",
+        shipped.to_str().unwrap(),
+    ]);
+    let out2 = String::from_utf8_lossy(&o2.stdout);
+    assert!(o2.status.success(), "{}\n{}", out2, stderr(&o2));
+    assert!(
+        out2.contains("scale to canonical (min / median / max): 1.000 / 1.873 / 1.875"),
+        "{out2}"
+    );
     assert!(out.contains("768x576"), "{out}");
     assert!(
         out.contains("scale to canonical (min / median / max): 1.000 / 1.873 / 1.875"),
