@@ -71,58 +71,32 @@ fn mismatched_dataset_and_root_counts_are_refused_before_work() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("given twice"), "{}", stderr(&o));
 
-    // Augmentation effects without copies, and copies without effects.
-    let o = trainer(&[
-        "train",
-        "--root",
-        ddb1.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--aug-jpeg",
-        "30,90",
-    ]);
-    assert!(
-        stderr(&o).contains("need --camera-copies"),
-        "{}",
+    // `train` on DiaretDB1 with bad options: each is refused with a message naming it.
+    let train_with = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--root",
+            ddb1.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = trainer(&args);
+        assert!(!o.status.success(), "{extra:?} was accepted");
         stderr(&o)
-    );
-    let o = trainer(&[
-        "train",
-        "--root",
-        ddb1.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--camera-copies",
-        "1",
-    ]);
-    assert!(stderr(&o).contains("at least one effect"), "{}", stderr(&o));
-    let o = trainer(&[
-        "train",
-        "--root",
-        ddb1.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--camera-copies",
-        "1",
-        "--aug-jpeg",
-        "90,30",
-    ]);
-    assert!(stderr(&o).contains("--aug-jpeg LO,HI"), "{}", stderr(&o));
+    };
+    // Augmentation effects without copies, copies without effects, a reversed range.
+    let e = train_with(&["--aug-jpeg", "30,90"]);
+    assert!(e.contains("need --camera-copies"), "{e}");
+    let e = train_with(&["--camera-copies", "1"]);
+    assert!(e.contains("at least one effect"), "{e}");
+    let e = train_with(&["--camera-copies", "1", "--aug-jpeg", "90,30"]);
+    assert!(e.contains("--aug-jpeg LO,HI"), "{e}");
     // Preprocessing settings from a folder without a manifest.
-    let o = trainer(&[
-        "train",
-        "--root",
-        ddb1.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--preprocess-from",
-        dir.path().to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
+    let e = train_with(&["--preprocess-from", dir.path().to_str().unwrap()]);
     assert!(
-        stderr(&o).contains("--preprocess-from") && stderr(&o).contains("manifest.toml"),
-        "{}",
-        stderr(&o)
+        e.contains("--preprocess-from") && e.contains("manifest.toml"),
+        "{e}"
     );
     assert!(!out.exists());
 }
