@@ -13,7 +13,7 @@ use ma_device::detection::{DetectLine, ImageDetections, read_jsonl};
 use crate::eval::match_lines;
 use crate::froc::{FrocReport, ImageOutcome};
 use crate::pipeline::{PipelineConfig, candidate_recall, reported, run_cascade, train_cascade};
-use crate::prepare::PreparedImage;
+use crate::prepare::{PreparedImage, dataset_names};
 
 /// Candidate counts at which recall is reported.
 pub const RECALL_KS: [usize; 8] = [10, 25, 50, 75, 100, 150, 200, 300];
@@ -46,17 +46,6 @@ pub fn fold_members(images: &[PreparedImage], folds: usize, fold: usize) -> Vec<
     (0..images.len())
         .filter(|&i| of[i] == fold && images[i].copy_of.is_none())
         .collect()
-}
-
-/// The datasets of `images`, in order of first appearance.
-pub fn dataset_names(images: &[PreparedImage]) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for im in images {
-        if !names.contains(&im.dataset) {
-            names.push(im.dataset.clone());
-        }
-    }
-    names
 }
 
 /// One dataset's share of a CV (`cv-summary.json`, `per_dataset`).

@@ -3,7 +3,7 @@
 //! scaling. The cascade assumes MAs are the same size in pixels on every camera; this is
 //! where that is checked.
 
-use crate::prepare::PreparedImage;
+use crate::prepare::{PreparedImage, dataset_names};
 
 /// One dataset's figures.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,13 +26,7 @@ pub struct DatasetStats {
 
 /// Figures per dataset, in order of first appearance.
 pub fn dataset_stats(images: &[PreparedImage]) -> Vec<DatasetStats> {
-    let mut names: Vec<&str> = Vec::new();
-    for im in images {
-        if !names.contains(&im.dataset.as_str()) {
-            names.push(&im.dataset);
-        }
-    }
-    names
+    dataset_names(images)
         .into_iter()
         .map(|name| {
             let mine: Vec<&PreparedImage> = images.iter().filter(|im| im.dataset == name).collect();
@@ -52,7 +46,7 @@ pub fn dataset_stats(images: &[PreparedImage]) -> Vec<DatasetStats> {
                 }
             }
             DatasetStats {
-                dataset: name.to_owned(),
+                dataset: name,
                 images: mine.len(),
                 lesions: original.len(),
                 sizes,

@@ -367,9 +367,11 @@ impl TrainArgs {
         Ok(aug)
     }
 
-    /// The training images: the datasets' photos, then their camera copies.
-    fn prepare(&self) -> Result<Vec<PreparedImage>> {
-        self.data.prepare_with(&self.camera_augment()?)
+    /// The training images, preprocessed with `settings`: the datasets' photos, then
+    /// their camera copies.
+    fn prepare(&self, settings: &DeviceSettings) -> Result<Vec<PreparedImage>> {
+        self.data
+            .prepare_with(&settings.preprocess, &self.camera_augment()?)
     }
 
     /// The settings the device must use with this run's weights.
@@ -433,7 +435,7 @@ impl DataArgs {
     }
 
     fn prepare(&self) -> Result<Vec<PreparedImage>> {
-        self.prepare_with(&CameraAugment::OFF)
+        self.prepare_with(&self.preprocess()?, &CameraAugment::OFF)
     }
 
     /// The preprocessing every image of the run gets (recorded for the device).
@@ -446,7 +448,11 @@ impl DataArgs {
         }
     }
 
-    fn prepare_with(&self, aug: &CameraAugment) -> Result<Vec<PreparedImage>> {
+    fn prepare_with(
+        &self,
+        preprocess: &PreprocessConfig,
+        aug: &CameraAugment,
+    ) -> Result<Vec<PreparedImage>> {
         let mut datasets = Vec::new();
         for (kind, root) in self.dataset_roots()? {
             let opts = LoadOptions {
@@ -470,18 +476,18 @@ impl DataArgs {
             );
             datasets.push((kind.to_string(), dataset.images));
         }
-        prepare_all(&datasets, &self.preprocess()?, aug)
+        prepare_all(&datasets, preprocess, aug)
     }
 }
 
 fn train(a: &TrainArgs) -> Result<()> {
     let started = Instant::now();
-    let images = a.prepare()?;
+    // One value: the settings the images are prepared with are the ones recorded.
+    let settings = a.device_settings()?;
+    let images = a.prepare(&settings)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
-    a.data
-        .training_data(&images, a.device_settings()?)?
-        .save(&a.out)?;
+    a.data.training_data(&images, settings)?.save(&a.out)?;
     let all: Vec<usize> = (0..images.len()).collect();
     let cascade = train_cascade(&images, &all, &[], &a.pipeline(), &a.out, a.resume)?;
     for (stage, (vs, _)) in [("stage1", &cascade.stage1), ("stage2", &cascade.stage2)] {
@@ -501,7 +507,8 @@ fn train(a: &TrainArgs) -> Result<()> {
 
 fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
     let started = Instant::now();
-    let images = a.prepare()?;
+    let settings = a.device_settings()?;
+    let images = a.prepare(&settings)?;
     if fold == Some(0) {
         anyhow::bail!("--fold counts from 1");
     }
@@ -520,7 +527,7 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
             .filter(|&i| of[i] != r.fold)
             .map(|i| &images[i]);
         a.data
-            .training_data(train, a.device_settings()?)?
+            .training_data(train, settings.clone())?
             .save(&a.out.join(format!("fold-{}", r.fold + 1)))?;
     }
     println!("fold  images  lesions  CPM    recall@50  recall@100  recall@150  minutes");

@@ -130,6 +130,17 @@ impl PreparedImage {
     }
 }
 
+/// The datasets of `images`, in order of first appearance.
+pub fn dataset_names(images: &[PreparedImage]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for im in images {
+        if !names.contains(&im.dataset) {
+            names.push(im.dataset.clone());
+        }
+    }
+    names
+}
+
 /// Load and preprocess every image of every `(dataset name, images)` pair, in that order,
 /// on all cores, with a progress bar; then the camera-augmented copies (`aug`), after all
 /// the photos, so a photo's index does not depend on the augmentation. Image names must be
