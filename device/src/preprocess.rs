@@ -219,7 +219,7 @@ fn normalise(img: &RgbImage, fov: &Mask, cfg: &PreprocessConfig) -> Planes {
             }
         }
         let spread = robust_spread(plane, &usable[c]).max(cfg.spread_floor[c]);
-        for (v, &usable) in plane.iter_mut().zip(&usable[c]) {
+        for (v, &usable) in plane.iter_mut().zip(usable[c].iter()) {
             if usable {
                 *v = (*v / spread).clamp(-cfg.clip, cfg.clip);
             }
@@ -228,11 +228,15 @@ fn normalise(img: &RgbImage, fov: &Mask, cfg: &PreprocessConfig) -> Planes {
     planes
 }
 
-/// Per channel, the FOV pixels whose value the camera did not clip (all FOV pixels when
-/// `cfg.clipped_levels` is `None`).
-fn usable_pixels(raw: &[u8], inside: &[bool], cfg: &PreprocessConfig) -> [Vec<bool>; CHANNELS] {
+/// Per channel, the FOV pixels whose value the camera did not clip (the FOV itself, not
+/// a copy, when `cfg.clipped_levels` is `None`).
+fn usable_pixels<'a>(
+    raw: &[u8],
+    inside: &'a [bool],
+    cfg: &PreprocessConfig,
+) -> [Cow<'a, [bool]>; CHANNELS] {
     std::array::from_fn(|c| match cfg.clipped_levels {
-        None => inside.to_vec(),
+        None => Cow::Borrowed(inside),
         Some((low, high)) => inside
             .iter()
             .enumerate()
