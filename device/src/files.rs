@@ -13,7 +13,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use sha2::{Digest as _, Sha256};
 
 /// Which file a path is: device and inode number (symlinks followed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -156,11 +155,8 @@ pub fn portable_name(relative: &Path) -> String {
     let special = name.is_empty() || name == "." || name == "..";
     let plain = unchanged && lower_case && !reserved && !special;
     if !plain {
-        let hash = Sha256::digest(original);
         name.push('-');
-        for b in &hash[..6] {
-            name.push_str(&format!("{b:02x}"));
-        }
+        name.push_str(&crate::manifest::sha256_hex(original)[..12]);
     }
     name
 }
