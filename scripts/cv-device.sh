@@ -9,7 +9,7 @@
 # (tract) on that fold's held-out images only, then scores all folds together with
 # `ma-trainer eval`, once per dataset. NAME ROOT pairs name the datasets the CV was run on
 # (as its --dataset/--root pairs; default: diaretdb1 ../shared/datasets/diaretdb1); the
-# held-out photos are found by file name below the roots. Output:
+# held-out photos are found by file name in `ma-trainer info --paths` of those pairs. Output:
 # CV_DIR/device-VARIANT/detections-VARIANT.jsonl, froc-VARIANT-NAME.png and the printed
 # reports.
 set -euo pipefail
@@ -43,6 +43,10 @@ rm -rf "$work"
 mkdir -p "$work"
 all="$work/detections-$variant.jsonl"
 : >"$all"
+# The photos of the CV's datasets, as the trainer's readers list them (name -> path).
+data_args=()
+for i in "${!names[@]}"; do data_args+=(--dataset "${names[$i]}" --root "${roots[$i]}"); done
+"$bin/ma-trainer" info --paths "${data_args[@]}" >"$work/photos.tsv"
 folds=0
 for held in "$cv_dir"/cv-detections-fold-*.jsonl; do
     k="${held##*-fold-}"
@@ -60,23 +64,20 @@ for held in "$cv_dir"/cv-detections-fold-*.jsonl; do
     # The fold's held-out images are the ones its libtorch evaluation scored.
     input="$work/fold-$k/images"
     mkdir -p "$input"
-    python3 - "$held" "$input" "${roots[@]}" <<'PY'
+    python3 - "$held" "$input" "$work/photos.tsv" <<'PY'
 import json, os, sys
-held, dest, roots = sys.argv[1], sys.argv[2], sys.argv[3:]
-exts = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm")
+held, dest, listing = sys.argv[1:]
 found = {}
-for root in roots:
-    for d, _, files in os.walk(root):
-        for f in files:
-            if f.lower().endswith(exts):
-                found.setdefault(f, []).append(os.path.join(d, f))
+for line in open(listing):
+    _, name, path = line.rstrip("\n").split("\t")
+    found.setdefault(name, []).append(path)
 for line in open(held):
     if not line.strip():
         continue
     name = os.path.basename(json.loads(line)["image"])
     paths = found.get(name, [])
     if len(paths) != 1:
-        sys.exit(f"cv-device: held-out photo {name} is found {len(paths)} times below {roots}")
+        sys.exit(f"cv-device: held-out photo {name} is listed {len(paths)} times by `ma-trainer info --paths`")
     os.symlink(paths[0], os.path.join(dest, name))
 PY
     # Fold models are workstation evaluations, never shipped: they are not signed.

@@ -162,6 +162,11 @@ enum Command {
     Info {
         #[command(flatten)]
         data: DataArgs,
+        /// Only list the photos the readers found, one per line: dataset, file name and
+        /// path, tab-separated (what scripts use to find a photo by the name in a
+        /// detections file). Nothing is decoded.
+        #[arg(long)]
+        paths: bool,
     },
 }
 
@@ -448,6 +453,24 @@ impl DataArgs {
         }
     }
 
+    fn load(&self, kind: DatasetKind, root: &Path) -> Result<Dataset> {
+        let opts = LoadOptions {
+            split: kind.has_splits().then_some(self.split),
+            confidence_threshold: self.threshold,
+        };
+        Dataset::load(kind, root, &opts)
+    }
+
+    /// `info --paths`: every photo of the run's datasets, as the readers list them.
+    fn print_paths(&self) -> Result<()> {
+        for (kind, root) in self.dataset_roots()? {
+            for im in self.load(kind, root)?.images {
+                println!("{kind}\t{}\t{}", im.name, im.path.display());
+            }
+        }
+        Ok(())
+    }
+
     fn prepare_with(
         &self,
         preprocess: &PreprocessConfig,
@@ -455,11 +478,7 @@ impl DataArgs {
     ) -> Result<Vec<PreparedImage>> {
         let mut datasets = Vec::new();
         for (kind, root) in self.dataset_roots()? {
-            let opts = LoadOptions {
-                split: kind.has_splits().then_some(self.split),
-                confidence_threshold: self.threshold,
-            };
-            let dataset = Dataset::load(kind, root, &opts)?;
+            let dataset = self.load(kind, root)?;
             if dataset.images.iter().any(|i| !i.has_truth()) {
                 anyhow::bail!(
                     "training needs ground truth: the {kind} dataset at {} has none",
@@ -840,7 +859,8 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Keygen { out } => keygen(&out),
         Command::Sign { models, key } => sign(&models, &key),
-        Command::Info { data } => {
+        Command::Info { data, paths: true } => data.print_paths(),
+        Command::Info { data, paths: false } => {
             info();
             if data.roots.is_empty() && data.datasets.is_empty() {
                 return Ok(());

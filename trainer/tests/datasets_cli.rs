@@ -150,3 +150,35 @@ fn info_reports_scale_and_ma_sizes_per_dataset() {
     );
     assert!(out.contains("MA diameter, canonical px"), "{out}");
 }
+
+#[test]
+fn info_paths_lists_every_photo_by_name_without_ground_truth_files() {
+    // DiaretDB1 keeps its ground-truth maps under the photos' own file names: the listing
+    // must hold the photos only, so a script can find a photo by name.
+    let ddb1 = shared("diaretdb1");
+    let o = trainer(&[
+        "info",
+        "--paths",
+        "--dataset",
+        "diaretdb1",
+        "--root",
+        ddb1.to_str().unwrap(),
+        "--dataset",
+        "roc",
+        "--root",
+        shared("roc").to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{}", out, stderr(&o));
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(rows.len(), 28 + 5, "{out}");
+    assert!(
+        rows.iter()
+            .all(|r| r.len() == 3 && Path::new(r[2]).is_file()),
+        "{out}"
+    );
+    let image001: Vec<_> = rows.iter().filter(|r| r[1] == "image001.png").collect();
+    assert_eq!(image001.len(), 1, "{out}");
+    assert!(image001[0][2].contains("ddb1_fundusimages"), "{out}");
+    assert_eq!(rows.iter().filter(|r| r[0] == "ROC").count(), 5, "{out}");
+}
