@@ -39,14 +39,23 @@ fn every_shipped_config_parses_and_validates() {
 #[test]
 fn desktop_sim_is_the_hardware_free_default() {
     let config = BoardConfig::load(configs_dir().join("desktop-sim.toml")).unwrap();
-    assert!(
-        matches!(
-            config.source,
-            SourceConfig::Synthetic(_) | SourceConfig::Folder(_)
-        ),
-        "{:?}",
-        config.source
-    );
+    // The main command of the README replays the demo photos, whose licence asks for the
+    // attribution file beside them.
+    let SourceConfig::Folder(folder) = &config.source else {
+        panic!("desktop-sim replays demo photos: {:?}", config.source)
+    };
+    assert_eq!(folder.folder(), Path::new("demo/photos"));
+    let demo = configs_dir().join("../demo/photos");
+    let attribution = fs::read_to_string(demo.join("ATTRIBUTION.md")).unwrap();
+    for entry in fs::read_dir(&demo).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name != "ATTRIBUTION.md" {
+            assert!(
+                attribution.contains(&format!("`{name}`")),
+                "{name} is not in the attribution"
+            );
+        }
+    }
     assert!(matches!(config.display, DisplayConfig::Png { .. }));
     assert_eq!(config.display.size(), (800, 480));
     assert_eq!(config.inference.threads, 2);
@@ -99,7 +108,7 @@ fn unknown_key_is_rejected_by_name() {
     assert!(msg.contains("thread_count"), "{msg}");
     let msg = load_modified("[records]", "[records]\nrotate = true");
     assert!(msg.contains("rotate"), "{msg}");
-    let msg = load_modified("count = 4", "count = 4\nframes = 3");
+    let msg = load_modified("loop = false", "loop = false\nframes = 3");
     assert!(msg.contains("frames"), "{msg}");
     let msg = load_modified("[display]", "[displays]\nx = 1\n[display]");
     assert!(msg.contains("displays"), "{msg}");
@@ -112,7 +121,7 @@ fn wrong_enum_value_is_rejected_by_name() {
     assert!(msg.contains("h264"), "{msg}");
     assert!(BoardConfig::parse(&camera_config("yuyv")).is_ok());
 
-    let msg = load_modified("operating_point = \"4fp\"", "operating_point = \"3fp\"");
+    let msg = load_modified("operating_point = \"2fp\"", "operating_point = \"3fp\"");
     assert!(msg.contains("3fp"), "{msg}");
     let msg = load_modified("kind = \"png\"", "kind = \"hdmi\"");
     assert!(msg.contains("hdmi"), "{msg}");

@@ -1259,3 +1259,39 @@ fn binary_folder_run_escapes_names_hashes_every_file_and_summarises_a_damaged_lo
     let list = ma_device(work, &["records", "list", "--log", "out/log/records.log"]);
     assert_eq!(list.stdout.lines().count(), 3, "{}", list.stdout);
 }
+
+#[test]
+fn readme_main_command_replays_the_demo_photos_with_the_shipped_models() {
+    // `ma-device run` from the repository root, as the README says, but in a scratch
+    // folder (links to the repository's files) so the run's out/ lands there.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    for name in ["board-configs", "demo", "models", "keys"] {
+        std::os::unix::fs::symlink(repo.join(name).canonicalize().unwrap(), work.join(name))
+            .unwrap();
+    }
+    let run = ma_device(work, &["run"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stderr.contains("UNSIGNED"), "{}", run.stderr);
+
+    let manifest = ma_device::manifest::Manifest::load(&repo.join("models")).unwrap();
+    let records = read_log(&work.join("out/records.log"));
+    let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
+    assert_eq!(
+        sources,
+        [
+            "IDRiD_01.jpg",
+            "IDRiD_03.jpg",
+            "IDRiD_04.jpg",
+            "IDRiD_15.jpg"
+        ]
+    );
+    for r in &records {
+        assert_eq!(r.error, None, "{r:?}");
+        assert_eq!(r.model_version, format!("{} int8", manifest.version));
+    }
+    // IDRiD_03 holds 63 annotated MAs: the shipped models, trained on it, mark some.
+    assert!(records[1].ma_count > 0, "{:?}", records[1]);
+    assert_eq!(screens(&work.join("out/display")).len(), 4);
+}
