@@ -59,6 +59,39 @@ impl CameraAugment {
         self.copies == 0
     }
 
+    /// The options in words, for `training-data.json` and the manifest, e.g. "1 camera
+    /// copy per photo: shrink to 0.5-1, JPEG quality 40-95"; `None` when off.
+    pub fn describe(&self) -> Option<String> {
+        if self.is_off() {
+            return None;
+        }
+        let mut effects = Vec::new();
+        if let Some(min) = self.min_shrink {
+            effects.push(format!("shrink to {min}-1"));
+        }
+        if let Some((lo, hi)) = self.jpeg_quality {
+            effects.push(format!("JPEG quality {lo}-{hi}"));
+        }
+        if let Some(max) = self.blur_sigma {
+            effects.push(format!("blur sigma 0-{max} px"));
+        }
+        if let Some(j) = self.scale_jitter {
+            effects.push(format!("scale jitter +-{j}"));
+        }
+        if let Some((g, c)) = self.colour {
+            effects.push(format!("gamma 1/{g}-{g}, channel gain +-{c}"));
+        }
+        if let Some(max) = self.red_gain {
+            effects.push(format!("red gain 1-{max}"));
+        }
+        let plural = if self.copies == 1 { "y" } else { "ies" };
+        Some(format!(
+            "{} camera cop{plural} per photo: {}",
+            self.copies,
+            effects.join(", ")
+        ))
+    }
+
     /// One degraded copy of `rgb` (copy `copy` of training photo `image`) and the
     /// preprocessing settings to prepare it with (the canonical diameter jittered).
     pub fn degrade(
@@ -167,6 +200,25 @@ mod tests {
             red_gain: Some(2.0),
             seed: 7,
         }
+    }
+
+    #[test]
+    fn describes_every_effect_in_words() {
+        assert_eq!(CameraAugment::OFF.describe(), None);
+        assert_eq!(
+            all_on().describe().unwrap(),
+            "1 camera copy per photo: shrink to 0.5-1, JPEG quality 30-60, blur sigma 0-1.5 px, \
+             scale jitter +-0.1, gamma 1/1.4-1.4, channel gain +-0.15, red gain 1-2"
+        );
+        let two = CameraAugment {
+            copies: 2,
+            jpeg_quality: Some((40, 95)),
+            ..CameraAugment::OFF
+        };
+        assert_eq!(
+            two.describe().unwrap(),
+            "2 camera copies per photo: JPEG quality 40-95"
+        );
     }
 
     #[test]

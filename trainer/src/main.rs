@@ -422,6 +422,7 @@ impl DataArgs {
     fn training_data<'a>(
         &self,
         images: impl IntoIterator<Item = &'a PreparedImage>,
+        augmentation: &CameraAugment,
         settings: DeviceSettings,
     ) -> Result<TrainingData> {
         let kinds: Vec<DatasetKind> = self.dataset_roots()?.into_iter().map(|(k, _)| k).collect();
@@ -435,6 +436,7 @@ impl DataArgs {
                 Some(k) if k.has_splits() => format!("{split} split"),
                 _ => "every image".to_string(),
             },
+            augmentation.describe(),
             settings,
         ))
     }
@@ -506,7 +508,9 @@ fn train(a: &TrainArgs) -> Result<()> {
     let images = a.prepare(&settings)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
-    a.data.training_data(&images, settings)?.save(&a.out)?;
+    a.data
+        .training_data(&images, &a.camera_augment()?, settings)?
+        .save(&a.out)?;
     let all: Vec<usize> = (0..images.len()).collect();
     let cascade = train_cascade(&images, &all, &[], &a.pipeline(), &a.out, a.resume)?;
     for (stage, (vs, _)) in [("stage1", &cascade.stage1), ("stage2", &cascade.stage2)] {
@@ -546,7 +550,7 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
             .filter(|&i| of[i] != r.fold)
             .map(|i| &images[i]);
         a.data
-            .training_data(train, settings.clone())?
+            .training_data(train, &a.camera_augment()?, settings.clone())?
             .save(&a.out.join(format!("fold-{}", r.fold + 1)))?;
     }
     println!("fold  images  lesions  CPM    recall@50  recall@100  recall@150  minutes");

@@ -50,10 +50,14 @@ pub struct DatasetUse {
     pub lesions: usize,
 }
 
-/// The datasets of a training run, in command-line order, and its device settings.
+/// The datasets of a training run, in command-line order, its camera augmentation and
+/// its device settings.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainingData {
     pub datasets: Vec<DatasetUse>,
+    /// `CameraAugment::describe` of the run (absent in runs made before it was recorded).
+    #[serde(default)]
+    pub augmentation: Option<String>,
     pub settings: DeviceSettings,
 }
 
@@ -65,6 +69,7 @@ impl TrainingData {
     pub fn of<'a>(
         images: impl IntoIterator<Item = &'a PreparedImage>,
         selection: impl Fn(&str) -> String,
+        augmentation: Option<String>,
         settings: DeviceSettings,
     ) -> Self {
         let mut datasets: Vec<DatasetUse> = Vec::new();
@@ -84,7 +89,11 @@ impl TrainingData {
             datasets[i].images += 1;
             datasets[i].lesions += im.truth.lesions.len();
         }
-        Self { datasets, settings }
+        Self {
+            datasets,
+            augmentation,
+            settings,
+        }
     }
 
     pub fn images(&self) -> usize {
@@ -92,9 +101,11 @@ impl TrainingData {
     }
 
     /// One line for the manifest, e.g. "DiaretDB1 train split (28 images, 245 lesions,
-    /// redsmalldots >= 0.5) + IDRiD train split (54 images, ...)".
+    /// redsmalldots >= 0.5) + IDRiD train split (54 images, ...); 1 camera copy per
+    /// photo: ...".
     pub fn describe(&self) -> String {
-        self.datasets
+        let data = self
+            .datasets
             .iter()
             .map(|d| {
                 format!(
@@ -103,7 +114,11 @@ impl TrainingData {
                 )
             })
             .collect::<Vec<_>>()
-            .join(" + ")
+            .join(" + ");
+        match &self.augmentation {
+            Some(aug) => format!("{data}; {aug}"),
+            None => data,
+        }
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -146,6 +161,7 @@ mod tests {
                     lesions: 900,
                 },
             ],
+            augmentation: None,
             settings: DeviceSettings::default(),
         };
         assert_eq!(data.images(), 82);
@@ -157,6 +173,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         data.save(dir.path()).unwrap();
         assert_eq!(TrainingData::load(dir.path()).unwrap(), data);
+        let augmented = TrainingData {
+            augmentation: Some("1 camera copy per photo: JPEG quality 40-95".into()),
+            ..data.clone()
+        };
+        assert!(
+            augmented
+                .describe()
+                .ends_with("(54 images, 900 lesions); 1 camera copy per photo: JPEG quality 40-95"),
+            "{}",
+            augmented.describe()
+        );
+        augmented.save(dir.path()).unwrap();
+        assert_eq!(TrainingData::load(dir.path()).unwrap(), augmented);
+        // Files written before the augmentation was recorded still load.
+        let old = serde_json::to_string(&data)
+            .unwrap()
+            .replace("\"augmentation\":null,", "");
+        assert!(!old.contains("augmentation"), "{old}");
+        assert_eq!(serde_json::from_str::<TrainingData>(&old).unwrap(), data);
         let e = format!(
             "{:#}",
             TrainingData::load(&dir.path().join("x")).unwrap_err()
