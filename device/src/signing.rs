@@ -165,10 +165,15 @@ impl KeyPair {
 
     /// Write `<stem>.key` (secret, mode 0600) and `<stem>.pub`; refuses to overwrite
     /// either, so a key that signed shipped models cannot be lost by a second `keygen`.
-    /// Returns both paths.
+    /// Returns both paths. The extensions are appended, never substituted: a stem such as
+    /// `release-0.4` gives `release-0.4.key`, not `release-0.key`.
     pub fn write(&self, stem: &Path) -> Result<(PathBuf, PathBuf)> {
-        let secret_path = stem.with_extension("key");
-        let public_path = stem.with_extension("pub");
+        let with = |ext: &str| {
+            let mut name = stem.as_os_str().to_owned();
+            name.push(ext);
+            PathBuf::from(name)
+        };
+        let (secret_path, public_path) = (with(".key"), with(".pub"));
         for p in [&secret_path, &public_path] {
             ensure!(
                 !p.exists(),
@@ -391,6 +396,18 @@ mod tests {
         );
         assert!(err.contains("already exists"), "{err}");
         assert_eq!(std::fs::read(stem.with_extension("key")).unwrap(), before);
+    }
+
+    #[test]
+    fn keygen_appends_the_extensions_to_a_dotted_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (secret, public) = KeyPair::generate()
+            .unwrap()
+            .write(&tmp.path().join("release-0.4"))
+            .unwrap();
+        assert_eq!(secret, tmp.path().join("release-0.4.key"));
+        assert_eq!(public, tmp.path().join("release-0.4.pub"));
+        assert!(secret.is_file() && public.is_file());
     }
 
     #[test]

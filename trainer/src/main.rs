@@ -140,7 +140,8 @@ enum Command {
     /// config's inference.public_key) and may be published. Existing files are never
     /// overwritten.
     Keygen {
-        /// Path of the pair without extension.
+        /// Path of the pair without extension: writes OUT.key and OUT.pub (appended, so
+        /// `release-0.4` gives `release-0.4.key`).
         #[arg(long, default_value = "keys/models")]
         out: PathBuf,
     },
