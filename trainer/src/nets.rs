@@ -165,8 +165,8 @@ impl Stage {
     /// that must meet the skip's size exactly).
     pub const CANDIDATES_INPUT_MULTIPLE: usize = 4;
 
-    /// Side of the stage-2 patches.
-    pub const VERDICT_PATCH: usize = 41;
+    /// Side of the stage-2 patches: the device's patch geometry, so the two cannot differ.
+    pub const VERDICT_PATCH: usize = ma_device::geometry::PatchGeometry::VERDICT.size;
 
     /// Receptive field of one output value, in input pixels (square). For stage 1 it
     /// says how far the image around a pixel matters, and so how much overlap the
