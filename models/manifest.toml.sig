@@ -1,3 +1,3 @@
 # ma-device model bundle signature (ed25519)
-# signature of manifest.toml by key 9d1e42a2e6c45963
-530d2af15c309d65c9c4d2609464e58e368043eddbf59f72c9a4d5a52d2417ba9892687cd96feeaa08432d3ae426cf82b2f0f23f3c0dbc5e19100a58babf4307
+# signature of manifest.toml by key 9502aa1bceb081ca
+71d9e07efd74eb8b137286f74f6feb49c49af54a0eab096d813188db21b722de151d288c8150654cc9ece48e9da5d63b62fba221e751dcd714d825357e428300
