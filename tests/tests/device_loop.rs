@@ -1275,7 +1275,7 @@ fn readme_main_command_replays_the_demo_photos_with_the_shipped_models() {
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(!run.stderr.contains("UNSIGNED"), "{}", run.stderr);
 
-    let manifest = ma_device::manifest::Manifest::load(&repo.join("models")).unwrap();
+    let manifest = ma_device::manifest::Manifest::load(repo.join("models")).unwrap();
     let records = read_log(&work.join("out/records.log"));
     let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
     assert_eq!(
