@@ -11,7 +11,6 @@
 //! to the config file: `cargo run` runs from the repository root, so `models` and
 //! `out/records.log` mean the repository's. Installed boards use absolute paths.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -204,43 +203,7 @@ fn default_models() -> PathBuf {
     PathBuf::from("models")
 }
 
-/// An operating point on the FROC curve: the score threshold giving this many false positives
-/// per image on the validation set (thresholds come from the model manifest).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum OperatingPoint {
-    #[serde(rename = "1fp")]
-    Fp1,
-    #[serde(rename = "2fp")]
-    Fp2,
-    #[serde(rename = "4fp")]
-    Fp4,
-}
-
-impl OperatingPoint {
-    /// The name used in configs and the manifest (`"1fp"`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OperatingPoint::Fp1 => "1fp",
-            OperatingPoint::Fp2 => "2fp",
-            OperatingPoint::Fp4 => "4fp",
-        }
-    }
-
-    /// False positives per image.
-    pub fn fp_per_image(self) -> f64 {
-        match self {
-            OperatingPoint::Fp1 => 1.0,
-            OperatingPoint::Fp2 => 2.0,
-            OperatingPoint::Fp4 => 4.0,
-        }
-    }
-}
-
-impl fmt::Display for OperatingPoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::manifest::OperatingPoint;
 
 /// `[records]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -17,7 +17,7 @@ use ma_device::display::Canvas;
 use ma_device::display::overlay::{OverlayInfo, STATUS_BAR_HEIGHT, draw_overlay};
 use ma_device::files::{Protected, portable_name};
 use ma_device::image_io;
-use ma_device::manifest::Variant;
+use ma_device::manifest::{OperatingPoint, Variant};
 use ma_device::preprocess::{self, FovSource};
 use ma_device::records;
 use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
@@ -433,12 +433,13 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
     let cascade = Cascade::load(a.models, a.variant, a.trust)
         .with_context(|| format!("cannot load the models in {}", a.models.display()))?;
     let ops = &cascade.manifest.operating_points;
-    let threshold = match a.operating_point {
-        1 => ops.fp_per_image_1,
-        2 => ops.fp_per_image_2,
-        4 => ops.fp_per_image_4,
-        n => bail!("--operating-point must be 1, 2 or 4 (false positives per image), got {n}"),
+    let Some(op) = OperatingPoint::from_fp_per_image(a.operating_point) else {
+        bail!(
+            "--operating-point must be 1, 2 or 4 (false positives per image), got {}",
+            a.operating_point
+        );
     };
+    let threshold = ops.threshold(op);
     let files = if a.input.is_dir() {
         image_io::find_images(a.input)?
     } else if a.input.is_file() {

@@ -173,6 +173,65 @@ pub struct OperatingPoints {
     pub fp_per_image_4: f64,
 }
 
+impl OperatingPoints {
+    /// The score threshold of an operating point.
+    pub fn threshold(&self, op: OperatingPoint) -> f64 {
+        match op {
+            OperatingPoint::Fp1 => self.fp_per_image_1,
+            OperatingPoint::Fp2 => self.fp_per_image_2,
+            OperatingPoint::Fp4 => self.fp_per_image_4,
+        }
+    }
+}
+
+/// An operating point on the FROC curve: the score threshold giving this many false positives
+/// per image on the validation set (thresholds come from the model manifest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OperatingPoint {
+    #[serde(rename = "1fp")]
+    Fp1,
+    #[serde(rename = "2fp")]
+    Fp2,
+    #[serde(rename = "4fp")]
+    Fp4,
+}
+
+impl OperatingPoint {
+    /// The name used in configs and the manifest (`"1fp"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatingPoint::Fp1 => "1fp",
+            OperatingPoint::Fp2 => "2fp",
+            OperatingPoint::Fp4 => "4fp",
+        }
+    }
+
+    /// The operating point of `n` false positives per image (1, 2 or 4).
+    pub fn from_fp_per_image(n: u32) -> Option<Self> {
+        match n {
+            1 => Some(OperatingPoint::Fp1),
+            2 => Some(OperatingPoint::Fp2),
+            4 => Some(OperatingPoint::Fp4),
+            _ => None,
+        }
+    }
+
+    /// False positives per image.
+    pub fn fp_per_image(self) -> f64 {
+        match self {
+            OperatingPoint::Fp1 => 1.0,
+            OperatingPoint::Fp2 => 2.0,
+            OperatingPoint::Fp4 => 4.0,
+        }
+    }
+}
+
+impl std::fmt::Display for OperatingPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Provenance of the models.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -412,6 +471,22 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_operating_point_reads_its_own_threshold() {
+        let points = OperatingPoints {
+            fp_per_image_1: 0.9,
+            fp_per_image_2: 0.8,
+            fp_per_image_4: 0.7,
+        };
+        for (n, expected) in [(1, 0.9), (2, 0.8), (4, 0.7)] {
+            let op = OperatingPoint::from_fp_per_image(n).unwrap();
+            assert_eq!(op.fp_per_image(), n as f64);
+            assert_eq!(points.threshold(op), expected);
+            assert_eq!(op.as_str(), format!("{n}fp"));
+        }
+        assert_eq!(OperatingPoint::from_fp_per_image(3), None);
+    }
 
     fn sample(dir: &Path) -> Manifest {
         let mut models = vec![];

@@ -50,7 +50,7 @@ use crate::display::overlay::{Layout, OverlayInfo, draw_overlay};
 use crate::display::{Canvas, FramebufferSink, Panel, PngSink};
 use crate::errln;
 use crate::image_io::one_line;
-use crate::manifest::{self, OperatingPoints};
+use crate::manifest;
 use crate::records::{ImageHash, OpenReport, Record, RecordLog, now_unix_ms};
 use crate::signing::ModelTrust;
 use crate::synthetic::SyntheticParams;
@@ -78,15 +78,6 @@ impl Detector for Cascade {
             ""
         };
         format!("{} {}{unsigned}", self.manifest.version, self.variant)
-    }
-}
-
-/// The manifest's score threshold for a board's operating point.
-pub fn threshold_for(points: &OperatingPoints, op: OperatingPoint) -> f64 {
-    match op {
-        OperatingPoint::Fp1 => points.fp_per_image_1,
-        OperatingPoint::Fp2 => points.fp_per_image_2,
-        OperatingPoint::Fp4 => points.fp_per_image_4,
     }
 }
 
@@ -238,10 +229,10 @@ impl Station {
             _ => None,
         };
         let detector = load_cascade(&config.inference.models, config.inference.threads, &trust)?;
-        let threshold = threshold_for(
-            &detector.manifest.operating_points,
-            config.inference.operating_point,
-        );
+        let threshold = detector
+            .manifest
+            .operating_points
+            .threshold(config.inference.operating_point);
 
         let (source, source_kind): (Box<dyn FrameSource>, SourceKind) = match &config.source {
             SourceConfig::Synthetic(s) => (
