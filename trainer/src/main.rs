@@ -373,13 +373,6 @@ impl TrainArgs {
         Ok(aug)
     }
 
-    /// The training images, preprocessed with `settings`: the datasets' photos, then
-    /// their camera copies.
-    fn prepare(&self, settings: &DeviceSettings) -> Result<Vec<PreparedImage>> {
-        self.data
-            .prepare_with(&settings.preprocess, &self.camera_augment()?)
-    }
-
     /// The settings the device must use with this run's weights.
     fn device_settings(&self) -> Result<DeviceSettings> {
         Ok(DeviceSettings::of(
@@ -504,13 +497,14 @@ impl DataArgs {
 
 fn train(a: &TrainArgs) -> Result<()> {
     let started = Instant::now();
-    // One value: the settings the images are prepared with are the ones recorded.
-    let settings = a.device_settings()?;
-    let images = a.prepare(&settings)?;
+    // One value each: the settings and augmentation the images are prepared with are the
+    // ones recorded. The images are the datasets' photos, then their camera copies.
+    let (settings, aug) = (a.device_settings()?, a.camera_augment()?);
+    let images = a.data.prepare_with(&settings.preprocess, &aug)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     a.data
-        .training_data(&images, &a.camera_augment()?, settings)?
+        .training_data(&images, &aug, settings)?
         .save(&a.out)?;
     let all: Vec<usize> = (0..images.len()).collect();
     let cascade = train_cascade(&images, &all, &[], &a.pipeline(), &a.out, a.resume)?;
@@ -531,11 +525,12 @@ fn train(a: &TrainArgs) -> Result<()> {
 
 fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
     let started = Instant::now();
-    let settings = a.device_settings()?;
-    let images = a.prepare(&settings)?;
+    // Checked before the minutes of preparing the images.
     if fold == Some(0) {
         anyhow::bail!("--fold counts from 1");
     }
+    let (settings, aug) = (a.device_settings()?, a.camera_augment()?);
+    let images = a.data.prepare_with(&settings.preprocess, &aug)?;
     let results = cross_validate(
         &images,
         folds,
@@ -551,7 +546,7 @@ fn cv(a: &TrainArgs, folds: usize, fold: Option<usize>) -> Result<()> {
             .filter(|&i| of[i] != r.fold)
             .map(|i| &images[i]);
         a.data
-            .training_data(train, &a.camera_augment()?, settings.clone())?
+            .training_data(train, &aug, settings.clone())?
             .save(&a.out.join(format!("fold-{}", r.fold + 1)))?;
     }
     println!("fold  images  lesions  CPM    recall@50  recall@100  recall@150  minutes");
