@@ -45,7 +45,7 @@ pub struct BoardConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum SourceConfig {
-    /// Generated fundus images (`crate::synthetic`): no hardware needed.
+    /// Generated fundus images (`ma_synthetic`): no hardware needed.
     Synthetic(SyntheticSource),
     /// Image files from a folder, in name order.
     Folder(FolderSource),
@@ -203,7 +203,7 @@ fn default_models() -> PathBuf {
     PathBuf::from("models")
 }
 
-pub use crate::manifest::OperatingPoint;
+pub use ma_core::manifest::OperatingPoint;
 
 /// `[records]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -248,7 +248,7 @@ impl BoardConfig {
             SourceConfig::Camera(c) => {
                 non_empty_path(&c.device, "source.device")?;
                 // A frame is decoded at this size; nothing larger is decoded anyway.
-                bounded_size(c.width, c.height, crate::image_io::MAX_SIDE, "source")?;
+                bounded_size(c.width, c.height, ma_core::image_io::MAX_SIDE, "source")?;
                 if c.retry_backoff_ms.initial == 0 {
                     bail!("source.retry_backoff_ms.initial must be > 0");
                 }

@@ -156,7 +156,7 @@ pub fn portable_name(relative: &Path) -> String {
     let plain = unchanged && lower_case && !reserved && !special;
     if !plain {
         name.push('-');
-        name.push_str(&crate::manifest::sha256_hex(original)[..12]);
+        name.push_str(&ma_core::digest::sha256_hex(original)[..12]);
     }
     name
 }

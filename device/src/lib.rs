@@ -1,28 +1,21 @@
-//! `ma-device`: the microaneurysm detector's runtime library.
+//! `ma-device`: the microaneurysm detector's runtime on a board.
 //!
-//! Data flows one way: image file or frame -> [`image_io`] (decode, checked) ->
-//! [`preprocess`] (field of view, canonical scale, background subtraction) ->
-//! cascade -> [`detection`]s in original image coordinates.
+//! Data flows one way: a frame from [`capture`] -> the tract [`cascade`] (which runs
+//! `ma-core`'s preprocessing, candidates and scoring around the two networks) ->
+//! detections -> the panel ([`display`]) and the crash-safe [`records`]. [`board`] reads
+//! the board config, [`station`] builds the loop's parts from it, [`run_loop`] drives
+//! the loop.
 //!
-//! The trainer depends on this crate for everything both sides must compute
-//! identically (decoding, preprocessing, patch geometry, detection types), so a
-//! model sees the same numbers in the field as on the workstation.
+//! What the trainer must compute identically (decoding, preprocessing, patch geometry,
+//! detections, the manifest and its signature) is not here but in `ma-core`, which both
+//! depend on.
 
 pub mod board;
 pub mod capture;
 pub mod cascade;
 pub mod console;
-pub mod detection;
 pub mod display;
 pub mod files;
-pub mod fov;
-pub mod geometry;
-pub mod image_io;
-pub mod manifest;
-pub mod mask;
-pub mod median;
-pub mod preprocess;
 pub mod records;
 pub mod run_loop;
-pub mod signing;
-pub mod synthetic;
+pub mod station;

@@ -9,21 +9,21 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use std::io::Write;
 
+use ma_core::detection::{DetectLine, ImageDetections, ImageFailure};
+use ma_core::image_io;
+use ma_core::manifest::{OperatingPoint, Variant};
+use ma_core::preprocess::{self, FovSource};
+use ma_core::signing::ModelTrust;
 use ma_device::board::BoardConfig;
 use ma_device::cascade::onnx;
 use ma_device::cascade::{Cascade, ImageResult};
-use ma_device::detection::{DetectLine, ImageDetections, ImageFailure};
 use ma_device::display::Canvas;
 use ma_device::display::overlay::{OverlayInfo, STATUS_BAR_HEIGHT, draw_overlay};
 use ma_device::files::{Protected, portable_name};
-use ma_device::image_io;
-use ma_device::manifest::{OperatingPoint, Variant};
-use ma_device::preprocess::{self, FovSource};
 use ma_device::records;
 use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
-use ma_device::signing::ModelTrust;
-use ma_device::synthetic::{self, SyntheticParams};
 use ma_device::{console, errln, outln};
+use ma_synthetic::SyntheticParams;
 
 #[derive(Parser)]
 #[command(
@@ -394,7 +394,7 @@ fn ignore_broken_pipe(result: Result<()>) -> Result<()> {
 /// `./models` when run from a checkout, else the source tree's `models/`.
 fn default_models_dir() -> PathBuf {
     let local = PathBuf::from("models");
-    if local.join(ma_device::manifest::FILE_NAME).exists() {
+    if local.join(ma_core::manifest::FILE_NAME).exists() {
         local
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
@@ -586,7 +586,7 @@ fn frames(input: Option<&Path>, synthetic_count: usize) -> Result<Vec<Frame>> {
         return Ok((0..synthetic_count)
             .map(|i| Frame {
                 name: format!("synthetic-{i:03}"),
-                image: Ok(synthetic::generate(&SyntheticParams::default(), i as u64 + 1).image),
+                image: Ok(ma_synthetic::generate(&SyntheticParams::default(), i as u64 + 1).image),
             })
             .collect());
     };
@@ -634,10 +634,10 @@ fn run_preprocess(
             let img = image::open(p)
                 .with_context(|| format!("cannot read FOV mask {}", p.display()))?
                 .to_luma8();
-            Ok(ma_device::mask::Mask::from_luma(&img, |v| v > 0))
+            Ok(ma_core::mask::Mask::from_luma(&img, |v| v > 0))
         })
         .transpose()?;
-    let cfg = ma_device::manifest::Manifest::load(models)
+    let cfg = ma_core::manifest::Manifest::load(models)
         .with_context(|| format!("preprocess --models {}", models.display()))?
         .preprocess;
     let frames = frames(input, synthetic_count)?;
@@ -700,7 +700,7 @@ fn run_synth(output_dir: &Path, count: usize, seed: u64, small: bool) -> Result<
         SyntheticParams::default()
     };
     for i in 0..count {
-        let frame = synthetic::generate(&params, seed + i as u64);
+        let frame = ma_synthetic::generate(&params, seed + i as u64);
         let png = output_dir.join(format!("frame-{i:03}.png"));
         frame
             .image

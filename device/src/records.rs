@@ -37,7 +37,7 @@ use postcard::ser_flavors::{AllocVec, Cobs};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
-use crate::detection::Detection;
+use ma_core::detection::Detection;
 
 /// First bytes of every records log.
 pub const MAGIC: &[u8; 5] = b"MAREC";

@@ -22,38 +22,29 @@
 //!
 //! The loop is a library function so it is tested without a binary: [`Station`] holds the
 //! already-built parts (any [`FrameSource`], [`Detector`], [`Panel`] and [`RecordLog`]);
-//! [`Station::from_board`] builds them from a [`BoardConfig`]; [`Station::run`] returns a
-//! [`RunSummary`].
+//! [`Station::from_board`] (in [`crate::station`]) builds them from a board config;
+//! [`Station::run`] returns a [`RunSummary`]. What the panel shows is composed in
+//! [`crate::display::screen`]. Frames and source errors name their origin themselves
+//! ([`Frame::source`], [`SourceError::origin`]), so the loop treats every source alike.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
-use embedded_graphics::mono_font::ascii::{FONT_6X10, FONT_9X15};
-use embedded_graphics::mono_font::{MonoFont, MonoTextStyle};
-use embedded_graphics::pixelcolor::Rgb888;
-use embedded_graphics::prelude::*;
-use embedded_graphics::primitives::Rectangle;
-use embedded_graphics::text::{Baseline, Text};
+use anyhow::{Context, Result};
 use image::RgbImage;
+use ma_core::image_io::one_line;
 
-use crate::board::{self, BoardConfig, DisplayConfig, OperatingPoint, SourceConfig};
-use crate::capture::{
-    self, CameraConfig, CameraSource, FolderSource, Frame, FrameEvent, FrameSource, SourceState,
-    SyntheticSource, V4l2Capture, V4l2Config,
-};
+use crate::board::OperatingPoint;
+use crate::capture::{Frame, FrameEvent, FrameSource, SourceError, SourceState};
 use crate::cascade::{Cascade, ImageResult};
-use crate::display::overlay::{Layout, OverlayInfo, draw_overlay};
-use crate::display::{Canvas, FramebufferSink, Panel, PngSink};
+use crate::display::Panel;
+use crate::display::overlay::OverlayInfo;
+use crate::display::screen::{Screen, Shown};
 use crate::errln;
-use crate::image_io::one_line;
-use crate::manifest;
-use crate::records::{ImageHash, OpenReport, Record, RecordLog, now_unix_ms};
-use crate::signing::ModelTrust;
-use crate::synthetic::SyntheticParams;
+use crate::records::{ImageHash, Record, RecordLog, now_unix_ms};
 
 /// What the loop needs from the cascade; a trait so the loop is tested without models.
 pub trait Detector {
@@ -79,21 +70,6 @@ impl Detector for Cascade {
         };
         format!("{} {}{unsigned}", self.manifest.version, self.variant)
     }
-}
-
-/// What kind of source frames come from: decides how frames are named and hashed in the
-/// records, and what an error record names as its source.
-#[derive(Clone, Debug, PartialEq)]
-pub enum SourceKind {
-    /// Files below `root`, replayed in the order of `files` ([`FolderSource::files`]).
-    /// Records name a frame by its path relative to `root` and hash the file's bytes.
-    Folder { root: PathBuf, files: Vec<PathBuf> },
-    /// A camera; records name frames `camera:<device>` and hash the decoded RGB8 pixels
-    /// (the raw buffer does not reach the loop).
-    Camera { device: String },
-    /// Anything else (synthetic frames): the frame's own source name, the RGB8 pixels
-    /// hashed; `label` names the source in error records.
-    Other { label: String },
 }
 
 /// Where the screens go, for the summary.
@@ -122,7 +98,6 @@ impl fmt::Display for DisplayTarget {
 /// Everything the loop runs on, already built.
 pub struct Station {
     pub source: Box<dyn FrameSource>,
-    pub source_kind: SourceKind,
     pub detector: Box<dyn Detector>,
     pub panel: Box<dyn Panel>,
     pub display: DisplayTarget,
@@ -213,100 +188,6 @@ pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
 }
 
 impl Station {
-    /// Builds every part a board config names: the cascade (from `inference.models`, with
-    /// its hashes checked, `inference.threads` threads), the source, the panel and the
-    /// records log (created if missing; what opening it found is returned, e.g. a torn
-    /// final record that was cut off). Errors name the setting or file at fault. Models
-    /// are loaded first, so a board without models fails before anything is written.
-    ///
-    /// The model bundle must be signed by the key in `inference.public_key`; with
-    /// `allow_unsigned` (development) the signature is not checked and every record and
-    /// screen says `UNSIGNED`.
-    pub fn from_board(config: &BoardConfig, allow_unsigned: bool) -> Result<(Station, OpenReport)> {
-        let trust = model_trust(config, allow_unsigned)?;
-        let camera = match &config.source {
-            SourceConfig::Camera(c) => Some(camera_parts(c)?),
-            _ => None,
-        };
-        let detector = load_cascade(&config.inference.models, config.inference.threads, &trust)?;
-        let threshold = detector
-            .manifest
-            .operating_points
-            .threshold(config.inference.operating_point);
-
-        let (source, source_kind): (Box<dyn FrameSource>, SourceKind) = match &config.source {
-            SourceConfig::Synthetic(s) => (
-                Box::new(SyntheticSource::new(
-                    SyntheticParams::default(),
-                    s.seed,
-                    u64::from(s.count),
-                )),
-                SourceKind::Other {
-                    label: "synthetic".into(),
-                },
-            ),
-            SourceConfig::Folder(f) => {
-                let root = f.folder();
-                let source = FolderSource::new(root, f.repeat)
-                    .with_context(|| format!("source.path {}", root.display()))?;
-                let kind = SourceKind::Folder {
-                    root: root.to_path_buf(),
-                    files: source.files().to_vec(),
-                };
-                (Box::new(source), kind)
-            }
-            SourceConfig::Camera(c) => {
-                let (v4l2, trigger, camera_config) = camera.expect("built above");
-                let source = CameraSource::new(V4l2Capture::new(v4l2), &trigger, camera_config);
-                let kind = SourceKind::Camera {
-                    device: c.device.display().to_string(),
-                };
-                (Box::new(source), kind)
-            }
-        };
-
-        let (panel, display): (Box<dyn Panel>, DisplayTarget) = match &config.display {
-            DisplayConfig::Png {
-                output_dir,
-                width,
-                height,
-            } => (
-                Box::new(PngSink::new(output_dir, *width, *height).context("display.output_dir")?),
-                DisplayTarget::PngFolder(output_dir.clone()),
-            ),
-            DisplayConfig::Framebuffer {
-                device,
-                width,
-                height,
-            } => {
-                let sink = FramebufferSink::open(device).context("display.device")?;
-                if sink.size() != (*width, *height) {
-                    let (w, h) = sink.size();
-                    errln!(
-                        "warning: {} is {w}x{h}, the board config says {width}x{height}; \
-                         drawing at {w}x{h}",
-                        device.display()
-                    );
-                }
-                (Box::new(sink), DisplayTarget::Framebuffer(device.clone()))
-            }
-        };
-
-        let (log, report) = RecordLog::open(&config.records.log).context("records.log")?;
-        let station = Station {
-            source,
-            source_kind,
-            detector: Box::new(detector),
-            panel,
-            display,
-            log,
-            board: config.name.clone(),
-            operating_point: config.inference.operating_point,
-            threshold,
-        };
-        Ok((station, report))
-    }
-
     /// Runs until the source is exhausted or `stop` is set (checked between frames).
     pub fn run(&mut self, stop: &AtomicBool) -> RunSummary {
         let mut summary = RunSummary {
@@ -315,11 +196,8 @@ impl Station {
             ..RunSummary::default()
         };
         let model_version = self.detector.model_version();
-        let (w, h) = self.panel.size();
-        let mut screen = Screen {
-            canvas: Canvas::new(w, h),
-            shown: Shown::Nothing,
-            threshold: self.threshold,
+        let mut screen = View {
+            screen: Screen::new(self.panel.size(), self.threshold),
             state_key: None,
         };
         errln!(
@@ -341,8 +219,8 @@ impl Station {
                 FrameEvent::Frame(frame) => {
                     self.process(frame, &model_version, &mut screen, &mut summary)
                 }
-                FrameEvent::Error(message) => {
-                    self.source_error(&message, &model_version, &mut screen, &mut summary)
+                FrameEvent::Error(error) => {
+                    self.source_error(&error, &model_version, &mut screen, &mut summary)
                 }
                 FrameEvent::Idle => {
                     // Redraw only when the source's condition changes (camera back, lost,
@@ -350,7 +228,7 @@ impl Station {
                     let state = self.source.state();
                     if screen.state_key != Some(state_key(&state)) {
                         let text = state.to_string();
-                        screen.render(&text, state.is_ok(), None);
+                        screen.screen.render(&text, state.is_ok(), None);
                         self.present(&mut screen, &state, &mut summary);
                     }
                 }
@@ -364,7 +242,7 @@ impl Station {
         &mut self,
         frame: Frame,
         model_version: &str,
-        screen: &mut Screen,
+        screen: &mut View,
         summary: &mut RunSummary,
     ) {
         summary.frames += 1;
@@ -383,12 +261,15 @@ impl Station {
             Err(anyhow::anyhow!("internal error in the detector: {what}"))
         });
         let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-        let name = self.frame_name(&frame);
+        let name = frame.source.clone();
         let mut record = Record {
             time_unix_ms: unix_ms(frame.captured_at),
             frame: frame.id,
             source: name.clone(),
-            image_sha256: self.frame_hash(&frame),
+            image_sha256: frame
+                .file_sha256
+                .map(ImageHash)
+                .unwrap_or_else(|| pixel_hash(&frame.image)),
             width: frame.image.width(),
             height: frame.image.height(),
             detections: Vec::new(),
@@ -438,7 +319,7 @@ impl Station {
         }
         let ok = saved.is_ok() && state.is_ok();
         let status = format!("{saved_text}, {state}");
-        screen.shown = match detections {
+        screen.screen.shown = match detections {
             Some(detections) => Shown::Result {
                 info: OverlayInfo {
                     detections,
@@ -466,24 +347,24 @@ impl Station {
         let banner = saved
             .err()
             .map(|e| format!("result NOT SAVED: {}", one_line(&format!("{e:#}"))));
-        screen.render(&status, ok, banner.as_deref());
+        screen.screen.render(&status, ok, banner.as_deref());
         self.present(screen, &state, summary);
     }
 
     fn source_error(
         &mut self,
-        message: &str,
+        error: &SourceError,
         model_version: &str,
-        screen: &mut Screen,
+        screen: &mut View,
         summary: &mut RunSummary,
     ) {
         summary.source_errors += 1;
-        let message = one_line(message);
+        let message = one_line(&error.message);
         let state = self.source.state();
         let record = Record {
             time_unix_ms: now_unix_ms(),
             frame: 0,
-            source: self.error_source(&state),
+            source: error.origin.clone(),
             image_sha256: ImageHash::default(),
             width: 0,
             height: 0,
@@ -507,7 +388,7 @@ impl Station {
             Ok(index) => format!("saved #{index}, {state}"),
             Err(_) => format!("NOT SAVED, {state}"),
         };
-        screen.render(&status, false, Some(&message));
+        screen.screen.render(&status, false, Some(&message));
         self.present(screen, &state, summary);
     }
 
@@ -526,59 +407,14 @@ impl Station {
         }
     }
 
-    fn present(&mut self, screen: &mut Screen, state: &SourceState, summary: &mut RunSummary) {
+    fn present(&mut self, screen: &mut View, state: &SourceState, summary: &mut RunSummary) {
         screen.state_key = Some(state_key(state));
-        match self.panel.present(&screen.canvas) {
+        match self.panel.present(&screen.screen.canvas) {
             Ok(()) => summary.screens += 1,
             Err(e) => {
                 summary.screen_failures += 1;
                 errln!("error: cannot show the result: {e:#}");
             }
-        }
-    }
-
-    /// The record's `source` for a delivered frame.
-    fn frame_name(&self, frame: &Frame) -> String {
-        match &self.source_kind {
-            SourceKind::Camera { .. } => format!("camera:{}", frame.source),
-            SourceKind::Folder { .. } | SourceKind::Other { .. } => frame.source.clone(),
-        }
-    }
-
-    /// SHA-256 of the file for folder frames (read again from the path the source read,
-    /// not from the record's name, which is lossy for a name that is not UTF-8), of the
-    /// RGB8 pixels otherwise.
-    fn frame_hash(&self, frame: &Frame) -> ImageHash {
-        if let (SourceKind::Folder { .. }, Some(path)) = (&self.source_kind, &frame.path) {
-            match std::fs::read(path) {
-                Ok(bytes) => return ImageHash::of(&bytes),
-                Err(e) => errln!(
-                    "warning: cannot read {} again to hash it ({e}); hashing its pixels",
-                    path.display()
-                ),
-            }
-        }
-        pixel_hash(&frame.image)
-    }
-
-    /// The record's `source` for a source error: the file that failed for a folder
-    /// replay, the device for a camera.
-    fn error_source(&self, state: &SourceState) -> String {
-        match &self.source_kind {
-            SourceKind::Folder { root, files } => match state {
-                SourceState::Replaying { position, .. } if *position > 0 => files
-                    .get(position - 1)
-                    .map(|f| {
-                        f.strip_prefix(root)
-                            .unwrap_or(f)
-                            .to_string_lossy()
-                            .into_owned()
-                    })
-                    .unwrap_or_else(|| format!("folder:{}", root.display())),
-                _ => format!("folder:{}", root.display()),
-            },
-            SourceKind::Camera { device } => format!("camera:{device}"),
-            SourceKind::Other { label } => label.clone(),
         }
     }
 }
@@ -587,86 +423,6 @@ impl Station {
 /// buffer (rows top to bottom, 3 bytes per pixel, no header).
 pub fn pixel_hash(image: &RgbImage) -> ImageHash {
     ImageHash::of(image.as_raw())
-}
-
-/// Loads the cascade for the device, with an explicit message when the folder holds no
-/// model set (the usual case on a fresh clone before models are shipped).
-pub fn load_cascade(models: &Path, threads: usize, trust: &ModelTrust) -> Result<Cascade> {
-    let manifest_path = models.join(manifest::FILE_NAME);
-    if !manifest_path.is_file() {
-        bail!(
-            "no models: {} does not exist. The models folder {} (inference.models in the \
-             board config) must hold manifest.toml and the ONNX files it lists; export a set \
-             with `ma-trainer export --out {}` or point inference.models at a folder that \
-             holds one",
-            manifest_path.display(),
-            models.display(),
-            models.display()
-        );
-    }
-    crate::cascade::onnx::set_threads(threads);
-    Cascade::load(models, None, trust)
-        .with_context(|| format!("cannot load the models in {}", models.display()))
-}
-
-/// What a board accepts: bundles signed by `inference.public_key`, or anything with
-/// `allow_unsigned`. A board without a key refuses to start unless `allow_unsigned`.
-pub fn model_trust(config: &BoardConfig, allow_unsigned: bool) -> Result<ModelTrust> {
-    if allow_unsigned {
-        return Ok(ModelTrust::Unsigned);
-    }
-    match &config.inference.public_key {
-        Some(key) => ModelTrust::key_file(key).context("inference.public_key"),
-        None => bail!(
-            "inference.public_key is not set: a device only runs model bundles signed by the \
-             key it names (e.g. public_key = \"keys/models.pub\", the release key). Set it, \
-             or pass --allow-unsigned for development"
-        ),
-    }
-}
-
-/// The V4L2 settings, trigger and retry behaviour of a camera board config.
-fn camera_parts(c: &board::CameraSource) -> Result<(V4l2Config, capture::Trigger, CameraConfig)> {
-    let format = match c.format {
-        board::PixelFormat::Yuyv => capture::PixelFormat::Yuyv,
-        board::PixelFormat::Mjpeg => capture::PixelFormat::Mjpeg,
-    };
-    let trigger = match &c.trigger {
-        board::Trigger::Key {} => capture::Trigger::Key,
-        board::Trigger::Interval { seconds } => {
-            capture::Trigger::Interval(Duration::try_from_secs_f64(*seconds).with_context(
-                || format!("source.trigger.seconds ({seconds}) is not a usable duration"),
-            )?)
-        }
-        board::Trigger::Gpio { chip, line } => capture::Trigger::Gpio {
-            chip: gpio_chip_number(chip)?,
-            line: line.context("source.trigger.line is required for trigger kind \"gpio\"")?,
-        },
-    };
-    let retry = CameraConfig {
-        initial_backoff: Duration::from_millis(c.retry_backoff_ms.initial),
-        max_backoff: Duration::from_millis(c.retry_backoff_ms.max),
-        ..CameraConfig::default()
-    };
-    Ok((
-        V4l2Config::new(&c.device, format, c.width, c.height),
-        trigger,
-        retry,
-    ))
-}
-
-/// N of `/dev/gpiochipN`.
-fn gpio_chip_number(chip: &Path) -> Result<u32> {
-    chip.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("gpiochip"))
-        .and_then(|n| n.parse().ok())
-        .with_context(|| {
-            format!(
-                "source.trigger.chip must name a GPIO chip device like /dev/gpiochip0, got {}",
-                chip.display()
-            )
-        })
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
@@ -682,210 +438,10 @@ fn state_key(state: &SourceState) -> (std::mem::Discriminant<SourceState>, bool)
     (std::mem::discriminant(state), state.is_ok())
 }
 
-/// What the panel shows besides the status.
-enum Shown {
-    /// No frame yet.
-    Nothing,
-    /// The last processed frame and its result (`source_state` is filled in per render).
-    Result { image: RgbImage, info: OverlayInfo },
-    /// The last frame could not be analysed.
-    Failed {
-        image: RgbImage,
-        frame_number: u64,
-        reason: String,
-    },
-}
-
-struct Screen {
-    canvas: Canvas,
-    shown: Shown,
-    threshold: f64,
-    /// The source condition at the last present.
+/// The loop's screen and the source condition it was last presented with.
+struct View {
+    screen: Screen,
     state_key: Option<(std::mem::Discriminant<SourceState>, bool)>,
-}
-
-const BAR_BACKGROUND: Rgb888 = Rgb888::new(22, 22, 26);
-const BAR_RULE: Rgb888 = Rgb888::new(70, 70, 76);
-const TEXT_DIM: Rgb888 = Rgb888::new(175, 175, 180);
-const TEXT_WARN: Rgb888 = Rgb888::new(255, 190, 0);
-const BANNER_BACKGROUND: Rgb888 = Rgb888::new(60, 40, 0);
-const TEXT_MARGIN: i32 = 6;
-
-impl Screen {
-    /// Draws the current view with `status` (source condition, saved state) in the
-    /// status bar, amber unless `ok`, and `banner` (an error) across the top.
-    fn render(&mut self, status: &str, ok: bool, banner: Option<&str>) {
-        let canvas = &mut self.canvas;
-        let status_colour = if ok { TEXT_DIM } else { TEXT_WARN };
-        match &self.shown {
-            Shown::Result { image, info } => {
-                let info = OverlayInfo {
-                    source_state: status.to_string(),
-                    source_ok: ok,
-                    ..info.clone()
-                };
-                let Ok(()) = draw_overlay(canvas, image, &info);
-            }
-            Shown::Failed {
-                image,
-                frame_number,
-                reason,
-            } => {
-                draw_frame_only(canvas, image, self.threshold);
-                draw_plain_bar(
-                    canvas,
-                    &[
-                        ("NOT ANALYSED", TEXT_WARN),
-                        (&format!("#{frame_number}"), TEXT_DIM),
-                        (status, status_colour),
-                    ],
-                );
-                if banner.is_none() {
-                    draw_banner(canvas, reason);
-                }
-            }
-            Shown::Nothing => {
-                draw_frame_only(canvas, &RgbImage::new(0, 0), self.threshold);
-                draw_plain_bar(
-                    canvas,
-                    &[("no result yet", TEXT_DIM), (status, status_colour)],
-                );
-            }
-        }
-        if let Some(text) = banner {
-            draw_banner(canvas, text);
-        }
-    }
-}
-
-/// The frame (letterboxed, no marks) and an empty status bar.
-fn draw_frame_only(canvas: &mut Canvas, image: &RgbImage, threshold: f64) {
-    let info = OverlayInfo {
-        detections: Vec::new(),
-        threshold,
-        ma_count: 0,
-        refer: false,
-        latency_ms: f64::NAN,
-        frame_number: 0,
-        source_state: String::new(),
-        source_ok: true,
-        model_version: None,
-    };
-    let Ok(()) = draw_overlay(canvas, image, &info);
-}
-
-fn layout(canvas: &Canvas) -> Layout {
-    Layout::new(canvas.bounding_box(), (0, 0))
-}
-
-/// A status bar of plain fields, for screens without a result (the overlay's bar always
-/// shows an MA count and a referral, which would mislead here).
-fn draw_plain_bar(canvas: &mut Canvas, fields: &[(&str, Rgb888)]) {
-    let bar = layout(canvas).status_bar;
-    if bar.is_zero_sized() {
-        return;
-    }
-    let Ok(()) = canvas.fill_solid(&bar, BAR_BACKGROUND);
-    let rule = Rectangle::new(bar.top_left, Size::new(bar.size.width, 1));
-    let Ok(()) = canvas.fill_solid(&rule, BAR_RULE);
-    let font = font_for(bar.size.height);
-    let advance = (font.character_size.width + font.character_spacing) as i32;
-    let top =
-        bar.top_left.y + (bar.size.height.saturating_sub(font.character_size.height) / 2) as i32;
-    let right = bar.top_left.x + bar.size.width as i32 - TEXT_MARGIN;
-    let mut x = bar.top_left.x + TEXT_MARGIN;
-    let mut clipped = canvas.clipped(&bar);
-    for (text, colour) in fields.iter().filter(|(t, _)| !t.is_empty()) {
-        let room = ((right - x) / advance).max(0) as usize;
-        if room < 4 {
-            break;
-        }
-        let text = fit(text, room);
-        let style = MonoTextStyle::new(font, *colour);
-        let Ok(_) =
-            Text::with_baseline(&text, Point::new(x, top), style, Baseline::Top).draw(&mut clipped);
-        x += (text.chars().count() as i32 + 2) * advance;
-    }
-}
-
-/// Amber text on a dark band across the top of the image area, wrapped at word
-/// boundaries onto at most [`BANNER_LINES`] lines.
-fn draw_banner(canvas: &mut Canvas, text: &str) {
-    let area = layout(canvas).image_area;
-    if area.is_zero_sized() {
-        return;
-    }
-    let font = font_for(area.size.height);
-    let advance = (font.character_size.width + font.character_spacing) as i32;
-    let room = ((area.size.width as i32 - 2 * TEXT_MARGIN) / advance).max(0) as usize;
-    let lines = wrap(&one_line(text), room, BANNER_LINES);
-    let line_height = font.character_size.height + 2;
-    let height = (line_height * lines.len() as u32 + 6).min(area.size.height);
-    let band = Rectangle::new(area.top_left, Size::new(area.size.width, height));
-    let Ok(()) = canvas.fill_solid(&band, BANNER_BACKGROUND);
-    let style = MonoTextStyle::new(font, TEXT_WARN);
-    let mut clipped = canvas.clipped(&band);
-    for (i, line) in lines.iter().enumerate() {
-        let origin = band.top_left + Point::new(TEXT_MARGIN, 4 + (i as u32 * line_height) as i32);
-        let Ok(_) = Text::with_baseline(line, origin, style, Baseline::Top).draw(&mut clipped);
-    }
-}
-
-/// Lines of an error banner at most.
-const BANNER_LINES: usize = 3;
-
-/// `text` in lines of at most `room` characters, broken at spaces where possible (long
-/// words are cut), at most `max_lines`; the last one ends in "..." if text is left over.
-fn wrap(text: &str, room: usize, max_lines: usize) -> Vec<String> {
-    let room = room.max(1);
-    let mut lines: Vec<String> = Vec::new();
-    let mut rest = fit(text, usize::MAX);
-    while !rest.is_empty() && lines.len() < max_lines {
-        if rest.len() <= room {
-            lines.push(std::mem::take(&mut rest));
-            break;
-        }
-        // ASCII only after `fit`, so byte indices are character indices.
-        let cut = rest[..=room].rfind(' ').filter(|&i| i > 0).unwrap_or(room);
-        lines.push(rest[..cut].trim_end().to_string());
-        rest = rest[cut..].trim_start().to_string();
-    }
-    if !rest.is_empty()
-        && let Some(last) = lines.last_mut()
-    {
-        *last = fit(&format!("{last} {rest}"), room);
-    }
-    lines
-}
-
-fn font_for(height: u32) -> &'static MonoFont<'static> {
-    if height >= 24 { &FONT_9X15 } else { &FONT_6X10 }
-}
-
-/// `text` cut to `room` characters, ending in "..." when cut. ASCII only (the fonts are).
-fn fit(text: &str, room: usize) -> String {
-    let text: String = text
-        .chars()
-        .map(|c| {
-            if c.is_ascii() && !c.is_ascii_control() {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    if text.chars().count() <= room {
-        text
-    } else if room > 3 {
-        text.chars()
-            .take(room - 3)
-            .collect::<String>()
-            .trim_end()
-            .to_string()
-            + "..."
-    } else {
-        text.chars().take(room).collect()
-    }
 }
 
 #[cfg(test)]
@@ -893,14 +449,22 @@ mod tests {
     use std::cell::Cell;
     use std::rc::Rc;
 
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use anyhow::bail;
+    use ma_synthetic::SyntheticParams;
+
     use super::*;
     use crate::capture::clock::FakeClock;
     use crate::capture::recorded::RecordedCapture;
     use crate::capture::trigger::TriggerInput;
+    use crate::capture::{self, CameraConfig, CameraSource, FolderSource, SyntheticSource};
     use crate::capture::{PixelFormat, RawFrame};
     use crate::cascade::Timings;
-    use crate::detection::Detection;
+    use crate::display::PngSink;
     use crate::records::read_all;
+    use ma_core::detection::Detection;
 
     /// Two detections per frame (one above 0.5, one below); fails on frames whose top-left
     /// pixel is pure red; sets `stop` after `stop_after` frames when given.
@@ -962,16 +526,10 @@ mod tests {
             }
         }
 
-        fn station(
-            &self,
-            source: Box<dyn FrameSource>,
-            kind: SourceKind,
-            detector: FakeDetector,
-        ) -> Station {
+        fn station(&self, source: Box<dyn FrameSource>, detector: FakeDetector) -> Station {
             let (log, _) = RecordLog::open(&self.log_path).unwrap();
             Station {
                 source,
-                source_kind: kind,
                 detector: Box::new(detector),
                 panel: Box::new(PngSink::new(&self.png_dir, 320, 240).unwrap()),
                 display: DisplayTarget::PngFolder(self.png_dir.clone()),
@@ -1016,16 +574,10 @@ mod tests {
         Box::new(SyntheticSource::new(params, 7, count))
     }
 
-    fn other() -> SourceKind {
-        SourceKind::Other {
-            label: "synthetic".into(),
-        }
-    }
-
     #[test]
     fn synthetic_frames_are_recorded_then_shown() {
         let fx = Fixture::new();
-        let mut station = fx.station(small_synthetic(3), other(), FakeDetector::new());
+        let mut station = fx.station(small_synthetic(3), FakeDetector::new());
         let summary = station.run(&AtomicBool::new(false));
         assert_eq!(
             (summary.frames, summary.processed, summary.referred),
@@ -1052,7 +604,7 @@ mod tests {
                 n_lookalikes: 0,
                 ..SyntheticParams::default()
             };
-            let image = crate::synthetic::generate(&params, 7 + i as u64).image;
+            let image = ma_synthetic::generate(&params, 7 + i as u64).image;
             assert_eq!(r.image_sha256, pixel_hash(&image));
         }
         let text = summary.to_string();
@@ -1066,7 +618,7 @@ mod tests {
     fn stop_flag_finishes_the_current_frame_and_stops() {
         let fx = Fixture::new();
         // Set before the start: nothing is read.
-        let mut station = fx.station(small_synthetic(5), other(), FakeDetector::new());
+        let mut station = fx.station(small_synthetic(5), FakeDetector::new());
         let summary = station.run(&AtomicBool::new(true));
         assert!(summary.stopped);
         assert_eq!(summary.frames, 0);
@@ -1075,7 +627,7 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let mut detector = FakeDetector::new();
         detector.stop_after = Some((2, Arc::clone(&stop)));
-        let mut station = fx.station(small_synthetic(5), other(), detector);
+        let mut station = fx.station(small_synthetic(5), detector);
         let summary = station.run(&stop);
         assert!(summary.stopped);
         assert_eq!(
@@ -1103,11 +655,7 @@ mod tests {
             .save(dir.path().join("e.png"))
             .unwrap();
         let source = FolderSource::new(dir.path(), false).unwrap();
-        let kind = SourceKind::Folder {
-            root: dir.path().to_path_buf(),
-            files: source.files().to_vec(),
-        };
-        let mut station = fx.station(Box::new(source), kind, FakeDetector::new());
+        let mut station = fx.station(Box::new(source), FakeDetector::new());
         let summary = station.run(&AtomicBool::new(false));
         assert_eq!(summary.frames, 4);
         assert_eq!(summary.processed, 2);
@@ -1181,10 +729,7 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let mut detector = FakeDetector::new();
         detector.stop_after = Some((3, Arc::clone(&stop)));
-        let kind = SourceKind::Camera {
-            device: "/dev/video9".into(),
-        };
-        let mut station = fx.station(Box::new(source), kind, detector);
+        let mut station = fx.station(Box::new(source), detector);
         let summary = station.run(&stop);
         assert!(summary.stopped);
         assert_eq!(summary.frames, 3);
@@ -1215,77 +760,5 @@ mod tests {
         assert_eq!(fx.pngs() as u64, summary.screens);
         assert!(summary.screens >= 8, "{summary:?}");
         assert!(clock.elapsed() >= Duration::from_millis(500 + 1000 + 500));
-    }
-
-    #[test]
-    fn gpio_chip_and_config_errors_name_the_setting() {
-        assert_eq!(gpio_chip_number(Path::new("/dev/gpiochip3")).unwrap(), 3);
-        let e = format!(
-            "{:#}",
-            gpio_chip_number(Path::new("/dev/gpio")).unwrap_err()
-        );
-        assert!(e.contains("source.trigger.chip"), "{e}");
-
-        let dir = tempfile::tempdir().unwrap();
-        let models = dir.path().join("no-models-here");
-        let e = format!(
-            "{:#}",
-            load_cascade(&models, 1, &ModelTrust::Unsigned)
-                .err()
-                .unwrap()
-        );
-        assert!(
-            e.contains("no-models-here") && e.contains("manifest.toml"),
-            "{e}"
-        );
-
-        let config = |extra: &str| {
-            BoardConfig::parse(&format!(
-                "name = \"t\"\n[source]\nkind = \"synthetic\"\ncount = 1\n\
-                 [display]\nkind = \"png\"\noutput_dir = \"{}\"\nwidth = 64\nheight = 48\n\
-                 [inference]\nthreads = 1\nmodels = \"{}\"\noperating_point = \"1fp\"\n{extra}\
-                 [records]\nlog = \"{}\"\n",
-                dir.path().join("png").display(),
-                models.display(),
-                dir.path().join("r.log").display()
-            ))
-            .unwrap()
-        };
-        let e = format!(
-            "{:#}",
-            Station::from_board(&config(""), true).err().unwrap()
-        );
-        assert!(e.contains("no-models-here"), "{e}");
-        // Nothing was written before the models were found missing.
-        assert!(!dir.path().join("r.log").exists() && !dir.path().join("png").exists());
-        // No key and no --allow-unsigned; a key file that is missing.
-        for extra in ["", "public_key = \"missing.pub\"\n"] {
-            let e = format!(
-                "{:#}",
-                Station::from_board(&config(extra), false).err().unwrap()
-            );
-            assert!(e.contains("inference.public_key"), "{e}");
-            assert!(extra.is_empty() || e.contains("missing.pub"), "{e}");
-            assert!(!extra.is_empty() || e.contains("--allow-unsigned"), "{e}");
-        }
-    }
-
-    #[test]
-    fn wrap_breaks_at_spaces_and_marks_the_cut() {
-        assert_eq!(wrap("camera lost", 20, 3), ["camera lost"]);
-        assert_eq!(
-            wrap("skipping image: photos/b.png: not an image", 16, 3),
-            ["skipping image:", "photos/b.png:", "not an image"]
-        );
-        assert_eq!(wrap("aaaaaaaaaa bb", 4, 3), ["aaaa", "aaaa", "a..."]);
-        assert_eq!(wrap("one two three four", 9, 2), ["one two", "three..."]);
-        assert!(wrap("", 10, 3).is_empty());
-    }
-
-    #[test]
-    fn fit_cuts_and_keeps_ascii() {
-        assert_eq!(fit("camera ok", 20), "camera ok");
-        assert_eq!(fit("camera lost: no such device", 10), "camera...");
-        assert_eq!(fit("µ", 5), "?");
     }
 }

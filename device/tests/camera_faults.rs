@@ -17,8 +17,8 @@ use anyhow::{Context, Result};
 use ma_device::capture::camera::{CameraConfig, CameraSource, RawCapture};
 use ma_device::capture::trigger::TriggerInput;
 use ma_device::capture::{
-    FakeClock, FrameEvent, FrameSource, PixelFormat, RawFrame, RecordedCapture, SourceState,
-    Trigger, V4l2Capture, V4l2Config,
+    FakeClock, FrameEvent, FrameSource, PixelFormat, RawFrame, RecordedCapture, SourceError,
+    SourceState, Trigger, V4l2Capture, V4l2Config,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -90,7 +90,8 @@ fn missing_or_foreign_device_node_is_retried_with_backoff() {
     let mut delays = Vec::new();
     // No node at all.
     for _ in 0..6 {
-        let Some(FrameEvent::Error(message)) = next_event(&mut cam, &clock, 50) else {
+        let Some(FrameEvent::Error(SourceError { message, .. })) = next_event(&mut cam, &clock, 50)
+        else {
             panic!("expected an error");
         };
         assert!(
@@ -109,7 +110,8 @@ fn missing_or_foreign_device_node_is_retried_with_backoff() {
     // The node comes back as something that is not a camera: a regular file, then
     // /dev/null. Still an error naming it, still retried at the capped back-off.
     std::fs::write(&node, b"not a camera").unwrap();
-    let Some(FrameEvent::Error(message)) = next_event(&mut cam, &clock, 50) else {
+    let Some(FrameEvent::Error(SourceError { message, .. })) = next_event(&mut cam, &clock, 50)
+    else {
         panic!("expected an error");
     };
     println!("regular file as the camera: {message}");
@@ -117,7 +119,8 @@ fn missing_or_foreign_device_node_is_retried_with_backoff() {
     assert_eq!(retry_in(&cam.state()), Duration::from_secs(8));
     std::fs::remove_file(&node).unwrap();
     std::os::unix::fs::symlink("/dev/null", &node).unwrap();
-    let Some(FrameEvent::Error(message)) = next_event(&mut cam, &clock, 50) else {
+    let Some(FrameEvent::Error(SourceError { message, .. })) = next_event(&mut cam, &clock, 50)
+    else {
         panic!("expected an error");
     };
     println!("/dev/null as the camera: {message}");
@@ -192,7 +195,9 @@ fn unplugged_camera_comes_back_within_the_longest_backoff() {
         // Pulled: the next read fails, reopening fails (no device node) until it is back.
         plugged.store(false, Ordering::SeqCst);
         let unplugged_at = clock.elapsed();
-        let Some(FrameEvent::Error(first)) = next_event(&mut cam, &clock, 50) else {
+        let Some(FrameEvent::Error(SourceError { message: first, .. })) =
+            next_event(&mut cam, &clock, 50)
+        else {
             panic!("cycle {cycle}: no error after unplugging");
         };
         assert!(first.contains("cannot read a frame"), "{first}");
@@ -201,7 +206,7 @@ fn unplugged_camera_comes_back_within_the_longest_backoff() {
         let mut failed_opens = 0;
         while clock.elapsed() - unplugged_at < Duration::from_secs(outage_s) {
             match next_event(&mut cam, &clock, 50) {
-                Some(FrameEvent::Error(m)) => {
+                Some(FrameEvent::Error(SourceError { message: m, .. })) => {
                     assert!(m.contains("No such file or directory"), "{m}");
                     failed_opens += 1;
                 }
@@ -278,11 +283,13 @@ fn random_fault_schedules_always_recover() {
                     assert_eq!(cam.state(), SourceState::CameraOk);
                 }
                 // The camera is open and delivering: only this frame is lost.
-                Some(FrameEvent::Error(m)) if m.contains("bad frame skipped") => {
+                Some(FrameEvent::Error(SourceError { message: m, .. }))
+                    if m.contains("bad frame skipped") =>
+                {
                     assert_eq!(cam.state(), SourceState::CameraOk, "{m}");
                     errors_seen += 1;
                 }
-                Some(FrameEvent::Error(m)) => {
+                Some(FrameEvent::Error(SourceError { message: m, .. })) => {
                     assert!(
                         m.contains("cannot open") || m.contains("cannot read"),
                         "{m}"

@@ -17,9 +17,9 @@ use ma_device::capture::recorded::Call;
 use ma_device::capture::trigger::TriggerInput;
 use ma_device::capture::{
     FakeClock, FolderSource, Frame, FrameEvent, FrameSource, PixelFormat, RawFrame,
-    RecordedCapture, SourceState, SyntheticSource, Trigger, decode_raw,
+    RecordedCapture, SourceError, SourceState, SyntheticSource, Trigger, decode_raw,
 };
-use ma_device::synthetic::{SyntheticParams, generate};
+use ma_synthetic::{SyntheticParams, generate};
 
 const W: u32 = 64;
 const H: u32 = 48;
@@ -305,7 +305,8 @@ fn camera_recovers_from_unplugging_with_growing_backoff() {
                 assert_eq!(cam.state(), SourceState::CameraOk);
                 frames.push(f);
             }
-            FrameEvent::Error(message) => {
+            FrameEvent::Error(SourceError { origin, message }) => {
+                assert_eq!(origin, "camera:/dev/video9");
                 let state = cam.state();
                 let text = state.to_string();
                 assert!(text.starts_with("camera lost: No such device"), "{text}");
@@ -329,7 +330,7 @@ fn camera_recovers_from_unplugging_with_growing_backoff() {
         [0, 1, 2, 3, 4]
     );
     for f in &frames {
-        assert_eq!(f.source, "/dev/video9");
+        assert_eq!(f.source, "camera:/dev/video9");
         assert!(diff(&f.image, &pattern()).1 < 4.0);
     }
     // Each retry waited out its back-off: 15.5 s in all, and no extra attempts.
@@ -386,7 +387,7 @@ fn a_corrupt_frame_is_skipped_without_reconnecting() {
     let mut cam = camera(capture, continuous(), &clock);
     assert_eq!(kind(&cam.next_frame()), Ev::Frame(0));
     match cam.next_frame() {
-        FrameEvent::Error(m) => assert!(
+        FrameEvent::Error(SourceError { message: m, .. }) => assert!(
             m.contains("bad frame skipped") && m.contains("100 bytes"),
             "{m}"
         ),
@@ -459,7 +460,9 @@ fn a_broken_trigger_is_reported_and_retried() {
         &clock,
     );
     match cam.next_frame() {
-        FrameEvent::Error(m) => assert!(m.contains("gpiochip0"), "{m}"),
+        FrameEvent::Error(SourceError { message: m, .. }) => {
+            assert!(m.contains("gpiochip0"), "{m}")
+        }
         other => panic!("{other:?}"),
     }
     let state = cam.state();
@@ -483,7 +486,8 @@ fn folder_events(source: &mut FolderSource, n: usize) -> Vec<(Ev, String)> {
             let e = source.next_frame();
             let what = match &e {
                 FrameEvent::Frame(f) => format!("{} {}", f.source, f.image.get_pixel(0, 0)[0]),
-                FrameEvent::Error(m) => m.clone(),
+                // The origin names the file that failed, as the record will.
+                FrameEvent::Error(e) => format!("{} | {}", e.origin, e.message),
                 _ => String::new(),
             };
             (kind(&e), what)
@@ -512,13 +516,27 @@ fn folder_replays_in_order_and_reports_bad_files() {
     assert_eq!(events[0], (Ev::Frame(0), "a.png 10".into()));
     assert_eq!(events[1], (Ev::Frame(1), "b/c.png 20".into()));
     assert_eq!(events[2].0, Ev::Error);
-    assert!(events[2].1.contains("m.jpg"), "{}", events[2].1);
+    assert!(events[2].1.starts_with("m.jpg | "), "{}", events[2].1);
+    assert!(events[2].1.contains("skipping image"), "{}", events[2].1);
     assert_eq!(src.state().to_string(), "replaying 3/4");
     let events = folder_events(&mut src, 3);
     assert_eq!(events[0], (Ev::Frame(2), "z.png 30".into()));
     assert_eq!(events[1].0, Ev::Exhausted);
     assert_eq!(events[2].0, Ev::Exhausted);
     assert_eq!(src.state(), SourceState::Finished { delivered: 3 });
+}
+
+#[test]
+fn folder_frames_carry_the_hash_of_their_file() {
+    use sha2::{Digest, Sha256};
+    let dir = test_folder();
+    let mut src = FolderSource::new(dir.path(), false).unwrap();
+    let FrameEvent::Frame(frame) = src.next_frame() else {
+        panic!("a.png is a frame");
+    };
+    let bytes = std::fs::read(dir.path().join("a.png")).unwrap();
+    let want: [u8; 32] = Sha256::digest(&bytes).into();
+    assert_eq!(frame.file_sha256, Some(want));
 }
 
 #[test]

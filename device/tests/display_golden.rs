@@ -21,7 +21,7 @@
 use std::path::PathBuf;
 
 use image::{Rgb, RgbImage};
-use ma_device::detection::Detection;
+use ma_core::detection::Detection;
 use ma_device::display::{Canvas, OverlayInfo, draw_overlay};
 
 const PANELS: [(u32, u32); 2] = [(800, 480), (320, 240)];

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use ma_device::fov;
-use ma_device::image_io::{find_images, read_image};
-use ma_device::mask::Mask;
-use ma_device::preprocess::{CANONICAL_FOV_DIAMETER, FovSource, PreprocessConfig, preprocess};
+use ma_core::fov;
+use ma_core::image_io::{find_images, read_image};
+use ma_core::mask::Mask;
+use ma_core::preprocess::{CANONICAL_FOV_DIAMETER, FovSource, PreprocessConfig, preprocess};
 
 fn datasets() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets");
@@ -119,6 +119,6 @@ fn supplied_mask_and_estimate_agree_on_diaretdb1() {
     assert_eq!(with_mask.planes.width, 1500);
     assert_eq!(with_mask.scale, estimated.scale);
     // Same image, nearly the same FOV: the normalised values agree almost everywhere.
-    let g = |p: &ma_device::preprocess::Preprocessed| p.planes.get(1, 750, 576);
+    let g = |p: &ma_core::preprocess::Preprocessed| p.planes.get(1, 750, 576);
     assert!((g(&with_mask) - g(&estimated)).abs() < 0.1);
 }

@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
+use ma_core::manifest::{Manifest, Variant};
+use ma_core::signing::{ModelTrust, PublicKey};
 use ma_device::cascade::Cascade;
-use ma_device::manifest::{Manifest, Variant};
-use ma_device::signing::{ModelTrust, PublicKey};
-use ma_device::synthetic::{SyntheticParams, generate};
+use ma_synthetic::{SyntheticParams, generate};
 
 fn shipped() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");

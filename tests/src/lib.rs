@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use ma_device::manifest::{Training, Variant};
-use ma_device::signing::{self, KeyPair};
+use ma_core::manifest::{Training, Variant};
+use ma_core::signing::{self, KeyPair};
 use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::nets::{Net, Stage};
 use ma_trainer::training_data::DeviceSettings;

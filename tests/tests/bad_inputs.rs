@@ -18,9 +18,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, RgbImage, Rgba};
-use ma_device::detection::{DetectLine, read_jsonl};
-use ma_device::image_io::{MAX_SIDE, MIN_SIDE};
-use ma_device::synthetic::{SyntheticParams, generate};
+use ma_core::detection::{DetectLine, read_jsonl};
+use ma_core::image_io::{MAX_SIDE, MIN_SIDE};
+use ma_synthetic::{SyntheticParams, generate};
 
 /// Peak resident memory allowed for a run whose only input claims a huge size: the models
 /// and the binary, nothing in proportion to the claimed size.
@@ -572,7 +572,7 @@ fn check_line(case_name: &str, expect: Expect, line: &DetectLine) {
 }
 
 /// A detection lies on the photo's pixels (the centre of pixel 0 is 0).
-fn on_photo(det: &ma_device::detection::Detection, width: u32, height: u32) -> bool {
+fn on_photo(det: &ma_core::detection::Detection, width: u32, height: u32) -> bool {
     (-0.5..=width as f64 - 0.5).contains(&det.x) && (-0.5..=height as f64 - 0.5).contains(&det.y)
 }
 

@@ -6,11 +6,11 @@
 //! The training budget here (a few hundred steps) is far too small for an accurate
 //! detector; accuracy is measured by `ma-trainer cv` on real data, not here.
 
+use ma_core::manifest::{Training, Variant};
+use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_core::signing::ModelTrust;
 use ma_device::cascade::Cascade;
-use ma_device::manifest::{Training, Variant};
-use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
-use ma_device::signing::ModelTrust;
-use ma_device::synthetic::{SyntheticFundus, SyntheticParams, generate};
+use ma_synthetic::{SyntheticFundus, SyntheticParams, generate};
 use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::ground_truth::GroundTruth;
 use ma_trainer::pipeline::{PipelineConfig, reported, run_cascade, train_cascade};
@@ -78,7 +78,7 @@ fn trained_exported_and_detected_on_synthetic_images() {
         },
     )
     .unwrap();
-    let manifest = ma_device::manifest::Manifest::load(&models).unwrap();
+    let manifest = ma_core::manifest::Manifest::load(&models).unwrap();
     assert_eq!(manifest.preprocess, cfg);
     assert_eq!(manifest.stage1, pipeline.candidates);
 

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use image::RgbImage;
+use ma_core::manifest::Manifest;
+use ma_core::signing::ModelTrust;
 use ma_device::board::{BoardConfig, OperatingPoint};
 use ma_device::capture::camera::{CameraConfig, CameraSource};
 use ma_device::capture::trigger::TriggerInput;
@@ -28,13 +30,9 @@ use ma_device::capture::{
 };
 use ma_device::cascade::{Cascade, ImageResult};
 use ma_device::display::PngSink;
-use ma_device::manifest::Manifest;
 use ma_device::records::{self, ImageHash, Record, RecordLog};
-use ma_device::run_loop::{
-    Detector, DisplayTarget, SourceKind, Station, pixel_hash, stop_on_signals,
-};
-use ma_device::signing::ModelTrust;
-use ma_device::synthetic::{SyntheticParams, generate};
+use ma_device::run_loop::{Detector, DisplayTarget, Station, pixel_hash, stop_on_signals};
+use ma_synthetic::{SyntheticParams, generate};
 
 /// Operating-point thresholds of the test model set: 1, 2 and 4 FP/image.
 const THRESHOLDS: [f64; 3] = [0.6, 0.5, 0.4];
@@ -247,7 +245,7 @@ fn folder_board_records_every_frame_and_error_before_showing_it() {
         assert_eq!(r.image_sha256, ImageHash::of(&bytes));
         assert_eq!((r.width, r.height), (320, 288));
         let direct = cascade
-            .detect(&ma_device::image_io::read_image(&photos.join(file)).unwrap())
+            .detect(&ma_core::image_io::read_image(&photos.join(file)).unwrap())
             .unwrap();
         assert_eq!(r.detections.len(), direct.detections.len());
         for (a, b) in r.detections.iter().zip(&direct.detections) {
@@ -325,9 +323,6 @@ fn small_station(dir: &Path, count: u64, detector: Box<dyn Detector>) -> Station
     let (log, _) = RecordLog::open(dir.join("records.log")).unwrap();
     Station {
         source: Box::new(SyntheticSource::new(small_params(), 1, count)),
-        source_kind: SourceKind::Other {
-            label: "synthetic".into(),
-        },
         detector,
         panel: Box::new(PngSink::new(dir.join("screens"), 320, 240).unwrap()),
         display: DisplayTarget::PngFolder(dir.join("screens")),
@@ -417,9 +412,6 @@ fn camera_unplugged_and_bad_frames_are_logged_shown_and_retried() {
     };
     let mut station = small_station(dir.path(), 0, Box::new(detector));
     station.source = Box::new(source);
-    station.source_kind = SourceKind::Camera {
-        device: "/dev/video7".into(),
-    };
     let summary = station.run(&stop);
     assert!(summary.stopped);
     assert_eq!((summary.frames, summary.processed), (2, 2), "{summary:?}");
@@ -571,7 +563,7 @@ fn only_bundles_signed_by_the_boards_key_are_loaded() {
     );
 
     // The right bundle, but the board trusts another key.
-    let other = ma_device::signing::KeyPair::generate().unwrap();
+    let other = ma_core::signing::KeyPair::generate().unwrap();
     let (_, other_pub) = other.write(&dir.path().join("other")).unwrap();
     let text = board_toml(dir.path(), synthetic, "1fp", models()).replace(
         &models_key().display().to_string(),
@@ -1089,7 +1081,7 @@ fn binary_commands_survive_closed_stdout_and_stderr() {
         ],
     );
     assert_eq!(code, Some(0), "detect");
-    let lines = ma_device::detection::read_jsonl(&work.join("d.jsonl")).unwrap();
+    let lines = ma_core::detection::read_jsonl(&work.join("d.jsonl")).unwrap();
     assert_eq!(lines.len(), 1);
 }
 
@@ -1275,7 +1267,7 @@ fn readme_main_command_replays_the_demo_photos_with_the_shipped_models() {
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(!run.stderr.contains("UNSIGNED"), "{}", run.stderr);
 
-    let manifest = ma_device::manifest::Manifest::load(repo.join("models")).unwrap();
+    let manifest = ma_core::manifest::Manifest::load(repo.join("models")).unwrap();
     let records = read_log(&work.join("out/records.log"));
     let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
     assert_eq!(

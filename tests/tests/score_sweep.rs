@@ -3,9 +3,9 @@
 //! (`cv::evaluate_fold`, the code `fold-eval` runs), folds without weights are left out,
 //! and bad input is an error that says what is wrong.
 
-use ma_device::cascade::Scoring;
-use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
-use ma_device::synthetic::{SyntheticParams, generate};
+use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_core::scoring::Scoring;
+use ma_synthetic::{SyntheticParams, generate};
 use ma_trainer::cv::{ScoreSource, evaluate_fold, sweep_stage1_weight};
 use ma_trainer::ground_truth::GroundTruth;
 use ma_trainer::nets::{Net, Stage};

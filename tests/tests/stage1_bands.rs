@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
+use ma_core::manifest::{Manifest, Variant};
+use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_core::signing::ModelTrust;
 use ma_device::cascade::onnx::{Stage1Model, band};
-use ma_device::manifest::{Manifest, Variant};
-use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
-use ma_device::signing::ModelTrust;
-use ma_device::synthetic::{SyntheticParams, generate};
+use ma_synthetic::{SyntheticParams, generate};
 
 #[test]
 fn banded_stage1_map_equals_the_whole_image_map() {

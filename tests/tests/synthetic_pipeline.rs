@@ -1,9 +1,9 @@
 //! Device and trainer together: synthetic fundus images with known MAs go through the
 //! device's preprocessing and the trainer's FROC scorer.
 
-use ma_device::detection::Detection;
-use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
-use ma_device::synthetic::{SyntheticFundus, SyntheticParams, generate};
+use ma_core::detection::Detection;
+use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_synthetic::{SyntheticFundus, SyntheticParams, generate};
 use ma_trainer::froc::{FrocReport, ImageOutcome};
 use ma_trainer::ground_truth::GroundTruth;
 

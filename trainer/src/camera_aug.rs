@@ -12,7 +12,7 @@
 use anyhow::{Context, Result};
 use image::RgbImage;
 use image::imageops::FilterType;
-use ma_device::preprocess::PreprocessConfig;
+use ma_core::preprocess::PreprocessConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

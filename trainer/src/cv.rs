@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use ma_device::cascade::candidates::Candidate;
-use ma_device::cascade::{MIN_REPORTED_SCORE, Scoring};
-use ma_device::detection::{DetectLine, ImageDetections, read_jsonl};
+use ma_core::candidates::Candidate;
+use ma_core::detection::{DetectLine, ImageDetections, read_jsonl};
+use ma_core::scoring::{MIN_REPORTED_SCORE, Scoring};
 
 use crate::eval::match_lines;
 use crate::froc::{FrocReport, ImageOutcome};
@@ -444,7 +444,7 @@ fn froc_of(outcomes: &[(usize, ImageOutcome)], keep: impl Fn(usize) -> bool) -> 
 pub enum ScoreSource {
     Stage1,
     Stage2,
-    /// Both, as shipped ([`ma_device::cascade::Scoring`]).
+    /// Both, as shipped ([`ma_core::scoring::Scoring`]).
     Both,
 }
 
@@ -632,8 +632,8 @@ pub fn sweep_stage1_weight(
 mod tests {
     use super::*;
     use crate::ground_truth::GroundTruth;
-    use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
-    use ma_device::synthetic::{SyntheticParams, generate};
+    use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
+    use ma_synthetic::{SyntheticParams, generate};
 
     /// Small synthetic images labelled with a dataset name; `copy_of` marks copies.
     fn images(spec: &[(&str, Option<usize>)]) -> Vec<PreparedImage> {

@@ -11,7 +11,7 @@
 //! looks there); non-MA everywhere else. A cell (2x2 pixels) is MA if any of its pixels is,
 //! else ignored if any is, else non-MA.
 
-use ma_device::geometry::{CHANNELS, extract_window};
+use ma_core::geometry::{CHANNELS, extract_window};
 use rand::Rng;
 use tch::{Kind, Reduction, Tensor};
 
@@ -247,8 +247,8 @@ pub fn balanced_cell_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
 mod tests {
     use super::*;
     use crate::ground_truth::GroundTruth;
-    use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
-    use ma_device::synthetic::{SyntheticParams, generate};
+    use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
+    use ma_synthetic::{SyntheticParams, generate};
     use rand::SeedableRng;
 
     fn synthetic_image() -> PreparedImage {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use ma_device::detection::{DetectLine, ImageDetections, read_jsonl};
+use ma_core::detection::{DetectLine, ImageDetections, read_jsonl};
 
 use crate::datasets::{Dataset, DatasetKind, LoadOptions, Split};
 use crate::froc::{FP_RATES, FrocReport, ImageOutcome};
@@ -388,7 +388,7 @@ pub fn run(opts: &EvalOptions, plot: Option<&Path>, per_image: bool) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ma_device::detection::{Detection, ImageFailure};
+    use ma_core::detection::{Detection, ImageFailure};
 
     fn ok(image: &str) -> DetectLine {
         DetectLine::Ok(ImageDetections {

@@ -28,7 +28,7 @@ use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
 
-use ma_device::manifest::{
+use ma_core::manifest::{
     Manifest, ModelEntry, ModelGeometry, OUTPUT_NAME, OperatingPoints, Training, Variant,
 };
 
@@ -685,7 +685,7 @@ pub fn export_model_set(
     manifest.write(out)?;
     // A signature of the previous manifest would now be invalid: remove it, so the
     // bundle is plainly unsigned until `signing::sign_manifest` signs the new one.
-    let stale = out.join(ma_device::signing::SIGNATURE_FILE);
+    let stale = out.join(ma_core::signing::SIGNATURE_FILE);
     if stale.exists() {
         std::fs::remove_file(&stale)
             .with_context(|| format!("removing the stale signature {}", stale.display()))?;

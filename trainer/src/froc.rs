@@ -34,7 +34,7 @@
 //!   class.
 
 use anyhow::{Result, bail};
-use ma_device::detection::Detection;
+use ma_core::detection::Detection;
 
 use crate::ground_truth::GroundTruth;
 
@@ -442,7 +442,7 @@ fn image_auc(outcomes: &[ImageOutcome]) -> Option<f64> {
 mod tests {
     use super::*;
     use crate::ground_truth::Lesion;
-    use ma_device::mask::Mask;
+    use ma_core::mask::Mask;
 
     const W: u32 = 100;
     const H: u32 = 80;

@@ -1,7 +1,7 @@
 //! Lesion-level ground truth, in original image pixel coordinates, shared by all
 //! dataset readers and by the FROC scorer.
 
-use ma_device::mask::Mask;
+use ma_core::mask::Mask;
 
 /// One annotated microaneurysm: the pixels it covers.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,12 +66,12 @@ pub struct GroundTruth {
 
 impl GroundTruth {
     /// The same truth for the image resampled to `size` (pixel edges scale, as in
-    /// [`ma_device::geometry::ScaleMap`]); a lesion keeps at least one pixel.
+    /// [`ma_core::geometry::ScaleMap`]); a lesion keeps at least one pixel.
     pub fn resized(&self, size: (u32, u32)) -> Self {
         if size == (self.width, self.height) {
             return self.clone();
         }
-        let map = ma_device::geometry::ScaleMap::between((self.width, self.height), size);
+        let map = ma_core::geometry::ScaleMap::between((self.width, self.height), size);
         let to = |x: u32, y: u32| {
             let (nx, ny) = map.to_canonical(x as f64, y as f64);
             (
@@ -107,7 +107,7 @@ impl GroundTruth {
 
     /// The MAs a synthetic frame was drawn with, as disk lesions (look-alikes are not
     /// lesions: detections on them are false positives).
-    pub fn from_synthetic(frame: &ma_device::synthetic::SyntheticFundus) -> Self {
+    pub fn from_synthetic(frame: &ma_synthetic::SyntheticFundus) -> Self {
         let (width, height) = frame.image.dimensions();
         Self {
             width,

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ma_device::preprocess::PreprocessConfig;
+use ma_core::preprocess::PreprocessConfig;
 
-use ma_device::manifest::{Training, Variant};
-use ma_device::signing::{self, KeyPair, SecretKey};
+use ma_core::manifest::{Training, Variant};
+use ma_core::signing::{self, KeyPair, SecretKey};
 use ma_trainer::camera_aug::CameraAugment;
 use ma_trainer::cv::{
     CvSummary, ScoreSource, WeightSweep, cross_validate, evaluate_fold, fold_assignment, summarise,
@@ -443,7 +443,7 @@ impl DataArgs {
     fn preprocess(&self) -> Result<PreprocessConfig> {
         match &self.preprocess_from {
             None => Ok(PreprocessConfig::default()),
-            Some(dir) => Ok(ma_device::manifest::Manifest::load(dir)
+            Some(dir) => Ok(ma_core::manifest::Manifest::load(dir)
                 .with_context(|| format!("--preprocess-from {}", dir.display()))?
                 .preprocess),
         }
@@ -756,7 +756,7 @@ fn export(
     }
     println!(
         "wrote {} (CV CPM {:.3} over folds {:?})",
-        out.join(ma_device::manifest::FILE_NAME).display(),
+        out.join(ma_core::manifest::FILE_NAME).display(),
         summary.mean_cpm,
         summary.folds_run
     );
@@ -776,7 +776,7 @@ fn export(
 
 fn sign(models: &Path, key: &Path) -> Result<()> {
     let secret = SecretKey::read(key).context("sign --key")?;
-    let manifest = ma_device::manifest::Manifest::load(models)?;
+    let manifest = ma_core::manifest::Manifest::load(models)?;
     for entry in &manifest.models {
         manifest.verify_file(entry)?;
     }

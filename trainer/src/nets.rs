@@ -7,7 +7,7 @@
 //! *logit margin* `MA - non-MA`: it ranks candidates without the float32 saturation of a
 //! softmax (thousands of stage-1 cells reach a probability of exactly 1.0, which would
 //! tie and lose their order), and stage 1's and stage 2's margins add up into the final
-//! score (`ma_device::cascade::Scoring`).
+//! score (`ma_core::scoring::Scoring`).
 
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
@@ -166,7 +166,7 @@ impl Stage {
     pub const CANDIDATES_INPUT_MULTIPLE: usize = 4;
 
     /// Side of the stage-2 patches: the device's patch geometry, so the two cannot differ.
-    pub const VERDICT_PATCH: usize = ma_device::geometry::PatchGeometry::VERDICT.size;
+    pub const VERDICT_PATCH: usize = ma_core::geometry::PatchGeometry::VERDICT.size;
 
     /// Receptive field of one output value, in input pixels (square). For stage 1 it
     /// says how far the image around a pixel matters, and so how much overlap the

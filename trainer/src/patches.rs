@@ -5,7 +5,7 @@
 //! lies within `jitter` px of my centre"; negatives are centred on FOV pixels at least
 //! [`crate::prepare::NEGATIVE_EXCLUSION`] px from any lesion or uncertain pixel.
 
-use ma_device::geometry::{CHANNELS, PatchGeometry};
+use ma_core::geometry::{CHANNELS, PatchGeometry};
 use rand::Rng;
 use tch::{Kind, Tensor};
 

@@ -1,7 +1,7 @@
 //! The two-stage training and its evaluation, with libtorch doing the arithmetic.
 //!
 //! Stage 1 learns, from crops whose every stride-2 cell is labelled ([`crate::dense`]),
-//! a map of "an MA lies here"; the map's local maxima ([`ma_device::cascade::candidates`],
+//! a map of "an MA lies here"; the map's local maxima ([`ma_core::candidates`],
 //! the device's own code) are the candidates. Its false alarms on the training images
 //! become the hard negatives of stage 2, which judges each candidate from a 41x41 patch.
 //! The final score adds both nets' logit margins ([`Scoring`]).
@@ -10,10 +10,10 @@ use std::path::Path;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use ma_device::cascade::Scoring;
-use ma_device::cascade::candidates::{Candidate, CandidateConfig, ProbMap, find_candidates};
-use ma_device::detection::Detection;
-use ma_device::geometry::{CHANNELS, PatchGeometry, Planes};
+use ma_core::candidates::{Candidate, CandidateConfig, ProbMap, find_candidates};
+use ma_core::detection::Detection;
+use ma_core::geometry::{CHANNELS, PatchGeometry, Planes};
+use ma_core::scoring::Scoring;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor, nn};
@@ -283,7 +283,7 @@ pub fn mine_candidates(
     for &i in subset {
         let img = &images[i];
         let cands = image_candidates(net1, img, cfg);
-        let dets = to_detections(img, &cands, |c| c.stage1 as f64);
+        let dets = to_detections(img, &cands, |_, c| c.stage1 as f64);
         let outcome = ImageOutcome::score(&img.name, &img.truth, &dets)?;
         for (c, (_, verdict)) in cands.iter().zip(&outcome.detections) {
             let sample = |label| Sample {
@@ -390,20 +390,12 @@ pub struct CascadeOutput {
 }
 
 impl CascadeOutput {
-    /// Detections in original coordinates, candidate order, scored by `scoring`.
+    /// Detections in original coordinates, candidate order, scored by `scoring` (those
+    /// off the photo dropped, as on the device).
     pub fn detections(&self, image: &PreparedImage, scoring: &Scoring) -> Vec<Detection> {
-        self.candidates
-            .iter()
-            .zip(&self.stage2)
-            .map(|(c, &m2)| {
-                let (x, y) = image.pre.scale.to_original(c.x as f64, c.y as f64);
-                Detection {
-                    x,
-                    y,
-                    score: scoring.score(c.stage1, m2),
-                }
-            })
-            .collect()
+        to_detections(image, &self.candidates, |i, c| {
+            scoring.score(c.stage1, self.stage2[i])
+        })
     }
 }
 
@@ -419,29 +411,19 @@ pub fn run_cascade(
     CascadeOutput { candidates, stage2 }
 }
 
-/// `candidates` in original coordinates, scored by `score`.
+/// `candidates` on `image`'s photo, scored by `score` (the device's mapping).
 fn to_detections(
     image: &PreparedImage,
     candidates: &[Candidate],
-    score: impl Fn(&Candidate) -> f64,
+    score: impl Fn(usize, &Candidate) -> f64,
 ) -> Vec<Detection> {
-    candidates
-        .iter()
-        .map(|c| {
-            let (x, y) = image.pre.scale.to_original(c.x as f64, c.y as f64);
-            Detection {
-                x,
-                y,
-                score: score(c),
-            }
-        })
-        .collect()
+    ma_core::scoring::to_detections(candidates, &image.pre.scale, image.pre.original_size, score)
 }
 
 /// What `detect` reports of an image's detections: those scoring at least
-/// [`ma_device::cascade::MIN_REPORTED_SCORE`], best first (as the device cascade does).
+/// [`ma_core::scoring::MIN_REPORTED_SCORE`], best first (as the device cascade does).
 pub fn reported(detections: &[Detection]) -> Vec<Detection> {
-    ma_device::cascade::reported(detections.to_vec())
+    ma_core::scoring::reported(detections.to_vec())
 }
 
 /// Lesion recall of the top-K stage-1 candidates, for each K in `ks`, over `subset`.
@@ -459,7 +441,7 @@ pub fn candidate_recall(
         let mut found = 0;
         for (i, cands) in candidates {
             let img = &images[*i];
-            let dets = to_detections(img, &cands[..cands.len().min(k)], |_| 1.0);
+            let dets = to_detections(img, &cands[..cands.len().min(k)], |_, _| 1.0);
             found += ImageOutcome::score(&img.name, &img.truth, &dets)?.found_at(1.0);
         }
         out.push((

@@ -238,7 +238,7 @@ mod tests {
     use super::*;
     use crate::froc::ImageOutcome;
     use crate::ground_truth::{GroundTruth, Lesion};
-    use ma_device::detection::Detection;
+    use ma_core::detection::Detection;
 
     fn sample_report() -> FrocReport {
         let truth = GroundTruth {

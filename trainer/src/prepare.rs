@@ -3,9 +3,9 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use ma_device::image_io::read_image;
-use ma_device::mask::Mask;
-use ma_device::preprocess::{FovSource, PreprocessConfig, Preprocessed, preprocess};
+use ma_core::image_io::read_image;
+use ma_core::mask::Mask;
+use ma_core::preprocess::{FovSource, PreprocessConfig, Preprocessed, preprocess};
 
 use crate::camera_aug::CameraAugment;
 use crate::datasets::DatasetImage;

@@ -6,9 +6,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use ma_device::cascade::Scoring;
-use ma_device::cascade::candidates::CandidateConfig;
-use ma_device::preprocess::PreprocessConfig;
+use ma_core::candidates::CandidateConfig;
+use ma_core::preprocess::PreprocessConfig;
+use ma_core::scoring::Scoring;
 
 use crate::pipeline::PipelineConfig;
 use crate::prepare::PreparedImage;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use ma_device::detection::{DetectLine, Detection, ImageDetections};
+use ma_core::detection::{DetectLine, Detection, ImageDetections};
 use ma_trainer::datasets::{Dataset, DatasetKind, LoadOptions, Split};
 
 fn diaretdb1_root() -> PathBuf {

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use ma_device::manifest::{Manifest, Training, Variant};
-use ma_device::signing::ModelTrust;
+use ma_core::manifest::{Manifest, Training, Variant};
+use ma_core::signing::ModelTrust;
 use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::nets::{Net, Stage};
 use ma_trainer::training_data::DeviceSettings;

@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ma_device::image_io::{MAX_SIDE, MIN_SIDE, decode_image, one_line};
-use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_core::image_io::{MAX_SIDE, MIN_SIDE, decode_image, one_line};
+use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
 
 fuzz_target!(|data: &[u8]| {
     let img = match decode_image(data) {

@@ -35,16 +35,16 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
-use ma_device::cascade::Cascade;
-use ma_device::cascade::candidates::{ProbMap, find_candidates};
+use ma_core::candidates::{self, ProbMap, find_candidates};
+use ma_core::geometry::{CHANNELS, PatchGeometry};
+use ma_core::image_io;
+use ma_core::manifest::{ModelGeometry, Role, Variant};
+use ma_core::preprocess::{FovSource, preprocess};
+use ma_core::signing::ModelTrust;
 use ma_device::cascade::onnx::{
     STAGE2_BATCH, Stage1Model, Stage2Model, band, parse, set_threads, stage1_plan, stage2_plan,
 };
-use ma_device::geometry::{CHANNELS, PatchGeometry};
-use ma_device::image_io;
-use ma_device::manifest::{Manifest, ModelGeometry, Role, Variant};
-use ma_device::preprocess::{FovSource, preprocess};
-use ma_device::signing::ModelTrust;
+use ma_device::cascade::{Cascade, ImageResult, Runtime};
 
 #[derive(Parser)]
 #[command(
@@ -90,10 +90,9 @@ struct Args {
     /// peak memory and the difference from the whole-image map.
     #[arg(long, default_value_t = 1)]
     stage1_bands: usize,
-    /// Experiment: instead of the phases above, run a copy of the cascade that takes
-    /// stage 1 in --stage1-bands bands (built straight from the unpadded planes) and
-    /// stage 2 in batches of --stage2-batch, and report its times and the peak RSS of
-    /// this process (compare with the peak of a normal run).
+    /// Experiment: instead of the phases above, run the cascade with stage 1 in
+    /// --stage1-bands bands and stage 2 in batches of --stage2-batch, and report its
+    /// times and the peak RSS of this process (compare with the peak of a normal run).
     #[arg(long)]
     emulate: bool,
     /// Time this stage-1 ONNX file instead of the manifest's in the "networks alone"
@@ -303,60 +302,50 @@ fn profile_plan(plan: &Arc<TypedRunnableModel>, input: Tensor, runs: usize) -> R
     Ok(Value::Array(nodes))
 }
 
-/// `--emulate`: a copy of `Cascade::detect` with banded stage 1 and a chosen stage-2 batch.
-fn emulate(a: &Args, bytes: &[u8]) -> Result<Value> {
-    let manifest = Manifest::load(&a.models)?;
-    let variant = a.variant.unwrap_or(manifest.default_variant);
-    let stage1 = Stage1Model::from_manifest(&manifest, variant)?;
-    let stage2 = Stage2Model::from_manifest(&manifest, variant, a.stage2_batch)?;
-    let geometry = PatchGeometry::new(manifest.patch_size)?;
-    let len = geometry.len();
-    // Wall and calling-thread CPU ms of preprocessing, stage 1, stage 2 and the total.
-    let detect = || -> Result<([f64; 8], Vec<f32>)> {
-        let (c, t) = (thread_cpu_ms(), Instant::now());
+/// `--emulate`: the cascade itself ([`Cascade::detect`]) with stage 1 in
+/// `--stage1-bands` bands and stage 2 in batches of `--stage2-batch`.
+fn emulate(a: &Args, bytes: &[u8], trust: &ModelTrust) -> Result<Value> {
+    let runtime = Runtime {
+        stage1_bands: a.stage1_bands,
+        stage2_batch: a.stage2_batch,
+    };
+    let cascade = Cascade::load_with(&a.models, a.variant, trust, runtime)?;
+    // Decoding and detection, as the device runs them: the cascade's own step times
+    // (wall) and the calling thread's CPU time of the whole detection.
+    let detect = || -> Result<(ImageResult, f64)> {
+        let c = thread_cpu_ms();
         let img = image_io::decode_image(bytes)?;
-        let mut marks = vec![(ms(t), thread_cpu_ms() - c)];
-        let pre = preprocess(&img, FovSource::Estimate, &manifest.preprocess)?;
-        drop(img);
-        marks.push((ms(t), thread_cpu_ms() - c));
-        let map = stage1.run_in_bands(&pre.planes, a.stage1_bands)?;
-        let found = find_candidates(&map, &pre.planes, &pre.fov, &manifest.stage1);
-        marks.push((ms(t), thread_cpu_ms() - c));
-        let mut patches = vec![0.0f32; found.len() * len];
-        for (c, patch) in found.iter().zip(patches.chunks_exact_mut(len)) {
-            geometry.extract(&pre.planes, c.x as i64, c.y as i64, patch);
-        }
-        let mut scores = stage2.run(&patches, found.len())?;
-        marks.push((ms(t), thread_cpu_ms() - c));
-        scores.sort_by(|x, y| y.total_cmp(x));
-        let d = |i: usize, j: usize| (marks[j].0 - marks[i].0, marks[j].1 - marks[i].1);
-        let (p, s1, s2, all) = (d(0, 1), d(1, 2), d(2, 3), d(0, 3));
-        Ok(([p.0, s1.0, s2.0, all.0, p.1, s1.1, s2.1, all.1], scores))
+        let result = cascade.detect(&img)?;
+        Ok((result, thread_cpu_ms() - c))
     };
     let t = Instant::now();
-    let (_, scores) = detect()?;
+    let (first, _) = detect()?;
     let first_ms = ms(t);
     let mut samples = vec![Samples::default(); 4];
     for i in 0..a.warmup + a.runs.max(1) {
-        let (times, _) = detect()?;
+        let (r, cpu) = detect()?;
         if i >= a.warmup {
-            for (k, s) in samples.iter_mut().enumerate() {
-                s.wall.push(times[k]);
-                s.cpu.push(times[k + 4]);
+            let t = r.timings;
+            for (s, wall) in samples
+                .iter_mut()
+                .zip([t.preprocess, t.stage1, t.stage2, t.total])
+            {
+                s.wall.push(wall);
             }
+            samples[3].cpu.push(cpu);
         }
     }
     let [pre, s1, s2, total] = [0, 1, 2, 3].map(|k| stats(&samples[k]));
     Ok(json!({
         "emulate": true,
         "image": a.image,
-        "variant": variant.to_string(),
+        "variant": cascade.variant.to_string(),
         "threads": a.threads,
         "stage1_bands": a.stage1_bands,
         "stage2_batch": a.stage2_batch,
         "first_detect_ms": round3(first_ms),
-        "candidates": scores.len(),
-        "top_scores": scores.iter().take(5).collect::<Vec<_>>(),
+        "candidates": first.candidates,
+        "top_scores": first.detections.iter().take(5).map(|d| d.score).collect::<Vec<_>>(),
         "ms": {
             "preprocess": pre,
             "stage1": s1,
@@ -376,17 +365,17 @@ fn main() -> Result<()> {
     // ---- phase 1: end to end, as the device runs it --------------------------------
     let bytes =
         std::fs::read(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
-    if a.emulate {
-        println!("{}", serde_json::to_string(&emulate(&a, &bytes)?)?);
-        return Ok(());
-    }
-    let t = Instant::now();
     // Benchmarks run what ships: the release key's bundle, or an explicitly unsigned one.
     let trust = if a.allow_unsigned {
         ModelTrust::Unsigned
     } else {
         ModelTrust::release()
     };
+    if a.emulate {
+        println!("{}", serde_json::to_string(&emulate(&a, &bytes, &trust)?)?);
+        return Ok(());
+    }
+    let t = Instant::now();
     let cascade = Cascade::load(&a.models, a.variant, &trust)?;
     let load_ms = ms(t);
     let variant = cascade.variant;
@@ -554,11 +543,7 @@ fn main() -> Result<()> {
     })?;
     let len = geometry.len();
     let (patch_times, patches) = time_runs(runs, 0, || {
-        let mut patches = vec![0.0f32; found.len() * len];
-        for (c, patch) in found.iter().zip(patches.chunks_exact_mut(len)) {
-            geometry.extract(&prep.planes, c.x as i64, c.y as i64, patch);
-        }
-        Ok(patches)
+        Ok(candidates::patches(&geometry, &prep.planes, &found))
     })?;
     let n = found.len();
     let workers = a.stage2_workers.max(1);

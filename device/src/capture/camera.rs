@@ -12,7 +12,7 @@ use anyhow::Result;
 use super::clock::{Clock, SystemClock};
 use super::raw::{RawFrame, decode_raw};
 use super::trigger::{Trigger, TriggerInput, Wait};
-use super::{Frame, FrameEvent, FrameSource, SourceState};
+use super::{Frame, FrameEvent, FrameSource, SourceError, SourceState};
 
 /// Camera device I/O: open, read one frame, close.
 pub trait RawCapture: Send {
@@ -144,14 +144,22 @@ impl CameraSource {
         self.retry_at = Some(self.clock.now() + delay);
         self.problem = Some(Problem {
             kind,
-            reason: crate::image_io::one_line(&err.root_cause().to_string()),
+            reason: ma_core::image_io::one_line(&err.root_cause().to_string()),
         });
-        FrameEvent::Error(format!(
-            "camera {}: {what}: {}; retry in {:.1} s",
-            self.capture.name(),
-            crate::image_io::one_line(&format!("{err:#}")),
-            delay.as_secs_f64()
-        ))
+        FrameEvent::Error(SourceError {
+            origin: self.origin(),
+            message: format!(
+                "camera {}: {what}: {}; retry in {:.1} s",
+                self.capture.name(),
+                ma_core::image_io::one_line(&format!("{err:#}")),
+                delay.as_secs_f64()
+            ),
+        })
+    }
+
+    /// How records name this camera's frames and failures.
+    fn origin(&self) -> String {
+        format!("camera:{}", self.capture.name())
     }
 }
 
@@ -227,17 +235,20 @@ impl FrameSource for CameraSource {
                 self.next_id += 1;
                 FrameEvent::Frame(Frame {
                     id,
-                    source: self.capture.name(),
-                    path: None,
+                    source: self.origin(),
+                    file_sha256: None,
                     image,
                     captured_at,
                 })
             }
-            Err(e) => FrameEvent::Error(format!(
-                "camera {}: bad frame skipped: {}",
-                self.capture.name(),
-                crate::image_io::one_line(&format!("{e:#}"))
-            )),
+            Err(e) => FrameEvent::Error(SourceError {
+                origin: self.origin(),
+                message: format!(
+                    "camera {}: bad frame skipped: {}",
+                    self.capture.name(),
+                    ma_core::image_io::one_line(&format!("{e:#}"))
+                ),
+            }),
         }
     }
 

@@ -5,8 +5,10 @@ use std::time::SystemTime;
 
 use anyhow::{Result, bail};
 
-use super::{Frame, FrameEvent, FrameSource, SourceState};
-use crate::image_io::{find_images, read_image};
+use sha2::{Digest, Sha256};
+
+use super::{Frame, FrameEvent, FrameSource, SourceError, SourceState};
+use ma_core::image_io::{find_images, read_image_and_bytes};
 
 /// Every image below a folder (recursively), in sorted path order, optionally looped.
 ///
@@ -76,21 +78,24 @@ impl FrameSource for FolderSource {
         }
         let path = self.files[self.next].clone();
         self.next += 1;
-        match read_image(&path) {
-            Ok(image) => {
+        match read_image_and_bytes(&path) {
+            Ok((image, bytes)) => {
                 self.frames_this_pass += 1;
                 let id = self.next_id;
                 self.next_id += 1;
                 FrameEvent::Frame(Frame {
                     id,
                     source: self.name(&path),
-                    path: Some(path),
+                    file_sha256: Some(Sha256::digest(&bytes).into()),
                     image,
                     captured_at: SystemTime::now(),
                 })
             }
-            // `read_image` errors name the file.
-            Err(e) => FrameEvent::Error(format!("skipping image: {e:#}")),
+            // `read_image_and_bytes` errors name the file.
+            Err(e) => FrameEvent::Error(SourceError {
+                origin: self.name(&path),
+                message: format!("skipping image: {e:#}"),
+            }),
         }
     }
 

@@ -44,12 +44,13 @@ pub struct Frame {
     /// Increases by one per delivered frame of a source, from 0; errors do not use ids,
     /// and a reconnected camera continues where it stopped.
     pub id: u64,
-    /// Where it came from: the file name (relative to the replayed folder), the camera
-    /// device path, or "synthetic seed N".
+    /// Where it came from, as records name it: the file name (relative to the replayed
+    /// folder), `camera:<device>`, or "synthetic seed N".
     pub source: String,
-    /// The file the frame was read from (folder replay), for hashing its bytes: `source`
-    /// is for display and loses bytes of a name that is not UTF-8.
-    pub path: Option<std::path::PathBuf>,
+    /// SHA-256 of the bytes the frame was decoded from, when the source read them as a
+    /// whole (a file): records identify a photo by its file. `None`: records hash the
+    /// decoded RGB8 pixels (the camera's raw buffer does not leave the source).
+    pub file_sha256: Option<[u8; 32]>,
     pub image: RgbImage,
     /// When the frame entered the device: after the camera buffer was dequeued, or when
     /// the file was read or the synthetic image generated.
@@ -62,7 +63,7 @@ impl fmt::Debug for Frame {
         f.debug_struct("Frame")
             .field("id", &self.id)
             .field("source", &self.source)
-            .field("path", &self.path)
+            .field("file_sha256", &self.file_sha256.is_some())
             .field(
                 "image",
                 &format_args!("{}x{}", self.image.width(), self.image.height()),
@@ -76,15 +77,31 @@ impl fmt::Debug for Frame {
 #[derive(Debug)]
 pub enum FrameEvent {
     Frame(Frame),
-    /// Recoverable: log the message (it names the file or device), show
-    /// [`FrameSource::state`], and call again. The source has already arranged its retry.
-    Error(String),
+    /// Recoverable: log it, show [`FrameSource::state`], and call again. The source has
+    /// already arranged its retry.
+    Error(SourceError),
     /// No frame yet (waiting for a trigger, or for the next reconnection attempt); the
     /// call has already waited a little, so calling again at once does not spin.
     Idle,
     /// No more frames will come: the end of a folder replay or of the synthetic frames,
     /// or stdin closed under the key trigger.
     Exhausted,
+}
+
+/// A recoverable source failure and where it happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceError {
+    /// What failed, as records name it: the file (relative to the replayed folder) or
+    /// `camera:<device>`.
+    pub origin: String,
+    /// One line that says what went wrong (it names the file or device too).
+    pub message: String,
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// The source's condition, for the status bar and the log. `Display` gives the text.

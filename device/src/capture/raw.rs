@@ -9,10 +9,10 @@ use std::str::FromStr;
 
 use anyhow::{Context, Result, bail};
 use image::codecs::jpeg::JpegDecoder;
-use image::{DynamicImage, ImageDecoder, RgbImage};
+use image::{ImageDecoder, ImageFormat, RgbImage};
 
-pub use crate::image_io::{JpegLayout, scan_markers};
-use crate::image_io::{MAX_SIDE, decode_limits, one_line};
+pub use ma_core::image_io::{JpegLayout, scan_markers};
+use ma_core::image_io::{MAX_SIDE, decode_known, one_line};
 
 /// The two formats UVC cameras commonly offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -169,27 +169,14 @@ fn decode_mjpeg(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage> {
         Cow::Owned(insert_standard_dht(bytes, layout.sos))
     };
 
-    let mut decoder = JpegDecoder::new(Cursor::new(&jpeg[..]))
+    let decoder = JpegDecoder::new(Cursor::new(&jpeg[..]))
         .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))
         .context("cannot read JPEG header")?;
     let (jw, jh) = decoder.dimensions();
     if (jw, jh) != (width, height) {
         bail!("JPEG inside is {jw}x{jh}, the frame format says {width}x{height}");
     }
-    decoder
-        .set_limits(decode_limits(jw, jh))
-        .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))?;
-    let img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))
-        .context("corrupt JPEG data")?;
-    if (img.width(), img.height()) != (width, height) {
-        bail!(
-            "decoded JPEG is {}x{}, expected {width}x{height}",
-            img.width(),
-            img.height()
-        );
-    }
-    Ok(img.to_rgb8())
+    decode_known(&jpeg, ImageFormat::Jpeg, width, height).context("corrupt JPEG data")
 }
 
 /// Copy of `jpeg` with the JPEG Annex K (K.3-K.6) Huffman tables inserted before the

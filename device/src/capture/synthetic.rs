@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use super::{Frame, FrameEvent, FrameSource, SourceState};
-use crate::synthetic::{SyntheticParams, generate};
+use ma_synthetic::{SyntheticParams, generate};
 
 /// `count` frames from [`generate`] with seeds `seed, seed + 1, ...`; frame `id` i has
 /// seed `seed + i`, so a frame can be regenerated (with its ground truth) from its id.
@@ -46,7 +46,7 @@ impl FrameSource for SyntheticSource {
         FrameEvent::Frame(Frame {
             id,
             source: format!("synthetic seed {seed}"),
-            path: None,
+            file_sha256: None,
             image: generate(&self.params, seed).image,
             captured_at: SystemTime::now(),
         })

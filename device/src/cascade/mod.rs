@@ -1,7 +1,9 @@
 //! The CNN cascade on the device: preprocess -> stage-1 map -> candidates -> stage-2
 //! verdicts -> detections in original image coordinates.
+//!
+//! Every step but the two networks is `ma-core`'s, shared with the trainer; this module
+//! runs the networks with tract ([`onnx`]) and times the steps.
 
-pub mod candidates;
 pub mod onnx;
 
 use std::path::Path;
@@ -10,61 +12,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use image::RgbImage;
 
-use crate::detection::Detection;
-use crate::geometry::PatchGeometry;
-use crate::manifest::{Manifest, Variant};
-use crate::preprocess::{FovSource, PreprocessConfig, preprocess};
-use crate::signing::ModelTrust;
-use candidates::{CandidateConfig, find_candidates};
-use onnx::{STAGE2_BATCH, Stage1Model, Stage2Model};
-
-/// Candidates scoring below this after stage 2 are not reported (the `detect` contract
-/// asks for every candidate with score >= 0.01).
-pub const MIN_REPORTED_SCORE: f64 = 0.01;
-
-/// How a candidate's reported score is made from the two nets' logit margins (the
-/// `[scoring]` table of the model manifest):
-/// `score = sigmoid((stage2 + stage1_weight * stage1) / temperature)`.
-///
-/// Stage 1 sees 70 px of context around every pixel, stage 2 a 41x41 patch centred on
-/// the candidate; their errors differ, and on cross-validation the weighted sum ranked
-/// MAs better than either margin alone. The default weight 0.75 is the largest on the
-/// plateau of `ma-trainer score-sweep` over the 4-fold CV (mean CPM 0.350; 0.356 at 0.5,
-/// 0.339 at 1.0, 0.322 for stage 2 alone): away from DiaretDB1, stage 1 generalises
-/// better than stage 2, and lower weights lost MAs there (`models/MODEL_CARD.md`,
-/// "Choosing the stage-1 weight"). The temperature only keeps large margins from
-/// rounding to exactly 1.0 (where they would tie); it does not change the order.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Scoring {
-    pub stage1_weight: f64,
-    pub temperature: f64,
-}
-
-impl Default for Scoring {
-    fn default() -> Self {
-        Self {
-            stage1_weight: 0.75,
-            temperature: 8.0,
-        }
-    }
-}
-
-impl Scoring {
-    /// The reported score of a candidate with these margins, in (0, 1).
-    pub fn score(&self, stage1: f32, stage2: f32) -> f64 {
-        let z = (stage2 as f64 + self.stage1_weight * stage1 as f64) / self.temperature;
-        1.0 / (1.0 + (-z).exp())
-    }
-}
-
-/// The detections `detect` reports: those scoring at least [`MIN_REPORTED_SCORE`], best
-/// first (ties in their original order).
-pub fn reported(mut detections: Vec<Detection>) -> Vec<Detection> {
-    detections.retain(|d| d.score >= MIN_REPORTED_SCORE);
-    detections.sort_by(|a, b| b.score.total_cmp(&a.score));
-    detections
-}
+use ma_core::candidates::{self, CandidateConfig, find_candidates};
+use ma_core::detection::Detection;
+use ma_core::geometry::PatchGeometry;
+use ma_core::manifest::{Manifest, Variant};
+use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_core::scoring::{Scoring, reported, to_detections};
+use ma_core::signing::ModelTrust;
+use onnx::{STAGE1_BANDS, STAGE2_BATCH, Stage1Model, Stage2Model};
 
 /// Where the time of one image went, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -80,7 +35,7 @@ pub struct Timings {
 pub struct ImageResult {
     pub width: u32,
     pub height: u32,
-    /// Every candidate with score >= [`MIN_REPORTED_SCORE`], best first, in original
+    /// Every candidate with score >= [`MIN_REPORTED_SCORE`](ma_core::scoring::MIN_REPORTED_SCORE), best first, in original
     /// image coordinates.
     pub detections: Vec<Detection>,
     /// Candidates stage 1 handed to stage 2.
@@ -98,6 +53,26 @@ impl ImageResult {
     }
 }
 
+/// How the networks run: memory and speed, never the result (the bands overlap by the
+/// receptive field, a batch is zero-padded). The device uses the default; `ma-bench
+/// --emulate` tries others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Runtime {
+    /// Stage 1 runs over this many horizontal bands of the image.
+    pub stage1_bands: usize,
+    /// Stage 2 runs on this many patches at a time.
+    pub stage2_batch: usize,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            stage1_bands: STAGE1_BANDS,
+            stage2_batch: STAGE2_BATCH,
+        }
+    }
+}
+
 /// The loaded models and the settings they were trained with.
 pub struct Cascade {
     pub manifest: Manifest,
@@ -111,6 +86,7 @@ pub struct Cascade {
     candidates: CandidateConfig,
     scoring: Scoring,
     geometry: PatchGeometry,
+    runtime: Runtime,
 }
 
 impl Cascade {
@@ -118,16 +94,26 @@ impl Cascade {
     /// checked as `trust` says, then each file's sha256 before it is parsed. `variant`
     /// defaults to the manifest's.
     pub fn load(models_dir: &Path, variant: Option<Variant>, trust: &ModelTrust) -> Result<Self> {
+        Self::load_with(models_dir, variant, trust, Runtime::default())
+    }
+
+    /// [`Cascade::load`] with the networks run as `runtime` says.
+    pub fn load_with(
+        models_dir: &Path,
+        variant: Option<Variant>,
+        trust: &ModelTrust,
+        runtime: Runtime,
+    ) -> Result<Self> {
         let manifest = Manifest::load_trusted(models_dir, trust)?;
         let variant = variant.unwrap_or(manifest.default_variant);
         let geometry = PatchGeometry::new(manifest.patch_size).with_context(|| {
             format!(
                 "patch_size in {}",
-                models_dir.join(crate::manifest::FILE_NAME).display()
+                models_dir.join(ma_core::manifest::FILE_NAME).display()
             )
         })?;
         let stage1 = Stage1Model::from_manifest(&manifest, variant)?;
-        let stage2 = Stage2Model::from_manifest(&manifest, variant, STAGE2_BATCH)?;
+        let stage2 = Stage2Model::from_manifest(&manifest, variant, runtime.stage2_batch)?;
         ensure!(
             stage2.patch_size() == geometry.size,
             "the stage-2 model in {} takes {}-px patches, the manifest says {}",
@@ -149,6 +135,7 @@ impl Cascade {
             stage1,
             stage2,
             geometry,
+            runtime,
         })
     }
 
@@ -158,38 +145,18 @@ impl Cascade {
         let pre = preprocess(image, FovSource::Estimate, &self.preprocess)?;
         let t_pre = started.elapsed().as_secs_f64() * 1e3;
 
-        let map = self.stage1.run_on_image(&pre.planes)?;
+        let map = self
+            .stage1
+            .run_in_bands(&pre.planes, self.runtime.stage1_bands)?;
         let found = find_candidates(&map, &pre.planes, &pre.fov, &self.candidates);
         let t_stage1 = started.elapsed().as_secs_f64() * 1e3 - t_pre;
 
-        let len = self.geometry.len();
-        let mut patches = vec![0.0f32; found.len() * len];
-        for (c, patch) in found.iter().zip(patches.chunks_exact_mut(len)) {
-            self.geometry
-                .extract(&pre.planes, c.x as i64, c.y as i64, patch);
-        }
+        let patches = candidates::patches(&self.geometry, &pre.planes, &found);
         let margins = self.stage2.run(&patches, found.len())?;
-        // Candidates from the canonical image's padding map outside the photo: they are
-        // no lesion of it, and coordinates must stay on the photo (its pixels' area, the
-        // centre of pixel 0 being 0).
-        let (w, h) = (f64::from(image.width()), f64::from(image.height()));
-        let on_photo =
-            |d: &Detection| (-0.5..=w - 0.5).contains(&d.x) && (-0.5..=h - 0.5).contains(&d.y);
-        let detections = reported(
-            found
-                .iter()
-                .zip(&margins)
-                .map(|(c, &m2)| {
-                    let (x, y) = pre.scale.to_original(c.x as f64, c.y as f64);
-                    Detection {
-                        x,
-                        y,
-                        score: self.scoring.score(c.stage1, m2),
-                    }
-                })
-                .filter(on_photo)
-                .collect(),
-        );
+        let photo = (image.width(), image.height());
+        let detections = reported(to_detections(&found, &pre.scale, photo, |i, c| {
+            self.scoring.score(c.stage1, margins[i])
+        }));
         let total = started.elapsed().as_secs_f64() * 1e3;
         Ok(ImageResult {
             width: image.width(),

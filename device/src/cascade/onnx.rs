@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail, ensure};
 use tract_onnx::prelude::*;
 
-use crate::cascade::candidates::ProbMap;
-use crate::geometry::{CHANNELS, Planes};
-use crate::manifest::{Manifest, ModelGeometry, Role, Variant};
+use ma_core::candidates::ProbMap;
+use ma_core::geometry::{CHANNELS, Planes};
+use ma_core::manifest::{Manifest, ModelGeometry, Role, Variant};
 
 /// Optimised plans kept by [`Stage1Model`] (one per input size).
 const STAGE1_PLAN_CACHE: usize = 4;
@@ -25,7 +25,7 @@ const STAGE1_PLAN_CACHE: usize = 4;
 /// batch 1 was faster (263 against 466 ms at 32) and used less memory (BENCHMARKS.md).
 pub const STAGE2_BATCH: usize = 1;
 
-/// Stage 1 runs on a whole image in this many horizontal bands ([`Stage1Model::run_on_image`]),
+/// Stage 1 runs on a whole image in this many horizontal bands ([`Stage1Model::run_in_bands`]),
 /// to bound the memory of its full-resolution feature maps (BENCHMARKS.md).
 pub const STAGE1_BANDS: usize = 3;
 
@@ -208,14 +208,9 @@ impl Stage1Model {
         })
     }
 
-    /// Margin map of a whole preprocessed image, computed in [`STAGE1_BANDS`] bands to
-    /// bound memory; the map covers the image (`ceil(W / s) x ceil(H / s)` cells).
-    pub fn run_on_image(&self, planes: &Planes) -> Result<ProbMap> {
-        self.run_in_bands(planes, STAGE1_BANDS)
-    }
-
-    /// [`Stage1Model::run_on_image`] over `bands` horizontal bands, with the same values as
-    /// one run on the whole image padded with zero rows and columns up to the input
+    /// Margin map of a whole preprocessed image, computed in `bands` horizontal bands to
+    /// bound memory (the device uses [`STAGE1_BANDS`]); the map covers the image
+    /// (`ceil(W / s) x ceil(H / s)` cells) and has the same values as one run on the whole image padded with zero rows and columns up to the input
     /// multiple (what the trainer computes). Each band reads [`Stage1Model::halo`] extra
     /// rows on both sides, but never beyond the image's first row or its padded last row:
     /// the convolutions' zero padding then falls where it falls in the whole-image run.

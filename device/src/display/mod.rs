@@ -20,13 +20,18 @@
 //! sinks never see half-drawn frames (no flicker on the framebuffer, no torn PNGs); and
 //! the only hardware-specific code is the final copy, a pure function tested on CI.
 //!
+//! [`overlay`] draws a result (frame, markers, status bar), [`screen`] the device loop's
+//! screens around it, both in one [`palette`].
+//!
 //! Sinks: [`PngSink`] (the simulated board's panel, one PNG per frame) and
 //! [`FramebufferSink`] (Linux `/dev/fbN`, 16/24/32 bpp).
 
 pub mod canvas;
 pub mod fbdev;
 pub mod overlay;
+pub mod palette;
 pub mod png_sink;
+pub mod screen;
 
 pub use canvas::Canvas;
 pub use fbdev::{FbPixelFormat, FramebufferSink};

@@ -23,7 +23,11 @@ use embedded_graphics::prelude::*;
 use embedded_graphics::primitives::{Circle, PrimitiveStyle, Rectangle};
 use embedded_graphics::text::{Baseline, Text};
 
-use crate::detection::Detection;
+use super::palette::{
+    BAR_BACKGROUND, BAR_RULE, MARKER_OUTLINE, TEXT_DIM, TEXT_MAIN, TEXT_MARGIN, TEXT_NO_REFER,
+    TEXT_REFER, TEXT_WARN,
+};
+use ma_core::detection::Detection;
 
 /// What the overlay shows besides the frame itself.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,17 +57,6 @@ pub const STATUS_BAR_HEIGHT: u32 = 32;
 pub const MIN_MARKER_RADIUS: u32 = 8;
 /// Circle radius in original frame pixels (a large microaneurysm is about this size).
 pub const MARKER_RADIUS_ORIGINAL: f64 = 10.0;
-
-const BAR_BACKGROUND: Rgb888 = Rgb888::new(22, 22, 26);
-const BAR_RULE: Rgb888 = Rgb888::new(70, 70, 76);
-const TEXT_MAIN: Rgb888 = Rgb888::new(235, 235, 235);
-const TEXT_DIM: Rgb888 = Rgb888::new(175, 175, 180);
-const TEXT_REFER: Rgb888 = Rgb888::new(255, 90, 40);
-const TEXT_NO_REFER: Rgb888 = Rgb888::new(80, 210, 100);
-const TEXT_WARN: Rgb888 = Rgb888::new(255, 190, 0);
-const MARKER_OUTLINE: Rgb888 = Rgb888::BLACK;
-/// Left and right margin of the status text.
-const TEXT_MARGIN: u32 = 6;
 
 /// Draws the whole view onto `target`, which is the panel (its bounding box).
 pub fn draw_overlay<D: DrawTarget<Color = Rgb888>>(

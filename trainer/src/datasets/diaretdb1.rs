@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use image::GrayImage;
-use ma_device::mask::Mask;
+use ma_core::mask::Mask;
 
 use super::{
     DatasetImage, LoadOptions, Split, TruthSource, dataset_image, decode_matching, image_files,

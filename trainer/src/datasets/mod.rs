@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use image::{GrayImage, ImageReader};
-use ma_device::mask::Mask;
+use ma_core::mask::Mask;
 
 use crate::ground_truth::{GroundTruth, Lesion};
 
-pub use ma_device::image_io::IMAGE_EXTENSIONS;
+pub use ma_core::image_io::IMAGE_EXTENSIONS;
 
 /// Which reader to use for a dataset root.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -245,7 +245,7 @@ impl Dataset {
 
 /// Every image file below `dir`, recursively, in sorted path order: the device's own
 /// search, so `detect` and the readers see the same files.
-pub use ma_device::image_io::find_images as image_files;
+pub use ma_core::image_io::find_images as image_files;
 
 /// Decodes the DiaretDB1-style field-of-view mask: non-zero = inside the FOV.
 pub fn load_fov_mask(path: &Path) -> Result<Mask> {

@@ -59,6 +59,11 @@ pub fn find_images(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
 
 /// Read and decode an image file. Errors name the file.
 pub fn read_image(path: &Path) -> Result<RgbImage> {
+    Ok(read_image_and_bytes(path)?.0)
+}
+
+/// [`read_image`], also returning the file's bytes (to hash them, say).
+pub fn read_image_and_bytes(path: &Path) -> Result<(RgbImage, Vec<u8>)> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     // Opening a FIFO or a device named *.png would block or never end.
@@ -69,7 +74,8 @@ pub fn read_image(path: &Path) -> Result<RgbImage> {
         );
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    decode_image(&bytes).with_context(|| format!("{}", path.display()))
+    let image = decode_image(&bytes).with_context(|| format!("{}", path.display()))?;
+    Ok((image, bytes))
 }
 
 /// Decode an image from memory (format guessed from its content, not its name).
@@ -107,13 +113,25 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
         check_jpeg_complete(bytes)?;
     }
 
+    decode_known(bytes, format, width, height)
+        .context("cannot decode image (truncated or corrupt?)")
+}
+
+/// Decode `bytes` of `format` whose header says `width` x `height`: within the memory
+/// that size needs ([`decode_limits`]), and refused unless the decoder produced exactly
+/// that size (some report a header size that differs from what they produce). The
+/// caller has checked the size ([`check_size`]) and adds what was being decoded.
+pub fn decode_known(
+    bytes: &[u8],
+    format: ImageFormat,
+    width: u32,
+    height: u32,
+) -> Result<RgbImage> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(decode_limits(width, height));
     let img = reader
         .decode()
-        .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))
-        .context("cannot decode image (truncated or corrupt?)")?;
-    // Some decoders report a header size that differs from what they produce.
+        .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))?;
     if (img.width(), img.height()) != (width, height) {
         bail!(
             "decoded size {}x{} differs from header size {width}x{height}",

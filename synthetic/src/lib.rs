@@ -8,7 +8,7 @@
 //! # Usage
 //!
 //! ```
-//! use ma_device::synthetic::{SyntheticParams, generate};
+//! use ma_synthetic::{SyntheticParams, generate};
 //!
 //! // `small()` is 512x448 and fast: use it in unit tests.
 //! let fundus = generate(&SyntheticParams::small(), 42);

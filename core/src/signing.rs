@@ -18,10 +18,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
-use crate::manifest::{self, sha256_hex};
+use crate::digest::sha256_hex;
 
 /// The public half of the key that signs released model bundles.
 const RELEASE_KEY: &str = include_str!("../../keys/models.pub");
+
+/// File name of the manifest in a models folder: the file a signature covers.
+pub const MANIFEST_FILE: &str = "manifest.toml";
 
 /// File name of the manifest's signature, beside the manifest.
 pub const SIGNATURE_FILE: &str = "manifest.toml.sig";
@@ -204,14 +207,14 @@ impl KeyPair {
 /// Sign the manifest in `models_dir`: writes `manifest.toml.sig` beside it. Signs the
 /// bytes on disk, so sign after the manifest is final.
 pub fn sign_manifest(models_dir: &Path, key: &SecretKey) -> Result<PathBuf> {
-    let manifest_path = models_dir.join(manifest::FILE_NAME);
+    let manifest_path = models_dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&manifest_path)
         .with_context(|| format!("reading {} to sign it", manifest_path.display()))?;
     let signature = key.key.sign(&bytes);
     let sig_path = models_dir.join(SIGNATURE_FILE);
     let comment = format!(
         "signature of {} by key {}",
-        manifest::FILE_NAME,
+        MANIFEST_FILE,
         key.public().fingerprint()
     );
     let text = hex_file(SIGNATURE_LABEL, &comment, &signature.to_bytes());
@@ -224,7 +227,7 @@ pub fn sign_manifest(models_dir: &Path, key: &SecretKey) -> Result<PathBuf> {
 /// key, `manifest.toml.sig` must be a valid signature of exactly these bytes. The caller
 /// parses the returned bytes (never re-reads the file), so what was checked is what runs.
 pub fn read_trusted_manifest(models_dir: &Path, trust: &ModelTrust) -> Result<Vec<u8>> {
-    let manifest_path = models_dir.join(manifest::FILE_NAME);
+    let manifest_path = models_dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&manifest_path)
         .with_context(|| format!("reading model manifest {}", manifest_path.display()))?;
     let ModelTrust::SignedBy { key } = trust else {
@@ -348,7 +351,7 @@ mod tests {
     use super::*;
 
     fn bundle(dir: &Path) {
-        std::fs::write(dir.join(manifest::FILE_NAME), "version = \"t\"\n").unwrap();
+        std::fs::write(dir.join(MANIFEST_FILE), "version = \"t\"\n").unwrap();
     }
 
     #[test]
@@ -438,7 +441,7 @@ mod tests {
         assert!(err.contains("another key"), "{err}");
 
         // Every single-bit flip of the manifest is refused.
-        let path = models.join(manifest::FILE_NAME);
+        let path = models.join(MANIFEST_FILE);
         let good = std::fs::read(&path).unwrap();
         for i in 0..good.len() * 8 {
             let mut bad = good.clone();

@@ -1,14 +1,14 @@
 //! Preprocessing speed on a real 1500x1152 DiaretDB1 photograph.
 //!
-//! Run with `cargo bench -p ma-device --bench preprocess` (one thread: preprocessing is
+//! Run with `cargo bench -p ma-core --bench preprocess` (one thread: preprocessing is
 //! sequential). The data must be at `../shared/datasets` beside the repository.
 
 use std::path::PathBuf;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ma_device::fov;
-use ma_device::image_io;
-use ma_device::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_core::fov;
+use ma_core::image_io;
+use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
 
 fn sample_image() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

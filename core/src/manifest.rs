@@ -36,15 +36,15 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::cascade::Scoring;
-use crate::cascade::candidates::CandidateConfig;
+use crate::candidates::CandidateConfig;
+use crate::digest::sha256_hex;
 use crate::preprocess::PreprocessConfig;
+use crate::scoring::Scoring;
 use crate::signing::{ModelTrust, read_trusted_manifest};
 
-/// File name of the manifest inside the models folder.
-pub const FILE_NAME: &str = "manifest.toml";
+/// File name of the manifest inside the models folder (the file the signature covers).
+pub const FILE_NAME: &str = crate::signing::MANIFEST_FILE;
 
 /// The whole manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -244,14 +244,6 @@ pub struct Training {
     pub licence: String,
     /// Cross-validated competition performance metric (mean sensitivity at 1/8..8 FP/image).
     pub cv_cpm: f64,
-}
-
-/// Lower-case hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Name of both graphs' output.

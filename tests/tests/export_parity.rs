@@ -8,14 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use ma_device::cascade::Scoring;
-use ma_device::cascade::candidates::{CandidateConfig, ProbMap};
+use ma_core::candidates::{CandidateConfig, ProbMap};
+use ma_core::geometry::Planes;
+use ma_core::manifest::{Manifest, ModelEntry, ModelGeometry, OperatingPoints, Training, Variant};
+use ma_core::preprocess::PreprocessConfig;
+use ma_core::scoring::Scoring;
 use ma_device::cascade::onnx::{Stage1Model, Stage2Model};
-use ma_device::geometry::Planes;
-use ma_device::manifest::{
-    Manifest, ModelEntry, ModelGeometry, OperatingPoints, Training, Variant,
-};
-use ma_device::preprocess::PreprocessConfig;
 use ma_trainer::export::{WeightFormat, onnx_model, write_onnx};
 use ma_trainer::nets::{Layer, Net, Stage};
 use tch::nn::VarStore;

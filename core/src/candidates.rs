@@ -7,7 +7,7 @@
 //! a microaneurysm's centre is, and candidates that end up closer than `merge_distance`
 //! are merged.
 
-use crate::geometry::Planes;
+use crate::geometry::{PatchGeometry, Planes};
 use crate::mask::Mask;
 
 /// Stage-1 output: the MA logit margin on a grid; cell (i, j) is centred on canonical
@@ -196,6 +196,17 @@ impl<'a> BlobResponse<'a> {
         }
         best.map(|(_, x, y)| (x, y))
     }
+}
+
+/// Stage 2's input: one `geometry` patch of `planes` per candidate, centred on it, in
+/// the candidates' order.
+pub fn patches(geometry: &PatchGeometry, planes: &Planes, candidates: &[Candidate]) -> Vec<f32> {
+    let len = geometry.len();
+    let mut patches = vec![0.0f32; candidates.len() * len];
+    for (c, patch) in candidates.iter().zip(patches.chunks_exact_mut(len)) {
+        geometry.extract(planes, c.x as i64, c.y as i64, patch);
+    }
+    patches
 }
 
 #[cfg(test)]
