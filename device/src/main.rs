@@ -23,6 +23,7 @@ use ma_device::files::{Protected, portable_name};
 use ma_device::records;
 use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
 use ma_device::{console, errln, outln};
+#[cfg(feature = "synthetic")]
 use ma_synthetic::SyntheticParams;
 
 #[derive(Parser)]
@@ -175,6 +176,7 @@ enum Command {
     ///
     /// Writes frame-NNN.png and frame-NNN.json (the positions and radii of the MAs
     /// and of the look-alikes drawn) for each frame.
+    #[cfg(feature = "synthetic")]
     Synth {
         /// Where to write the frames.
         #[arg(long)]
@@ -289,6 +291,7 @@ fn run(cli: Cli) -> Result<()> {
             synthetic,
             &models,
         ),
+        #[cfg(feature = "synthetic")]
         Command::Synth {
             output_dir,
             count,
@@ -583,12 +586,18 @@ struct Frame {
 
 fn frames(input: Option<&Path>, synthetic_count: usize) -> Result<Vec<Frame>> {
     let Some(input) = input else {
+        #[cfg(feature = "synthetic")]
         return Ok((0..synthetic_count)
             .map(|i| Frame {
                 name: format!("synthetic-{i:03}"),
                 image: Ok(ma_synthetic::generate(&SyntheticParams::default(), i as u64 + 1).image),
             })
             .collect());
+        #[cfg(not(feature = "synthetic"))]
+        bail!(
+            "--input is required: this ma-device was built without the `synthetic` feature, \
+             so it has no built-in frames ({synthetic_count} asked for)"
+        );
     };
     let files = if input.is_dir() {
         let files = image_io::find_images(input)?;
@@ -691,6 +700,7 @@ fn run_preprocess(
     Ok(())
 }
 
+#[cfg(feature = "synthetic")]
 fn run_synth(output_dir: &Path, count: usize, seed: u64, small: bool) -> Result<()> {
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("cannot create output folder {}", output_dir.display()))?;

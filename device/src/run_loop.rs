@@ -562,16 +562,20 @@ mod tests {
         }
     }
 
-    fn small_synthetic(count: u64) -> Box<dyn FrameSource> {
-        let params = SyntheticParams {
+    /// 96x80 frames with one MA each, seeds from 7.
+    fn small_params() -> SyntheticParams {
+        SyntheticParams {
             width: 96,
             height: 80,
             fov_diameter: 90.0,
             n_microaneurysms: 1,
             n_lookalikes: 0,
             ..SyntheticParams::default()
-        };
-        Box::new(SyntheticSource::new(params, 7, count))
+        }
+    }
+
+    fn small_synthetic(count: u64) -> Box<dyn FrameSource> {
+        Box::new(SyntheticSource::new(small_params(), 7, count))
     }
 
     #[test]
@@ -596,15 +600,7 @@ mod tests {
             assert_eq!(r.board, "test-board");
             assert_eq!(r.model_version, "fake-1 float");
             assert_eq!(r.error, None);
-            let params = SyntheticParams {
-                width: 96,
-                height: 80,
-                fov_diameter: 90.0,
-                n_microaneurysms: 1,
-                n_lookalikes: 0,
-                ..SyntheticParams::default()
-            };
-            let image = ma_synthetic::generate(&params, 7 + i as u64).image;
+            let image = ma_synthetic::generate(&small_params(), 7 + i as u64).image;
             assert_eq!(r.image_sha256, pixel_hash(&image));
         }
         let text = summary.to_string();

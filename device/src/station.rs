@@ -8,12 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use ma_core::manifest;
 use ma_core::signing::ModelTrust;
-use ma_synthetic::SyntheticParams;
 
 use crate::board::{self, BoardConfig, DisplayConfig, SourceConfig};
 use crate::capture::{
-    self, CameraConfig, CameraSource, FolderSource, FrameSource, SyntheticSource, V4l2Capture,
-    V4l2Config,
+    self, CameraConfig, CameraSource, FolderSource, FrameSource, V4l2Capture, V4l2Config,
 };
 use crate::cascade::Cascade;
 use crate::display::{FramebufferSink, Panel, PngSink};
@@ -44,11 +42,17 @@ impl Station {
             .threshold(config.inference.operating_point);
 
         let source: Box<dyn FrameSource> = match &config.source {
-            SourceConfig::Synthetic(s) => Box::new(SyntheticSource::new(
-                SyntheticParams::default(),
+            #[cfg(feature = "synthetic")]
+            SourceConfig::Synthetic(s) => Box::new(crate::capture::SyntheticSource::new(
+                ma_synthetic::SyntheticParams::default(),
                 s.seed,
                 u64::from(s.count),
             )),
+            #[cfg(not(feature = "synthetic"))]
+            SourceConfig::Synthetic(_) => bail!(
+                "source.kind \"synthetic\": this ma-device was built without the `synthetic` \
+                 feature (build it with `--features synthetic`, or use a folder or camera source)"
+            ),
             SourceConfig::Folder(f) => {
                 let root = f.folder();
                 Box::new(

@@ -20,6 +20,7 @@ pub mod clock;
 pub mod folder;
 pub mod raw;
 pub mod recorded;
+#[cfg(feature = "synthetic")]
 pub mod synthetic;
 pub mod trigger;
 pub mod v4l2;
@@ -34,6 +35,7 @@ pub use clock::{Clock, FakeClock, SystemClock};
 pub use folder::FolderSource;
 pub use raw::{PixelFormat, RawFrame, decode_raw};
 pub use recorded::RecordedCapture;
+#[cfg(feature = "synthetic")]
 pub use synthetic::SyntheticSource;
 pub use trigger::Trigger;
 pub use v4l2::{V4l2Capture, V4l2Config};
