@@ -35,7 +35,6 @@ use crc::{CRC_32_ISO_HDLC, Crc};
 use postcard::ser_flavors::crc::CrcModifier;
 use postcard::ser_flavors::{AllocVec, Cobs};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use sha2::{Digest as _, Sha256};
 
 use ma_core::detection::Detection;
 
@@ -124,7 +123,7 @@ pub struct ImageHash(pub [u8; 32]);
 impl ImageHash {
     /// The SHA-256 of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
-        Self(Sha256::digest(bytes).into())
+        Self(ma_core::digest::sha256(bytes))
     }
 
     /// Parses 64 hex digits (either case).

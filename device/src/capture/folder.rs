@@ -5,9 +5,8 @@ use std::time::SystemTime;
 
 use anyhow::{Result, bail};
 
-use sha2::{Digest, Sha256};
-
 use super::{Frame, FrameEvent, FrameSource, SourceError, SourceState};
+use ma_core::digest::sha256;
 use ma_core::image_io::{find_images, read_image_and_bytes};
 
 /// Every image below a folder (recursively), in sorted path order, optionally looped.
@@ -86,7 +85,7 @@ impl FrameSource for FolderSource {
                 FrameEvent::Frame(Frame {
                     id,
                     source: self.name(&path),
-                    file_sha256: Some(Sha256::digest(&bytes).into()),
+                    file_sha256: Some(sha256(&bytes)),
                     image,
                     captured_at: SystemTime::now(),
                 })

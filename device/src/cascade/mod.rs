@@ -35,7 +35,8 @@ pub struct Timings {
 pub struct ImageResult {
     pub width: u32,
     pub height: u32,
-    /// Every candidate with score >= [`MIN_REPORTED_SCORE`](ma_core::scoring::MIN_REPORTED_SCORE), best first, in original
+    /// Every candidate with score >=
+    /// [`MIN_REPORTED_SCORE`](ma_core::scoring::MIN_REPORTED_SCORE), best first, in original
     /// image coordinates.
     pub detections: Vec<Detection>,
     /// Candidates stage 1 handed to stage 2.
