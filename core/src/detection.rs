@@ -28,6 +28,21 @@ pub struct ImageDetections {
     /// Best first.
     pub detections: Vec<Detection>,
     pub elapsed_ms: f64,
+    /// The referral network's answer, when the model set has one: its fields sit beside
+    /// the others on the line (`shared/docs/CONTRACTS.md` section 3).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub referral: Option<ReferralFields>,
+}
+
+/// The optional referral fields of a result line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReferralFields {
+    /// In [0, 1], higher = more likely referable DR (moderate or worse).
+    pub refer_score: f64,
+    /// The refer decision of the model set's rule (referral score and MA findings).
+    pub refer: bool,
+    /// The strongest attention regions, strongest first, in original pixels.
+    pub attention_boxes: Vec<crate::referral::AttentionBox>,
 }
 
 /// The line for an image that could not be read or processed.
@@ -116,6 +131,7 @@ mod tests {
                 score: 0.97,
             }],
             elapsed_ms: 812.5,
+            referral: None,
         });
         let failed = DetectLine::Failed(ImageFailure {
             image: "c.jpg".into(),

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::candidates::CandidateConfig;
 use crate::digest::sha256_hex;
 use crate::preprocess::PreprocessConfig;
+use crate::referral::ReferralConfig;
 use crate::scoring::Scoring;
 use crate::signing::{ModelTrust, read_trusted_manifest};
 
@@ -66,18 +67,26 @@ pub struct Manifest {
     pub operating_points: OperatingPoints,
     /// Where the models come from.
     pub training: Training,
+    /// The image-level referral network's settings; absent in model sets without one
+    /// (then `detect` reports no `refer_score`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referral: Option<ReferralConfig>,
     pub models: Vec<ModelEntry>,
     /// Folder the manifest was loaded from; model files are relative to it. Not stored.
     #[serde(skip)]
     pub dir: PathBuf,
 }
 
-/// Which network of the cascade.
+/// Which network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// The cascade's candidate map.
     Stage1,
+    /// The cascade's verdict per candidate.
     Stage2,
+    /// The image-level referral network (score and attention map).
+    Referral,
 }
 
 /// How the weights are stored.
@@ -94,6 +103,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Stage1 => "stage1",
             Role::Stage2 => "stage2",
+            Role::Referral => "referral",
         })
     }
 }
@@ -128,10 +138,18 @@ pub struct ModelEntry {
     pub file: String,
     /// SHA-256 of the file, lower-case hex.
     pub sha256: String,
-    /// Graph input name (`image` for stage 1, `patches` for stage 2).
+    /// Graph input name (`image` for stage 1 and the referral network, `patches` for
+    /// stage 2).
     pub input: String,
-    /// Graph output name: the logit margin (MA minus non-MA), one channel.
+    /// Graph output name: the logit margin (MA minus non-MA; referable minus not), one
+    /// channel.
     pub output: String,
+    /// Referral only: side of the square input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_side: Option<usize>,
+    /// Referral only: name of the second output, the attention map `[1, 1, s, s]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<String>,
     /// Stage 2 only: side of the input patches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_size: Option<usize>,
@@ -161,6 +179,8 @@ pub enum ModelGeometry {
     },
     /// Stage 2, square patches of this side.
     Patch(usize),
+    /// The referral network, a square input of this side.
+    Image(usize),
 }
 
 /// Stage-2 score thresholds giving 1, 2 and 4 false positives per image on
@@ -246,8 +266,10 @@ pub struct Training {
     pub cv_cpm: f64,
 }
 
-/// Name of both graphs' output.
+/// Name of every graph's (first) output.
 pub const OUTPUT_NAME: &str = "margin";
+/// Name of the referral graph's attention output.
+pub const ATTENTION_NAME: &str = "attention";
 
 impl ModelEntry {
     /// An entry for the file `file` (relative to `dir`), hashing it now. The role follows
@@ -268,6 +290,8 @@ impl ModelEntry {
             sha256: sha256_hex(&bytes),
             input: "image".into(),
             output: OUTPUT_NAME.into(),
+            input_side: None,
+            attention: None,
             patch_size: None,
             receptive_field: None,
             output_stride: None,
@@ -290,6 +314,11 @@ impl ModelEntry {
                 entry.patch_size = Some(side);
                 entry.dynamic_batch = true;
             }
+            ModelGeometry::Image(side) => {
+                entry.role = Role::Referral;
+                entry.input_side = Some(side);
+                entry.attention = Some(ATTENTION_NAME.into());
+            }
         }
         Ok(entry)
     }
@@ -297,6 +326,13 @@ impl ModelEntry {
     /// The geometry the entry records (checked by [`Manifest::load`]).
     pub fn geometry(&self) -> Result<ModelGeometry> {
         let what = || format!("{} {} model {}", self.role, self.variant, self.file);
+        if self.role != Role::Referral {
+            ensure!(
+                self.input_side.is_none() && self.attention.is_none(),
+                "{}: input_side and attention only apply to the referral model",
+                what()
+            );
+        }
         match self.role {
             Role::Stage1 => {
                 let field = |v: Option<usize>, name: &str| {
@@ -326,6 +362,27 @@ impl ModelEntry {
                     .patch_size
                     .with_context(|| format!("{}: needs a patch_size", what()))?;
                 Ok(ModelGeometry::Patch(side))
+            }
+            Role::Referral => {
+                ensure!(
+                    self.patch_size.is_none()
+                        && self.receptive_field.is_none()
+                        && self.output_stride.is_none()
+                        && self.input_multiple.is_none()
+                        && !self.dynamic_batch,
+                    "{}: only input_side and attention apply to the referral model",
+                    what()
+                );
+                ensure!(
+                    self.attention.as_deref() == Some(ATTENTION_NAME),
+                    "{}: attention must be `{ATTENTION_NAME}`",
+                    what()
+                );
+                let side = self
+                    .input_side
+                    .filter(|&s| s > 0)
+                    .with_context(|| format!("{}: needs a positive input_side", what()))?;
+                Ok(ModelGeometry::Image(side))
             }
         }
     }
@@ -429,12 +486,23 @@ impl Manifest {
                 "{what}: sha256 must be 64 hex digits, got `{}`",
                 e.sha256
             );
-            if let ModelGeometry::Patch(side) = e.geometry()? {
-                ensure!(
+            match e.geometry()? {
+                ModelGeometry::Patch(side) => ensure!(
                     side == self.patch_size,
                     "{what}: patch_size {side} differs from the manifest's {}",
                     self.patch_size
-                );
+                ),
+                ModelGeometry::Image(side) => {
+                    let cfg = self.referral.as_ref().with_context(|| {
+                        format!("{what}: a referral model needs a [referral] section")
+                    })?;
+                    ensure!(
+                        side == cfg.input_side,
+                        "{what}: input_side {side} differs from referral.input_side {}",
+                        cfg.input_side
+                    );
+                }
+                ModelGeometry::Map { .. } => {}
             }
             ensure!(
                 e.output == OUTPUT_NAME,
@@ -450,7 +518,14 @@ impl Manifest {
         }
         // A missing role is reported when its model is loaded; a role without the
         // default variant is a manifest error.
-        for role in [Role::Stage1, Role::Stage2] {
+        if let Some(cfg) = &self.referral {
+            cfg.validate()?;
+            ensure!(
+                self.models.iter().any(|e| e.role == Role::Referral),
+                "a [referral] section without a referral model"
+            );
+        }
+        for role in [Role::Stage1, Role::Stage2, Role::Referral] {
             if self.models.iter().any(|e| e.role == role) {
                 self.entry(role, self.default_variant)
                     .context("default_variant must exist for every stage listed")?;
@@ -498,6 +573,7 @@ mod tests {
             let geometry = match role {
                 Role::Stage1 => map,
                 Role::Stage2 => ModelGeometry::Patch(41),
+                Role::Referral => unreachable!("added by the referral tests"),
             };
             models.push(ModelEntry::for_file(dir, &file, variant, geometry).unwrap());
         }
@@ -528,6 +604,7 @@ mod tests {
                 licence: "research use only".into(),
                 cv_cpm: 0.41,
             },
+            referral: None,
             models,
             dir: dir.to_path_buf(),
         }
@@ -547,6 +624,64 @@ mod tests {
         );
         let text = std::fs::read_to_string(tmp.path().join(FILE_NAME)).unwrap();
         assert!(text.contains("output_stride = 2"), "{text}");
+    }
+
+    fn with_referral(dir: &Path, m: &mut Manifest) {
+        use crate::referral::{ReferRule, ReferralConfig};
+        for variant in [Variant::Float, Variant::Int8] {
+            let file = format!("referral-{variant}.onnx");
+            std::fs::write(dir.join(&file), b"referral").unwrap();
+            m.models.push(
+                ModelEntry::for_file(dir, &file, variant, ModelGeometry::Image(320)).unwrap(),
+            );
+        }
+        m.referral = Some(ReferralConfig {
+            input_side: 320,
+            attention_stride: 16,
+            boxes: 4,
+            rule: ReferRule {
+                score_threshold: 0.4,
+                ma_count: Some(2),
+                operating_point: Some(OperatingPoint::Fp2),
+            },
+            training_data: "graded photos".into(),
+            cv_auc: 0.8,
+        });
+    }
+
+    #[test]
+    fn referral_section_and_models_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut m = sample(tmp.path());
+        with_referral(tmp.path(), &mut m);
+        m.write(tmp.path()).unwrap();
+        let back = Manifest::load(tmp.path()).unwrap();
+        assert_eq!(back, m);
+        let e = back.entry(Role::Referral, Variant::Int8).unwrap();
+        assert_eq!(e.geometry().unwrap(), ModelGeometry::Image(320));
+        assert_eq!(e.attention.as_deref(), Some(ATTENTION_NAME));
+        let text = std::fs::read_to_string(tmp.path().join(FILE_NAME)).unwrap();
+        assert!(text.contains("[referral.rule]"), "{text}");
+        assert!(text.contains("operating_point = \"2fp\""), "{text}");
+    }
+
+    #[test]
+    fn referral_models_and_section_must_agree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut m = sample(tmp.path());
+        with_referral(tmp.path(), &mut m);
+        let mut no_section = m.clone();
+        no_section.referral = None;
+        let e = format!("{:#}", no_section.write(tmp.path()).unwrap_err());
+        assert!(e.contains("needs a [referral] section"), "{e}");
+        let mut other_side = m.clone();
+        other_side.referral.as_mut().unwrap().input_side = 256;
+        let e = format!("{:#}", other_side.write(tmp.path()).unwrap_err());
+        assert!(e.contains("input_side 320 differs"), "{e}");
+        let mut no_models = m;
+        no_models.models.retain(|e| e.role != Role::Referral);
+        let e = format!("{:#}", no_models.write(tmp.path()).unwrap_err());
+        assert!(e.contains("without a referral model"), "{e}");
     }
 
     #[test]

@@ -9,19 +9,19 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use std::io::Write;
 
-use ma_core::detection::{DetectLine, ImageDetections, ImageFailure};
+use ma_core::detection::{DetectLine, ImageDetections, ImageFailure, ReferralFields};
 use ma_core::image_io;
 use ma_core::manifest::{OperatingPoint, Variant};
 use ma_core::preprocess::{self, FovSource};
 use ma_core::signing::ModelTrust;
 use ma_device::board::BoardConfig;
 use ma_device::cascade::onnx;
-use ma_device::cascade::{Cascade, ImageResult};
+use ma_device::cascade::{Cascade, ImageResult, Referral};
 use ma_device::display::Canvas;
 use ma_device::display::overlay::{OverlayInfo, STATUS_BAR_HEIGHT, draw_overlay};
 use ma_device::files::{Protected, portable_name};
 use ma_device::records;
-use ma_device::run_loop::{RunSummary, Station, stop_on_signals};
+use ma_device::run_loop::{Detector, RunSummary, Station, stop_on_signals};
 use ma_device::{console, errln, outln};
 #[cfg(feature = "synthetic")]
 use ma_synthetic::SyntheticParams;
@@ -103,7 +103,11 @@ enum Command {
     /// Writes one JSON line per image, in sorted path order, flushed after each:
     /// {"image", "width", "height", "detections": [{"x", "y", "score"}], "elapsed_ms"},
     /// with every candidate scoring >= 0.01, best first, in original pixel
-    /// coordinates. An image that cannot be read or processed gives
+    /// coordinates. When the model set has a referral network, the line also carries
+    /// "refer_score" (0..1, higher = more likely referable DR, moderate or worse),
+    /// "refer" (the manifest's refer rule on that score and the MA findings) and
+    /// "attention_boxes" ([{"x0", "y0", "x1", "y1", "weight"}], the regions the network
+    /// weighed most). An image that cannot be read or processed gives
     /// {"image", "error"}; the run goes on and the exit code is 1 at the end.
     ///
     /// The model bundle must be signed by the release key built into this binary
@@ -133,6 +137,11 @@ enum Command {
         /// written gets an error line.
         #[arg(long)]
         annotate: Option<PathBuf>,
+        /// Also write each image with the referral network's attention map blended in
+        /// and its attention boxes outlined, as PNG here (names as --annotate's). Needs
+        /// a model set with a referral network.
+        #[arg(long, value_name = "DIR")]
+        heatmaps: Option<PathBuf>,
         /// Operating point for --annotate circles and the summary: 1, 2 or 4 false
         /// positives per image (thresholds from the manifest).
         #[arg(long, default_value_t = 2)]
@@ -246,6 +255,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             variant,
             annotate,
+            heatmaps,
             operating_point,
             public_key,
             allow_unsigned,
@@ -267,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
                 variant,
                 annotate: annotate.as_deref(),
+                heatmaps: heatmaps.as_deref(),
                 operating_point,
             })?;
             if failed > 0 {
@@ -420,6 +431,7 @@ struct DetectArgs<'a> {
     threads: usize,
     variant: Option<Variant>,
     annotate: Option<&'a Path>,
+    heatmaps: Option<&'a Path>,
     operating_point: u32,
 }
 
@@ -456,7 +468,13 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
             a.input.display()
         );
     }
-    if let Some(dir) = a.annotate {
+    if a.heatmaps.is_some() && cascade.referral_config().is_none() {
+        bail!(
+            "--heatmaps needs a model set with a referral network; {} has none",
+            a.models.display()
+        );
+    }
+    for dir in [a.annotate, a.heatmaps].into_iter().flatten() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     // Neither the JSONL output nor an annotation may land on a photo (`--output
@@ -489,6 +507,7 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
             .and_then(|(r, img)| {
                 // A photo whose annotation cannot be written gets an error line; the
                 // batch goes on.
+                let refer = cascade.refers(&r, threshold);
                 if let Some(dir) = a.annotate {
                     let file = dir.join(format!("{}.png", portable_name(relative)));
                     annotate(
@@ -496,23 +515,34 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
                         &file,
                         &name,
                         &img,
-                        &r,
+                        (&r, refer),
                         threshold,
                         &cascade.manifest.version,
                     )
                     .context("cannot write the annotated image")?;
                 }
-                Ok(r)
+                if let (Some(dir), Some(referral)) = (a.heatmaps, &r.referral) {
+                    let file = dir.join(format!("{}.png", portable_name(relative)));
+                    write_heatmap(&inputs, &file, &img, referral)
+                        .context("cannot write the heatmap image")?;
+                }
+                Ok((r, refer))
             });
         let line = match result {
-            Ok(r) => {
-                referred += usize::from(r.ma_count(threshold) > 0);
+            Ok((r, refer)) => {
+                let referral = r.referral.as_ref().map(|rr| ReferralFields {
+                    refer_score: rr.score,
+                    refer,
+                    attention_boxes: rr.boxes.clone(),
+                });
+                referred += usize::from(refer);
                 DetectLine::Ok(ImageDetections {
                     image: name,
                     width: r.width,
                     height: r.height,
                     detections: r.detections,
                     elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                    referral,
                 })
             }
             Err(e) => {
@@ -529,13 +559,53 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    errln!(
-        "{} image(s), {failed} failed, {referred} with >= 1 MA at {} FP/image (score >= {threshold:.3}) -> {}",
-        files.len(),
-        a.operating_point,
-        a.output.display()
-    );
+    match cascade.referral_config() {
+        Some(cfg) => errln!(
+            "{} image(s), {failed} failed, {referred} referred (rule: {}) -> {}",
+            files.len(),
+            describe_rule(&cfg.rule),
+            a.output.display()
+        ),
+        None => errln!(
+            "{} image(s), {failed} failed, {referred} with >= 1 MA at {} FP/image (score >= {threshold:.3}) -> {}",
+            files.len(),
+            a.operating_point,
+            a.output.display()
+        ),
+    }
     Ok(failed)
+}
+
+/// The refer rule in words.
+fn describe_rule(rule: &ma_core::referral::ReferRule) -> String {
+    match (rule.ma_count, rule.operating_point) {
+        (Some(n), Some(op)) => format!(
+            "refer_score >= {:.3} or >= {n} MA at {op}",
+            rule.score_threshold
+        ),
+        _ => format!("refer_score >= {:.3}", rule.score_threshold),
+    }
+}
+
+/// Writes `img` with the referral attention map blended in and the attention boxes
+/// outlined, as the PNG file `out` (never over an input image).
+fn write_heatmap(
+    inputs: &Protected,
+    out: &Path,
+    img: &image::RgbImage,
+    r: &Referral,
+) -> Result<()> {
+    let mut picture = ma_core::heatmap::blend(img, &r.view, &r.attention, r.attention_side, 1.0);
+    for b in &r.boxes {
+        let white = image::Rgb([255, 255, 255]);
+        ma_core::heatmap::outline(&mut picture, b.x0, b.y0, b.x1, b.y1, white);
+    }
+    let file = inputs.create(out)?;
+    let mut writer = std::io::BufWriter::new(file);
+    picture
+        .write_to(&mut writer, image::ImageFormat::Png)
+        .and_then(|_| writer.flush().map_err(image::ImageError::IoError))
+        .with_context(|| format!("cannot write {}", out.display()))
 }
 
 /// Writes `img` with its MAs circled and a status bar, as the PNG file `out` (never over
@@ -545,16 +615,16 @@ fn annotate(
     out: &Path,
     name: &str,
     img: &image::RgbImage,
-    r: &ImageResult,
+    (r, refer): (&ImageResult, bool),
     threshold: f64,
     version: &str,
 ) -> Result<()> {
-    let count = r.ma_count(threshold);
     let info = OverlayInfo {
         detections: r.detections.clone(),
         threshold,
-        ma_count: count,
-        refer: count > 0,
+        ma_count: r.ma_count(threshold),
+        refer,
+        refer_score: r.referral.as_ref().map(|rr| rr.score),
         latency_ms: r.timings.total,
         frame_number: 0,
         source_state: name.to_string(),

@@ -52,6 +52,11 @@ pub trait Detector {
     fn detect(&self, image: &RgbImage) -> Result<ImageResult>;
     /// Stored in every record and shown on the status bar.
     fn model_version(&self) -> String;
+    /// Whether the eye is referred: by default when at least one MA scores
+    /// `ma_threshold` (the board's operating point).
+    fn refers(&self, result: &ImageResult, ma_threshold: f64) -> bool {
+        result.ma_count(ma_threshold) > 0
+    }
 }
 
 impl Detector for Cascade {
@@ -69,6 +74,18 @@ impl Detector for Cascade {
             ""
         };
         format!("{} {}{unsigned}", self.manifest.version, self.variant)
+    }
+
+    /// With a referral network, the manifest's refer rule (referral score and MA
+    /// counts at the rule's own operating point, chosen on cross-validation); without
+    /// one, at least one MA at the board's operating point.
+    fn refers(&self, result: &ImageResult, ma_threshold: f64) -> bool {
+        match (self.referral_config(), &result.referral) {
+            (Some(cfg), Some(r)) => cfg.rule.refers(r.score, |op| {
+                result.ma_count(self.manifest.operating_points.threshold(op))
+            }),
+            _ => result.ma_count(ma_threshold) > 0,
+        }
     }
 }
 
@@ -285,10 +302,13 @@ impl Station {
                 let count = result.ma_count(self.threshold);
                 record.detections = result.detections.iter().map(|&d| d.into()).collect();
                 record.ma_count = u32::try_from(count).unwrap_or(u32::MAX);
-                record.refer = count > 0;
+                record.refer = self.detector.refers(result, self.threshold);
                 summary.processed += 1;
                 summary.referred += u64::from(record.refer);
-                Some(result.detections.clone())
+                Some((
+                    result.detections.clone(),
+                    result.referral.as_ref().map(|r| r.score),
+                ))
             }
             Err(e) => {
                 record.error = Some(one_line(&format!("{e:#}")));
@@ -320,12 +340,13 @@ impl Station {
         let ok = saved.is_ok() && state.is_ok();
         let status = format!("{saved_text}, {state}");
         screen.screen.shown = match detections {
-            Some(detections) => Shown::Result {
+            Some((detections, refer_score)) => Shown::Result {
                 info: OverlayInfo {
                     detections,
                     threshold: self.threshold,
                     ma_count: record.ma_count as usize,
                     refer: record.refer,
+                    refer_score,
                     latency_ms: elapsed_ms,
                     frame_number: frame.id,
                     source_state: String::new(),
@@ -502,6 +523,7 @@ mod tests {
                 height: image.height(),
                 detections: vec![d(10.0, 0.9), d(30.0, 0.2)],
                 candidates: 2,
+                referral: None,
                 timings: Timings::default(),
             })
         }

@@ -22,6 +22,28 @@ pub fn export_untrained_models(
     version: &str,
     operating_points: [f64; 3],
 ) -> PathBuf {
+    export_untrained(out, seed, version, operating_points, None)
+}
+
+/// [`export_untrained_models`] with an untrained referral network of input side `side`
+/// added (its refer rule: `refer_score >= 0.5`), signed the same way.
+pub fn export_untrained_models_with_referral(
+    out: &Path,
+    seed: i64,
+    version: &str,
+    operating_points: [f64; 3],
+    side: usize,
+) -> PathBuf {
+    export_untrained(out, seed, version, operating_points, Some(side))
+}
+
+fn export_untrained(
+    out: &Path,
+    seed: i64,
+    version: &str,
+    operating_points: [f64; 3],
+    referral_side: Option<usize>,
+) -> PathBuf {
     tch::manual_seed(seed);
     let stage1 = tch::nn::VarStore::new(tch::Device::Cpu);
     let _net1 = Net::new(&stage1.root(), Stage::Candidates);
@@ -46,6 +68,24 @@ pub fn export_untrained_models(
         },
     )
     .expect("exporting an untrained model set");
+    if let Some(side) = referral_side {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let _net = ma_trainer::referral::ReferralNet::new(&vs.root());
+        let cfg = ma_core::referral::ReferralConfig {
+            input_side: side,
+            attention_stride: ma_trainer::nets::REFERRAL_STRIDE,
+            boxes: 4,
+            rule: ma_core::referral::ReferRule {
+                score_threshold: 0.5,
+                ma_count: None,
+                operating_point: None,
+            },
+            training_data: "none (untrained)".into(),
+            cv_auc: 0.5,
+        };
+        ma_trainer::export::referral::add_to_model_set(&vs, out, &cfg, version)
+            .expect("adding an untrained referral network");
+    }
     let name = out
         .file_name()
         .expect("models folder name")

@@ -3,8 +3,9 @@
 //! reason, never a panic; the exit code is 1 when any image failed and 0 when none did;
 //! headers claiming huge sizes are refused before anything large is allocated.
 //!
-//! The models are untrained nets exported in a temporary folder (no trained models are
-//! shipped yet): what is tested is the handling of inputs, not accuracy.
+//! The models are untrained nets exported in a temporary folder, with a referral network
+//! (CONTRACTS.md section 3: every result line carries `refer_score`, no error line does):
+//! what is tested is the handling of inputs, not accuracy.
 //!
 //! The binary is built (or found fresh) by running `cargo build -p ma-device` from the
 //! test: integration tests of another package do not get `CARGO_BIN_EXE_*`. Set
@@ -25,6 +26,8 @@ use ma_synthetic::{SyntheticParams, generate};
 /// Peak resident memory allowed for a run whose only input claims a huge size: the models
 /// and the binary, nothing in proportion to the claimed size.
 const HUGE_HEADER_RSS_LIMIT_MB: u64 = 300;
+/// Input side of the test models' referral network (small: the nets are untrained).
+const REFERRAL_SIDE: usize = 64;
 /// A run that takes longer than this is killed and fails the test (a hang).
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -45,7 +48,13 @@ fn fixture() -> &'static Mutex<Fixture> {
     FIXTURE.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let models = dir.path().join("models");
-        let key = ma_tests::export_untrained_models(&models, 7, "bad-inputs-test", [0.5, 0.5, 0.5]);
+        let key = ma_tests::export_untrained_models_with_referral(
+            &models,
+            7,
+            "bad-inputs-test",
+            [0.5, 0.5, 0.5],
+            REFERRAL_SIDE,
+        );
         Mutex::new(Fixture {
             binary: ma_tests::ma_device_binary().to_path_buf(),
             models,
@@ -560,6 +569,23 @@ fn check_line(case_name: &str, expect: Expect, line: &DetectLine) {
         (Expect::Ok, DetectLine::Ok(_)) | (Expect::Either, _) => {}
         (expect, line) => panic!("{case_name}: expected {expect:?}, got {line:?}"),
     }
+    if let DetectLine::Ok(d) = line {
+        let r = d
+            .referral
+            .as_ref()
+            .unwrap_or_else(|| panic!("{case_name}: a result line without refer_score"));
+        assert!((0.0..=1.0).contains(&r.refer_score), "{case_name}: {r:?}");
+        assert_eq!(
+            r.refer,
+            r.refer_score >= 0.5,
+            "{case_name}: the rule is score >= 0.5"
+        );
+        assert_eq!(r.attention_boxes.len(), 4, "{case_name}: {r:?}");
+        for b in &r.attention_boxes {
+            assert!(b.x0 < b.x1 && b.y0 < b.y1, "{case_name}: {b:?}");
+            assert!((0.0..=1.0).contains(&b.weight), "{case_name}: {b:?}");
+        }
+    }
     if let DetectLine::Failed(f) = line {
         assert!(!f.error.trim().is_empty(), "{case_name}: empty reason");
         assert!(
@@ -647,6 +673,81 @@ fn every_bad_image_gives_one_clean_line_and_exit_code_1() {
         tried - ok,
         run.elapsed.as_secs_f64(),
         run.max_rss_mb
+    );
+}
+
+#[test]
+fn referral_fields_and_heatmaps_only_for_photos_that_worked() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    small_fundus().save(photos.join("a-good.png")).unwrap();
+    std::fs::write(photos.join("b-broken.png"), b"\x89PNG\r\n\x1a\n not really").unwrap();
+    let (out, heatmaps) = (dir.path().join("out.jsonl"), dir.path().join("heat"));
+    let fx = lock_fixture();
+    let run = detect_with(
+        &fx,
+        &photos,
+        &out,
+        &["--heatmaps".as_ref(), heatmaps.as_os_str()],
+    );
+    assert_no_panic(&run);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    let raw = std::fs::read_to_string(&out).unwrap();
+    let raw: Vec<&str> = raw.lines().collect();
+    assert_eq!(raw.len(), 2, "{raw:?}");
+    assert!(raw[0].contains("\"refer_score\":"), "{}", raw[0]);
+    assert!(raw[0].contains("\"attention_boxes\":"), "{}", raw[0]);
+    assert!(
+        raw[1].contains("\"error\":") && !raw[1].contains("refer"),
+        "an error line carries no score: {}",
+        raw[1]
+    );
+    check_line("a-good.png", Expect::Ok, &run.lines[0]);
+    let written: Vec<_> = std::fs::read_dir(&heatmaps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        written,
+        ["a-good.png.png"],
+        "one heatmap, for the photo that worked"
+    );
+    let picture = image::open(heatmaps.join("a-good.png.png")).unwrap();
+    assert_eq!(picture.width(), 320);
+    assert!(
+        run.stderr.contains("referred (rule: refer_score >= 0.500)"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn heatmaps_without_a_referral_network_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    let key = ma_tests::export_untrained_models(&models, 9, "no-referral", [0.5, 0.5, 0.5]);
+    let photo = dir.path().join("a.png");
+    small_fundus().save(&photo).unwrap();
+    let out = Command::new(ma_tests::ma_device_binary())
+        .arg("detect")
+        .arg("--models")
+        .arg(&models)
+        .arg("--public-key")
+        .arg(&key)
+        .arg("--input")
+        .arg(&photo)
+        .arg("--output")
+        .arg(dir.path().join("out.jsonl"))
+        .arg("--heatmaps")
+        .arg(dir.path().join("heat"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--heatmaps needs a model set with a referral network"),
+        "{stderr}"
     );
 }
 

@@ -13,9 +13,10 @@ use ma_core::geometry::Planes;
 use ma_core::manifest::{Manifest, ModelEntry, ModelGeometry, OperatingPoints, Training, Variant};
 use ma_core::preprocess::PreprocessConfig;
 use ma_core::scoring::Scoring;
-use ma_device::cascade::onnx::{Stage1Model, Stage2Model};
+use ma_device::cascade::onnx::{ReferralModel, Stage1Model, Stage2Model};
 use ma_trainer::export::{WeightFormat, onnx_model, write_onnx};
-use ma_trainer::nets::{Layer, Net, Stage};
+use ma_trainer::nets::{Layer, Net, Stage, referral_trunk};
+use ma_trainer::referral::ReferralNet;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -34,10 +35,15 @@ fn net(stage: Stage, seed: i64) -> (VarStore, Net) {
     tch::manual_seed(seed);
     let vs = VarStore::new(Device::Cpu);
     let net = Net::new(&vs.root(), stage);
-    // Batch norms start as the identity (mean 0, variance 1, scale 1, shift 0), which
-    // would fold to nothing: give them statistics as training leaves them.
+    randomise_batch_norms(&vs, &stage.layers());
+    (vs, net)
+}
+
+/// Batch norms start as the identity (mean 0, variance 1, scale 1, shift 0), which would
+/// fold to nothing: give them statistics as training leaves them.
+fn randomise_batch_norms(vs: &VarStore, layers: &[Layer]) {
     let vars = vs.variables();
-    for layer in stage.layers() {
+    for layer in layers.iter().cloned() {
         if let Layer::BatchNorm { name, channels } = layer {
             let set = |what: &str, t: Tensor| {
                 let mut v = vars[&format!("{name}.{what}")].shallow_clone();
@@ -50,7 +56,6 @@ fn net(stage: Stage, seed: i64) -> (VarStore, Net) {
             set("running_var", rand() * 2.0 + 0.2);
         }
     }
-    (vs, net)
 }
 
 /// Rescales and shifts the last layer so the margin (MA minus non-MA) on `input` has
@@ -210,6 +215,7 @@ fn manifest(dir: &Path, entries: &[(Stage, Variant, &str)]) -> Manifest {
             licence: "research use only".into(),
             cv_cpm: 0.0,
         },
+        referral: None,
         models,
         dir: dir.to_path_buf(),
     };
@@ -358,6 +364,91 @@ fn stage2_export_matches_tch_in_tract_and_onnxruntime() {
     for (file, expected) in [(&float_file, want.unsqueeze(1)), (&int8_file, tract8)] {
         check_with_onnxruntime(&tmp.path().join(file), &patches, &expected, FLOAT_TOLERANCE);
     }
+}
+
+#[test]
+fn referral_export_matches_tch_in_tract_and_onnxruntime() {
+    use ma_trainer::export::referral::onnx_model as referral_onnx;
+    let side = 64usize;
+    let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(16);
+    let vs = VarStore::new(Device::Cpu);
+    let net = ReferralNet::new(&vs.root());
+    randomise_batch_norms(&vs, &referral_trunk());
+    let images = Tensor::randn([4, 3, side as i64, side as i64], (Kind::Float, Device::Cpu));
+    // Temper the class head so the margins spread (see `temper`).
+    let m = net.forward_t(&images, false).margin;
+    let factor = 1.5 / m.std(true).double_value(&[]).max(1e-6);
+    let vars = vs.variables();
+    for what in ["weight", "bias"] {
+        let mut v = vars[&format!("classes.{what}")].shallow_clone();
+        tch::no_grad(|| {
+            let _ = v.f_mul_scalar_(factor).unwrap();
+        });
+    }
+    let want = net.forward_t(&images, false);
+    drop(guard);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sizes = Vec::new();
+    let mut margins = [Vec::new(), Vec::new()];
+    for (k, format) in [WeightFormat::Float, WeightFormat::Int8Weights]
+        .into_iter()
+        .enumerate()
+    {
+        let path = tmp.path().join(format!("referral-{}.onnx", format.name()));
+        write_onnx(&path, &referral_onnx(&vs, side, format).unwrap()).unwrap();
+        sizes.push(std::fs::metadata(&path).unwrap().len());
+        let model = ReferralModel::load(&std::fs::read(&path).unwrap(), side).unwrap();
+        for i in 0..4 {
+            let x = images.get(i);
+            let out = model.run(&planes_of(&x.unsqueeze(0))).unwrap();
+            assert_eq!(out.attention_side, side / 16);
+            margins[k].push(out.margin);
+            if format == WeightFormat::Float {
+                let d_att = max_abs_diff(&out.attention, &to_vec(&want.attention.get(i)));
+                assert!(d_att <= FLOAT_TOLERANCE, "attention of image {i}: {d_att}");
+                // onnxruntime: the float file against tch (the margin, its first output).
+                if i == 0 {
+                    check_with_onnxruntime(
+                        &path,
+                        &x.unsqueeze(0),
+                        &want.margin.get(0).view([1, 1]),
+                        FLOAT_TOLERANCE,
+                    );
+                }
+            }
+        }
+    }
+    assert_spread(&margins[0]);
+    let d_float = max_abs_diff(&margins[0], &to_vec(&want.margin));
+    let d_quant = max_abs_diff(&margins[1], &margins[0]);
+    eprintln!(
+        "referral: tract vs tch float {d_float:.2e}; int8 vs float {d_quant:.2e}; files {} B \
+         float, {} B int8",
+        sizes[0], sizes[1]
+    );
+    assert!(d_float <= FLOAT_TOLERANCE, "float: {d_float}");
+    assert!(
+        d_quant < INT8_VS_FLOAT_TOLERANCE,
+        "int8 vs float: {d_quant}"
+    );
+    assert!(
+        sizes[1] * 10 <= sizes[0] * 3,
+        "int8 {} B vs float {} B",
+        sizes[1],
+        sizes[0]
+    );
+    let err = format!(
+        "{:#}",
+        ReferralModel::load(
+            &std::fs::read(tmp.path().join("referral-float.onnx")).unwrap(),
+            side
+        )
+        .unwrap()
+        .run(&Planes::zeros(32, 32))
+        .unwrap_err()
+    );
+    assert!(err.contains("64x64"), "{err}");
 }
 
 #[test]

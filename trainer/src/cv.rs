@@ -204,6 +204,7 @@ pub fn cross_validate(
                 height: images[i].truth.height,
                 detections: shipped,
                 elapsed_ms: t.elapsed().as_secs_f64() * 1e3,
+                referral: None,
             });
             writeln!(det_file, "{}", line.to_json_line())
                 .with_context(|| format!("cannot write {}", det_path.display()))?;

@@ -45,6 +45,39 @@ pub struct Evaluation {
     /// Lines for images that are not in the dataset (or split): ignored.
     pub ignored_lines: usize,
     pub detection_lines: usize,
+    /// Each image's `refer_score`, in dataset order, when every line carries one (a
+    /// model set with a referral network).
+    pub refer_scores: Option<Vec<f64>>,
+    /// Lesions whose centroid lies in one of their photo's `attention_boxes`, and all
+    /// lesions (with referral fields on every line): how much of the lesion load the
+    /// zoom-in regions cover.
+    pub lesions_in_attention_boxes: Option<(usize, usize)>,
+}
+
+impl Evaluation {
+    /// Image-level AUCs of "has a lesion" for the referral score alone and for the rank
+    /// average of the referral score and the best detection score; `None` without
+    /// referral scores or when one class is missing.
+    pub fn referral_aucs(&self) -> Option<(f64, f64)> {
+        let refer = self.refer_scores.as_ref()?;
+        let labels: Vec<bool> = self.outcomes.iter().map(|o| o.lesions() > 0).collect();
+        if labels.iter().all(|&l| l) || labels.iter().all(|&l| !l) {
+            return None;
+        }
+        let best: Vec<f64> = self
+            .outcomes
+            .iter()
+            .map(|o| o.best_score().unwrap_or(0.0))
+            .collect();
+        let auc = |s: &[f64]| {
+            let s: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+            crate::train::auc(&s, &labels)
+        };
+        Some((
+            auc(refer),
+            auc(&crate::referral_cv::rank_average(refer, &best)),
+        ))
+    }
 }
 
 /// Detection lines matched to dataset images.
@@ -191,9 +224,17 @@ pub fn evaluate(opts: &EvalOptions) -> Result<Evaluation> {
     };
     bar.set_message("loading ground truth");
     let mut outcomes = Vec::with_capacity(dataset.images.len());
+    let mut in_boxes = (0usize, 0usize);
     for (image, dets) in dataset.images.iter().zip(&matched.images) {
         // One image's truth at a time: DiaretDB1 uncertain masks are megabytes each.
         let truth = image.load_truth()?;
+        if let Some(r) = &dets.referral {
+            for lesion in &truth.lesions {
+                let (x, y) = lesion.centroid();
+                in_boxes.0 += usize::from(r.attention_boxes.iter().any(|b| b.contains(x, y)));
+                in_boxes.1 += 1;
+            }
+        }
         if (dets.width, dets.height) != (truth.width, truth.height) {
             bail!(
                 "{}: the detections file {} gives size {}x{} but the image is {}x{}",
@@ -219,7 +260,14 @@ pub fn evaluate(opts: &EvalOptions) -> Result<Evaluation> {
     };
     let report = FrocReport::from_outcomes(&outcomes)
         .with_context(|| format!("cannot score {dataset_label} at {}", opts.root.display()))?;
+    let refer_scores: Option<Vec<f64>> = matched
+        .images
+        .iter()
+        .map(|d| d.referral.as_ref().map(|r| r.refer_score))
+        .collect();
     Ok(Evaluation {
+        lesions_in_attention_boxes: refer_scores.is_some().then_some(in_boxes),
+        refer_scores,
         dataset_label,
         report,
         outcomes,
@@ -293,6 +341,22 @@ pub fn format_report(eval: &Evaluation, detections: &Path, per_image: bool) -> S
             reason.unwrap_or_default()
         )
         .unwrap(),
+    }
+    if let Some((inside, all)) = eval.lesions_in_attention_boxes.filter(|&(_, all)| all > 0) {
+        writeln!(
+            w,
+            "lesions inside their photo's attention boxes: {inside} of {all} ({:.1}%)",
+            100.0 * inside as f64 / all as f64
+        )
+        .unwrap();
+    }
+    if let Some((refer, combined)) = eval.referral_aucs() {
+        writeln!(
+            w,
+            "image-level AUC of refer_score: {refer:.3}; of the rank average of refer_score \
+             and the best detection score: {combined:.3}"
+        )
+        .unwrap();
     }
     writeln!(
         w,
@@ -401,6 +465,7 @@ mod tests {
                 score: 0.5,
             }],
             elapsed_ms: 1.0,
+            referral: None,
         })
     }
 

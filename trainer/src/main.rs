@@ -25,6 +25,8 @@ use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::nets::Stage;
 use ma_trainer::pipeline::{Cascade, PipelineConfig, train_cascade};
 use ma_trainer::prepare::{PreparedImage, prepare_all};
+use ma_trainer::referral::ReferralTraining;
+use ma_trainer::referral_run::{self, ReferralData};
 use ma_trainer::train::load_net;
 use ma_trainer::training_data::{DeviceSettings, TrainingData};
 
@@ -156,6 +158,28 @@ enum Command {
         #[arg(long, value_name = "KEY")]
         key: PathBuf,
     },
+    /// The image-level referral network (refer the eye or not, moderate DR or worse),
+    /// trained on the graded photos: `referral cv`, `referral train`, `referral export`.
+    #[command(subcommand)]
+    Referral(ReferralCommand),
+    /// Heatmaps of the referral network for the workstation: for each photo, the S1 map
+    /// (how much each pixel moves the referral decision, by backpropagation; Quellec et
+    /// al. 2017) and the attention map, blended onto the photo with the top attention
+    /// boxes outlined, as OUT/<name>-s1.png and OUT/<name>-attention.png; prints each
+    /// photo's referral score.
+    Heatmap {
+        /// Referral weights (`referral train`'s OUT/referral.safetensors).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Model set with a [referral] section (input side, boxes) and the preprocessing.
+        #[arg(long, default_value = "models")]
+        models: PathBuf,
+        /// A photo or a folder of photos (searched recursively).
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Show the libtorch device training would use, CUDA availability and torch threads;
     /// with datasets (the same --dataset/--root pairs as `train`), also what the
     /// canonical-scale step does to each: photo sizes, FOV diameters, the scale applied and
@@ -169,6 +193,122 @@ enum Command {
         #[arg(long)]
         paths: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ReferralCommand {
+    /// Cross-validation by patient on the graded photos: trains one network per fold
+    /// (OUT/fold-K/referral.safetensors), scores its held-out photos (OUT/fold-K.csv) and,
+    /// once every fold is done, prints and writes OUT/referral-cv.json: AUC and
+    /// sensitivity at 85% and 90% specificity of the referral score, of the cascade's MA
+    /// count (with --ma-detections) and of both, and the refer rule chosen on the CV.
+    Cv {
+        #[command(flatten)]
+        args: ReferralArgs,
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of folds (patients, in name order and by referable or not, go to fold
+        /// j mod K; both eyes of a patient stay together).
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Run only this fold (1-based), to spread the CV over several runs; the summary
+        /// is made by the run that finds every fold done. Without it, folds already done
+        /// in OUT (their fold-K.csv written) are kept, so an interrupted CV resumes and a
+        /// finished one is only summarised again (e.g. with --ma-detections).
+        #[arg(long)]
+        fold: Option<usize>,
+        /// `ma-device detect` output on the same graded photos with the shipped cascade:
+        /// its MA counts are the baseline and may join the refer rule.
+        #[arg(long, value_name = "FILE.jsonl")]
+        ma_detections: Option<PathBuf>,
+    },
+    /// Where a lesion set's MAs fall in the attention maps (Zoom-in-Net's figure): the
+    /// fewest top attention cells per photo that hold 50% and 80% of the annotated
+    /// lesions, and the share in the 4 cells `detect` reports as boxes.
+    Coverage {
+        /// Referral weights.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Model set with a [referral] section and the preprocessing.
+        #[arg(long, default_value = "models")]
+        models: PathBuf,
+        #[arg(long, value_enum)]
+        dataset: DatasetKind,
+        #[arg(long)]
+        root: PathBuf,
+        /// DiaretDB1 and IDRiD: this published split; omit for every image.
+        #[arg(long, value_enum)]
+        split: Option<Split>,
+    },
+    /// Train on every graded photo: OUT/referral.safetensors.
+    Train {
+        #[command(flatten)]
+        args: ReferralArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add the trained network to a model set (referral-float.onnx, referral-int8.onnx,
+    /// the manifest's [referral] section with the rule and AUC of the CV), leaving its
+    /// other models as they are; the manifest changes, so sign it again (--sign).
+    Export {
+        /// `referral train`'s weights.
+        #[arg(long)]
+        weights: PathBuf,
+        /// `referral cv`'s OUT (referral-cv.json).
+        #[arg(long)]
+        cv: PathBuf,
+        /// The model set to add it to.
+        #[arg(long, default_value = "models")]
+        models: PathBuf,
+        /// New release name of the set.
+        #[arg(long)]
+        version: String,
+        /// Sign the updated manifest with this secret key.
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ReferralArgs {
+    /// The graded set's root (holds `DR and maculopathy 10 classes/`).
+    #[arg(long, default_value = "../shared/datasets/dr_grading")]
+    data: PathBuf,
+    /// Preprocess with this model set's [preprocess] settings (the cascade's: the device
+    /// preprocesses a photo once for both).
+    #[arg(long, default_value = "models")]
+    models: PathBuf,
+    /// Side of the network's square input (a multiple of 16): the field of view averaged
+    /// down to it.
+    #[arg(long, default_value_t = 320)]
+    side: usize,
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Peak learning rate (AdamW, one-cycle schedule).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Seed of everything random.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl ReferralArgs {
+    fn data(&self) -> ReferralData {
+        ReferralData {
+            data: self.data.clone(),
+            models: self.models.clone(),
+            side: self.side,
+            training: ReferralTraining {
+                epochs: self.epochs,
+                batch_size: self.batch,
+                learning_rate: self.lr,
+                seed: self.seed,
+                ..Default::default()
+            },
+        }
+    }
 }
 
 #[derive(Args)]
@@ -774,6 +914,39 @@ fn export(
     Ok(())
 }
 
+fn referral_export(
+    weights: &Path,
+    cv: &Path,
+    models: &Path,
+    version: &str,
+    sign: Option<&Path>,
+) -> Result<()> {
+    let secret = sign
+        .map(|k| SecretKey::read(k).context("referral export --sign"))
+        .transpose()?;
+    let manifest = referral_run::export(weights, cv, models, version)?;
+    let cfg = manifest
+        .referral
+        .as_ref()
+        .context("export wrote no [referral]")?;
+    println!(
+        "added the referral network to {} (release {}, CV AUC {:.3}, rule {:?})",
+        models.display(),
+        manifest.version,
+        cfg.cv_auc,
+        cfg.rule
+    );
+    match &secret {
+        Some(key) => println!(
+            "wrote {} (signed by key {})",
+            signing::sign_manifest(models, key)?.display(),
+            key.public().fingerprint()
+        ),
+        None => println!("not signed: sign the set again with `ma-trainer sign`"),
+    }
+    Ok(())
+}
+
 fn sign(models: &Path, key: &Path) -> Result<()> {
     let secret = SecretKey::read(key).context("sign --key")?;
     let manifest = ma_core::manifest::Manifest::load(models)?;
@@ -857,6 +1030,57 @@ fn run(cli: Cli) -> Result<()> {
             default_variant,
             sign.as_deref(),
         ),
+        Command::Referral(ReferralCommand::Cv {
+            args,
+            out,
+            folds,
+            fold,
+            ma_detections,
+        }) => referral_run::cv(&args.data(), &out, folds, fold, ma_detections.as_deref()),
+        Command::Referral(ReferralCommand::Coverage {
+            weights,
+            models,
+            dataset,
+            root,
+            split,
+        }) => {
+            let load = LoadOptions {
+                split,
+                confidence_threshold: 0.5,
+            };
+            let data = Dataset::load(dataset, &root, &load).with_context(|| {
+                format!("cannot load the {dataset} dataset at {}", root.display())
+            })?;
+            let c = referral_run::attention_coverage(&weights, &models, &data)?;
+            println!(
+                "{}: {} photos, {} lesions; of {} attention cells, the top {} hold 50% of the \
+                 lesions, the top {} hold 80%; the 4 reported boxes hold {:.1}%",
+                c.dataset,
+                c.photos,
+                c.lesions,
+                c.cells,
+                c.cells_for_50,
+                c.cells_for_80,
+                100.0 * c.share_in_top_4
+            );
+            Ok(())
+        }
+        Command::Referral(ReferralCommand::Train { args, out }) => {
+            referral_run::train(&args.data(), &out).map(|_| ())
+        }
+        Command::Referral(ReferralCommand::Export {
+            weights,
+            cv,
+            models,
+            version,
+            sign,
+        }) => referral_export(&weights, &cv, &models, &version, sign.as_deref()),
+        Command::Heatmap {
+            weights,
+            models,
+            input,
+            out,
+        } => referral_run::heatmaps(&weights, &models, &input, &out),
         Command::Keygen { out } => keygen(&out),
         Command::Sign { models, key } => sign(&models, &key),
         Command::Info { data, paths: true } => data.print_paths(),

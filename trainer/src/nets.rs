@@ -114,28 +114,8 @@ impl Stage {
                 conv("head", 24, 2, 1, 1),
             ],
             Stage::Verdict => {
-                let mut layers = Vec::new();
-                let widths = [16, 32, 32, 64, 64];
-                let names = [
-                    ("conv1", "bn1"),
-                    ("conv2", "bn2"),
-                    ("conv3", "bn3"),
-                    ("conv4", "bn4"),
-                    ("conv5", "bn5"),
-                ];
-                let mut c = 3;
-                for (&w, &(cn, bn)) in widths.iter().zip(&names) {
-                    layers.extend([
-                        conv(cn, c, w, 3, 1),
-                        BatchNorm {
-                            name: bn,
-                            channels: w,
-                        },
-                        LeakyRelu,
-                        MaxPool2,
-                    ]);
-                    c = w;
-                }
+                let c = 64;
+                let mut layers = conv_bn_blocks(&[16, 32, 32, 64, c], 5);
                 // 41 -> 1 after five pools: the average over the 1x1 map is a flatten.
                 layers.extend([
                     GlobalAvgPool,
@@ -192,6 +172,56 @@ impl Stage {
     }
 }
 
+/// Channels of the referral trunk's last feature map.
+pub const REFERRAL_FEATURES: i64 = 64;
+
+/// Input pixels per cell of the referral trunk's feature map (four 2x2 pools).
+pub const REFERRAL_STRIDE: usize = 16;
+
+/// The referral network's trunk (M-Net of Zoom-in-Net, scaled to the board): four
+/// blocks of 3x3 conv, batch norm, LeakyReLU and 2x2 pool (16, 32, 48, 64 filters), then
+/// a 3x3 conv (64) with batch norm and LeakyReLU at stride 16. Its two heads (attention
+/// and class margin, 1x1 convs) are in [`crate::referral`].
+pub fn referral_trunk() -> Vec<Layer> {
+    conv_bn_blocks(&[16, 32, 48, 64, REFERRAL_FEATURES], 4)
+}
+
+/// Blocks of 3x3 conv (`convK`, the widths in order, on a 3-channel input), batch norm
+/// (`bnK`) and LeakyReLU, the first `pooled` of them followed by a 2x2 max-pool.
+fn conv_bn_blocks(widths: &[i64], pooled: usize) -> Vec<Layer> {
+    const NAMES: [(&str, &str); 5] = [
+        ("conv1", "bn1"),
+        ("conv2", "bn2"),
+        ("conv3", "bn3"),
+        ("conv4", "bn4"),
+        ("conv5", "bn5"),
+    ];
+    assert!(widths.len() <= NAMES.len(), "name more blocks");
+    let mut layers = Vec::new();
+    let mut c = 3;
+    for (k, (&w, &(conv, bn))) in widths.iter().zip(&NAMES).enumerate() {
+        layers.extend([
+            Layer::Conv {
+                name: conv,
+                in_channels: c,
+                out_channels: w,
+                kernel: 3,
+                dilation: 1,
+            },
+            Layer::BatchNorm {
+                name: bn,
+                channels: w,
+            },
+            Layer::LeakyRelu,
+        ]);
+        if k < pooled {
+            layers.push(Layer::MaxPool2);
+        }
+        c = w;
+    }
+    layers
+}
+
 enum Op {
     Conv(nn::Conv2D),
     BatchNorm(nn::BatchNorm),
@@ -204,16 +234,19 @@ enum Op {
     GlobalAvgPool,
 }
 
-/// A network built from [`Stage::layers`] in a var store.
+/// A network built from a list of layers ([`Stage::layers`], [`referral_trunk`]) in a
+/// var store.
 pub struct Net {
-    pub stage: Stage,
     ops: Vec<Op>,
 }
 
 impl Net {
     pub fn new(vs: &nn::Path, stage: Stage) -> Self {
-        let ops = stage
-            .layers()
+        Self::from_layers(vs, stage.layers())
+    }
+
+    pub fn from_layers(vs: &nn::Path, layers: Vec<Layer>) -> Self {
+        let ops = layers
             .into_iter()
             .map(|layer| match layer {
                 Layer::Conv {
@@ -249,7 +282,7 @@ impl Net {
                 Layer::GlobalAvgPool => Op::GlobalAvgPool,
             })
             .collect();
-        Self { stage, ops }
+        Self { ops }
     }
 
     /// Logits: N x 2 x H/2 x W/2 for stage 1 (H and W multiples of

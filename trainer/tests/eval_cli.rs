@@ -62,6 +62,7 @@ fn perfect_lines() -> &'static [ImageDetections] {
                     height: truth.height,
                     detections,
                     elapsed_ms: 1.0,
+                    referral: None,
                 }
             })
             .collect();
@@ -115,6 +116,7 @@ fn detections_on_every_lesion_score_cpm_one_and_plot() {
         height: 10,
         detections: vec![],
         elapsed_ms: 1.0,
+        referral: None,
     });
     write_jsonl(&file, lines);
     let plot = dir.path().join("froc.png");

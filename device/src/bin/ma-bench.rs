@@ -321,21 +321,22 @@ fn emulate(a: &Args, bytes: &[u8], trust: &ModelTrust) -> Result<Value> {
     let t = Instant::now();
     let (first, _) = detect()?;
     let first_ms = ms(t);
-    let mut samples = vec![Samples::default(); 4];
+    let mut samples = vec![Samples::default(); 5];
     for i in 0..a.warmup + a.runs.max(1) {
         let (r, cpu) = detect()?;
         if i >= a.warmup {
             let t = r.timings;
-            for (s, wall) in samples
-                .iter_mut()
-                .zip([t.preprocess, t.stage1, t.stage2, t.total])
+            for (s, wall) in
+                samples
+                    .iter_mut()
+                    .zip([t.preprocess, t.stage1, t.stage2, t.total, t.referral])
             {
                 s.wall.push(wall);
             }
             samples[3].cpu.push(cpu);
         }
     }
-    let [pre, s1, s2, total] = [0, 1, 2, 3].map(|k| stats(&samples[k]));
+    let [pre, s1, s2, total, referral] = [0, 1, 2, 3, 4].map(|k| stats(&samples[k]));
     Ok(json!({
         "emulate": true,
         "image": a.image,
@@ -350,6 +351,7 @@ fn emulate(a: &Args, bytes: &[u8], trust: &ModelTrust) -> Result<Value> {
             "preprocess": pre,
             "stage1": s1,
             "stage2": s2,
+            "referral": referral,
             "detect": total,
         },
         "peak_rss_mib": proc_status_mib("VmHWM:"),
@@ -391,7 +393,7 @@ fn main() -> Result<()> {
     for _ in 0..if a.nets_only { 0 } else { a.warmup } {
         cascade.detect(&image_io::decode_image(&bytes)?)?;
     }
-    let (mut decode, mut pre, mut s1, mut s2) = (vec![], vec![], vec![], vec![]);
+    let (mut decode, mut pre, mut s1, mut s2, mut rf) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut detect, mut e2e) = (Samples::default(), Samples::default());
     let mut candidates = first.candidates;
     let mut detections = first.detections.len();
@@ -412,6 +414,7 @@ fn main() -> Result<()> {
             pre.push(r.timings.preprocess);
             s1.push(r.timings.stage1);
             s2.push(r.timings.stage2);
+            rf.push(r.timings.referral);
             detect.wall.push(r.timings.total);
             detect.cpu.push(c2 - c1);
             last = Some(r);
@@ -668,6 +671,7 @@ fn main() -> Result<()> {
             "preprocess": stats(&Samples::wall_only(pre)),
             "stage1": stats(&Samples::wall_only(s1)),
             "stage2": stats(&Samples::wall_only(s2)),
+            "referral": stats(&Samples::wall_only(rf)),
             "detect": stats(&detect),
             "decode_detect": stats(&e2e),
             "preprocess_alone": stats(&pre_times),
@@ -722,6 +726,7 @@ fn main() -> Result<()> {
         ("preprocess", "preprocess"),
         ("stage1", "stage 1 (net + candidates)"),
         ("stage2", "stage 2 (patches + net)"),
+        ("referral", "referral network (0: none)"),
         ("detect", "end to end (decoded image in)"),
         ("decode_detect", "end to end (file bytes in)"),
         ("pad", "  stage-1 input padding"),

@@ -1,8 +1,10 @@
 //! The CNN cascade on the device: preprocess -> stage-1 map -> candidates -> stage-2
-//! verdicts -> detections in original image coordinates.
+//! verdicts -> detections in original image coordinates; and, when the model set has
+//! one, the referral network on the same preprocessed photo -> referral score and
+//! attention boxes.
 //!
-//! Every step but the two networks is `ma-core`'s, shared with the trainer; this module
-//! runs the networks with tract ([`onnx`]) and times the steps.
+//! Every step but the networks is `ma-core`'s, shared with the trainer; this module runs
+//! the networks with tract ([`onnx`]) and times the steps.
 
 pub mod onnx;
 
@@ -17,9 +19,10 @@ use ma_core::detection::Detection;
 use ma_core::geometry::PatchGeometry;
 use ma_core::manifest::{Manifest, Variant};
 use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_core::referral::{AttentionBox, ReferralConfig, ReferralView, refer_score};
 use ma_core::scoring::{Scoring, reported, to_detections};
 use ma_core::signing::ModelTrust;
-use onnx::{STAGE1_BANDS, STAGE2_BATCH, Stage1Model, Stage2Model};
+use onnx::{ReferralModel, STAGE1_BANDS, STAGE2_BATCH, Stage1Model, Stage2Model};
 
 /// Where the time of one image went, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -27,6 +30,8 @@ pub struct Timings {
     pub preprocess: f64,
     pub stage1: f64,
     pub stage2: f64,
+    /// The referral network (0 without one).
+    pub referral: f64,
     pub total: f64,
 }
 
@@ -41,7 +46,23 @@ pub struct ImageResult {
     pub detections: Vec<Detection>,
     /// Candidates stage 1 handed to stage 2.
     pub candidates: usize,
+    /// The referral network's answer (model sets with one).
+    pub referral: Option<Referral>,
     pub timings: Timings,
+}
+
+/// The referral network's answer about one photo.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Referral {
+    /// In [0, 1], higher = more likely referable DR (`refer_score` of `detect`).
+    pub score: f64,
+    /// The strongest attention cells, strongest first, in original coordinates.
+    pub boxes: Vec<AttentionBox>,
+    /// The attention map (`attention_side` squared values, row-major) over `view`.
+    pub attention: Vec<f32>,
+    pub attention_side: usize,
+    /// Where the network's input lies in the photo (maps the attention back onto it).
+    pub view: ReferralView,
 }
 
 impl ImageResult {
@@ -83,6 +104,7 @@ pub struct Cascade {
     pub signed_by: Option<String>,
     stage1: Stage1Model,
     stage2: Stage2Model,
+    referral: Option<(ReferralModel, ReferralConfig)>,
     preprocess: PreprocessConfig,
     candidates: CandidateConfig,
     scoring: Scoring,
@@ -122,6 +144,20 @@ impl Cascade {
             stage2.patch_size(),
             geometry.size
         );
+        let referral = match ReferralModel::from_manifest(&manifest, variant)? {
+            Some(model) => {
+                let cfg = manifest.referral.clone().expect("from_manifest checked it");
+                ensure!(
+                    model.side() == cfg.input_side,
+                    "the referral model in {} takes {} px, the manifest says {}",
+                    models_dir.display(),
+                    model.side(),
+                    cfg.input_side
+                );
+                Some((model, cfg))
+            }
+            None => None,
+        };
         let signed_by = match trust {
             ModelTrust::SignedBy { key } => Some(key.fingerprint()),
             ModelTrust::Unsigned => None,
@@ -135,9 +171,15 @@ impl Cascade {
             variant,
             stage1,
             stage2,
+            referral,
             geometry,
             runtime,
         })
+    }
+
+    /// The referral settings, when the model set has a referral network.
+    pub fn referral_config(&self) -> Option<&ReferralConfig> {
+        self.referral.as_ref().map(|(_, cfg)| cfg)
     }
 
     /// Run the whole cascade on one decoded image.
@@ -158,16 +200,40 @@ impl Cascade {
         let detections = reported(to_detections(&found, &pre.scale, photo, |i, c| {
             self.scoring.score(c.stage1, margins[i])
         }));
+        let t_stage2 = started.elapsed().as_secs_f64() * 1e3 - t_pre - t_stage1;
+
+        let referral = match &self.referral {
+            Some((model, cfg)) => {
+                let view = ReferralView::of(&pre, cfg.input_side)?;
+                let out = model.run(&view.planes)?;
+                ensure!(
+                    out.attention_side == cfg.attention_side(),
+                    "the referral model's attention map is {0}x{0}, the manifest implies {1}x{1}",
+                    out.attention_side,
+                    cfg.attention_side()
+                );
+                Some(Referral {
+                    score: refer_score(out.margin as f64),
+                    boxes: view.top_boxes(&out.attention, out.attention_side, cfg.boxes),
+                    attention: out.attention,
+                    attention_side: out.attention_side,
+                    view,
+                })
+            }
+            None => None,
+        };
         let total = started.elapsed().as_secs_f64() * 1e3;
         Ok(ImageResult {
             width: image.width(),
             height: image.height(),
             detections,
             candidates: found.len(),
+            referral,
             timings: Timings {
                 preprocess: t_pre,
                 stage1: t_stage1,
-                stage2: total - t_pre - t_stage1,
+                stage2: t_stage2,
+                referral: total - t_pre - t_stage1 - t_stage2,
                 total,
             },
         })

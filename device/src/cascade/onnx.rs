@@ -351,6 +351,97 @@ impl Stage2Model {
     }
 }
 
+/// The referral network: input `1 x 3 x side x side` (the referral view), outputs the
+/// referral margin `1 x 1` and the attention map `1 x 1 x s x s`. Optimised once: its
+/// input size is fixed.
+pub struct ReferralModel {
+    plan: Plan,
+    side: usize,
+}
+
+/// What the referral network says about one photo.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReferralOutput {
+    /// Referable minus not.
+    pub margin: f32,
+    /// Row-major, `attention_side` squared values in (0, 1).
+    pub attention: Vec<f32>,
+    pub attention_side: usize,
+}
+
+impl ReferralModel {
+    /// Load the manifest's referral model of `variant` (hash checked); `None` when the
+    /// model set has none.
+    pub fn from_manifest(manifest: &Manifest, variant: Variant) -> Result<Option<Self>> {
+        if manifest.referral.is_none() {
+            return Ok(None);
+        }
+        let entry = manifest.entry(Role::Referral, variant)?;
+        let ModelGeometry::Image(side) = entry.geometry()? else {
+            bail!("the referral entry of {} is not an image model", entry.file);
+        };
+        let bytes = manifest.verify_file(entry)?;
+        Self::load(&bytes, side)
+            .map(Some)
+            .with_context(|| format!("loading {}", manifest.path_of(entry).display()))
+    }
+
+    /// Load from ONNX bytes; prefer [`ReferralModel::from_manifest`].
+    pub fn load(bytes: &[u8], side: usize) -> Result<Self> {
+        let plan = parse(bytes, "referral")?
+            .with_input_fact(0, f32::fact([1, CHANNELS, side, side]).into())
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .with_context(|| format!("optimising the referral model for {side}x{side}"))?;
+        Ok(Self { plan, side })
+    }
+
+    pub fn side(&self) -> usize {
+        self.side
+    }
+
+    /// Run on one referral view (`side` x `side` planes).
+    pub fn run(&self, input: &Planes) -> Result<ReferralOutput> {
+        let side = self.side;
+        ensure!(
+            input.width == side
+                && input.height == side
+                && input.data.len() == CHANNELS * side * side,
+            "referral input is {}x{} ({} values), {side}x{side}x{CHANNELS} expected",
+            input.width,
+            input.height,
+            input.data.len()
+        );
+        let tensor = Tensor::from_shape(&[1, CHANNELS, side, side], &input.data)?;
+        let out = self
+            .plan
+            .run(tvec!(tensor.into()))
+            .context("running the referral model")?;
+        ensure!(
+            out.len() == 2,
+            "the referral model gave {} outputs, 2 expected",
+            out.len()
+        );
+        let margin = out[0].try_as_plain_ram()?;
+        ensure!(
+            margin.shape() == [1, 1],
+            "referral margin has shape {:?}, [1, 1] expected",
+            margin.shape()
+        );
+        let attention = out[1].try_as_plain_ram()?;
+        let shape = attention.shape().to_vec();
+        ensure!(
+            shape.len() == 4 && shape[..2] == [1, 1] && shape[2] == shape[3] && shape[2] > 0,
+            "referral attention has shape {shape:?}, [1, 1, s, s] expected"
+        );
+        Ok(ReferralOutput {
+            margin: margin.as_slice::<f32>()?[0],
+            attention: attention.as_slice::<f32>()?.to_vec(),
+            attention_side: shape[2],
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

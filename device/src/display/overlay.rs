@@ -40,6 +40,9 @@ pub struct OverlayInfo {
     pub ma_count: usize,
     /// Shown as "REFER" (orange-red) or "no refer" (green).
     pub refer: bool,
+    /// The referral network's score, shown after the decision ("REFER 0.82"), when the
+    /// model set has a referral network.
+    pub refer_score: Option<f64>,
     /// Detection latency; a non-finite value shows as "-- ms".
     pub latency_ms: f64,
     pub frame_number: u64,
@@ -388,13 +391,17 @@ fn status_fields(view: &OverlayInfo) -> Vec<Field> {
     } else {
         ("no refer", TEXT_NO_REFER)
     };
+    let refer = match view.refer_score {
+        Some(score) if score.is_finite() => format!("{refer} {score:.2}"),
+        _ => refer.to_string(),
+    };
     let mut fields = vec![
         field(
             format!("MA: {}", view.ma_count),
             TEXT_MAIN,
             FieldKind::Result,
         ),
-        field(refer.to_string(), refer_colour, FieldKind::Result),
+        field(refer, refer_colour, FieldKind::Result),
         field(latency, TEXT_DIM, FieldKind::Latency),
         field(
             format!("#{}", view.frame_number),
@@ -522,6 +529,7 @@ mod tests {
             threshold: 0.5,
             ma_count: 1,
             refer: true,
+            refer_score: None,
             latency_ms: 812.4,
             frame_number: 42,
             source_state: "camera ok".into(),

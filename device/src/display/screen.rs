@@ -106,6 +106,7 @@ fn draw_frame_only(canvas: &mut Canvas, image: &RgbImage, threshold: f64) {
         threshold,
         ma_count: 0,
         refer: false,
+        refer_score: None,
         latency_ms: f64::NAN,
         frame_number: 0,
         source_state: String::new(),

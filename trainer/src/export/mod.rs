@@ -32,6 +32,8 @@ use ma_core::manifest::{
     Manifest, ModelEntry, ModelGeometry, OUTPUT_NAME, OperatingPoints, Training, Variant,
 };
 
+pub mod referral;
+
 use crate::nets::{Layer, Stage};
 use crate::training_data::DeviceSettings;
 
@@ -84,13 +86,112 @@ pub fn onnx_model(
 ) -> Result<pb::ModelProto> {
     let vars = vs.variables();
     let mut b = GraphBuilder::default();
-    let mut x = input_name(stage).to_string();
-    let layers = stage.layers();
-    // The last layer with weights gives the logits: it is written as the margin.
-    let head = layers
-        .iter()
-        .rposition(|l| matches!(l, Layer::Conv { .. } | Layer::Linear { .. }))
-        .context("a net without a weighted layer")?;
+    add_layers(
+        &mut b,
+        &vars,
+        &stage.layers(),
+        input_name(stage),
+        Head::Margin,
+        weights,
+    )?;
+    b.check_all_used(&vars)?;
+
+    let patch = Stage::VERDICT_PATCH as i64;
+    let (input_dims, output_dims, doc) = match stage {
+        Stage::Candidates => (
+            vec![val(1), val(3), param("height"), param("width")],
+            vec![val(1), val(1), param("map_height"), param("map_width")],
+            format!(
+                "Stage 1: MA logit margin map, output stride {}, receptive field {} px; \
+                 input sides multiples of {}",
+                Stage::CANDIDATES_STRIDE,
+                stage.receptive_field(),
+                Stage::CANDIDATES_INPUT_MULTIPLE
+            ),
+        ),
+        Stage::Verdict => (
+            vec![param("batch"), val(3), val(patch), val(patch)],
+            vec![param("batch"), val(1)],
+            format!("Stage 2: MA logit margin of {patch}x{patch} patches"),
+        ),
+    };
+    let graph = pb::GraphProto {
+        name: format!("ma_{}", stage.name()),
+        node: b.nodes,
+        initializer: b.initializers,
+        input: vec![value_info(input_name(stage), input_dims)],
+        output: vec![value_info(OUTPUT_NAME, output_dims)],
+        doc_string: doc,
+        ..Default::default()
+    };
+    let mut metadata = vec![meta("stage", stage.name()), meta("weights", weights.name())];
+    match stage {
+        Stage::Candidates => {
+            metadata.push(meta("output_stride", &Stage::CANDIDATES_STRIDE.to_string()));
+            metadata.push(meta(
+                "receptive_field",
+                &stage.receptive_field().to_string(),
+            ));
+        }
+        Stage::Verdict => metadata.push(meta("patch_size", &patch.to_string())),
+    }
+    Ok(model_proto(
+        graph,
+        "Microaneurysm detector CNN; research use only",
+        metadata,
+    ))
+}
+
+/// A model of the graph at [`IR_VERSION`] and [`OPSET`], produced by this trainer.
+fn model_proto(
+    graph: pb::GraphProto,
+    doc: &str,
+    metadata: Vec<pb::StringStringEntryProto>,
+) -> pb::ModelProto {
+    pb::ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "ma-trainer".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: doc.into(),
+        graph: Some(graph),
+        metadata_props: metadata,
+        ..Default::default()
+    }
+}
+
+/// What [`add_layers`] does with the last weighted layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Head {
+    /// Its two logits become one output, their difference, named [`OUTPUT_NAME`].
+    Margin,
+    /// Written as it is; the graph goes on after the layers.
+    None,
+}
+
+/// Write `layers` into the graph, reading from tensor `input`; returns the name of the
+/// last tensor written.
+fn add_layers(
+    b: &mut GraphBuilder,
+    vars: &HashMap<String, Tensor>,
+    layers: &[Layer],
+    input: &str,
+    head: Head,
+    weights: WeightFormat,
+) -> Result<String> {
+    let mut x = input.to_string();
+    // The last layer with weights gives the logits: with `Head::Margin` it is written as
+    // the margin, and nothing after it.
+    let head = match head {
+        Head::Margin => layers
+            .iter()
+            .rposition(|l| matches!(l, Layer::Conv { .. } | Layer::Linear { .. }))
+            .context("a net without a weighted layer")?,
+        Head::None => usize::MAX,
+    };
     let mut skips: Vec<String> = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
         let out = if i == head {
@@ -107,13 +208,13 @@ pub fn onnx_model(
                 dilation,
             } => {
                 let dims = [out_channels, in_channels, kernel, kernel];
-                let mut p = b.read(&vars, name, &dims)?;
+                let mut p = b.read(vars, name, &dims)?;
                 if let Some(Layer::BatchNorm { name: bn, channels }) = layers.get(i + 1) {
                     ensure!(
                         *channels == out_channels,
                         "batch norm `{bn}` has {channels} channels after `{name}`'s {out_channels}"
                     );
-                    p = b.fold_batch_norm(&vars, bn, p)?;
+                    p = b.fold_batch_norm(vars, bn, p)?;
                 }
                 if i == head {
                     p = p.margin()?;
@@ -148,7 +249,7 @@ pub fn onnx_model(
                 outputs,
             } => {
                 // tch stores Linear weights [out, in] and computes x W^T + b: Gemm transB.
-                let mut p = b.read(&vars, name, &[outputs, inputs])?;
+                let mut p = b.read(vars, name, &[outputs, inputs])?;
                 if i == head {
                     p = p.margin()?;
                 }
@@ -241,60 +342,7 @@ pub fn onnx_model(
             break;
         }
     }
-    b.check_all_used(&vars)?;
-
-    let patch = Stage::VERDICT_PATCH as i64;
-    let (input_dims, output_dims, doc) = match stage {
-        Stage::Candidates => (
-            vec![val(1), val(3), param("height"), param("width")],
-            vec![val(1), val(1), param("map_height"), param("map_width")],
-            format!(
-                "Stage 1: MA logit margin map, output stride {}, receptive field {} px; \
-                 input sides multiples of {}",
-                Stage::CANDIDATES_STRIDE,
-                stage.receptive_field(),
-                Stage::CANDIDATES_INPUT_MULTIPLE
-            ),
-        ),
-        Stage::Verdict => (
-            vec![param("batch"), val(3), val(patch), val(patch)],
-            vec![param("batch"), val(1)],
-            format!("Stage 2: MA logit margin of {patch}x{patch} patches"),
-        ),
-    };
-    let graph = pb::GraphProto {
-        name: format!("ma_{}", stage.name()),
-        node: b.nodes,
-        initializer: b.initializers,
-        input: vec![value_info(input_name(stage), input_dims)],
-        output: vec![value_info(OUTPUT_NAME, output_dims)],
-        doc_string: doc,
-        ..Default::default()
-    };
-    let mut metadata = vec![meta("stage", stage.name()), meta("weights", weights.name())];
-    match stage {
-        Stage::Candidates => {
-            metadata.push(meta("output_stride", &Stage::CANDIDATES_STRIDE.to_string()));
-            metadata.push(meta(
-                "receptive_field",
-                &stage.receptive_field().to_string(),
-            ));
-        }
-        Stage::Verdict => metadata.push(meta("patch_size", &patch.to_string())),
-    }
-    Ok(pb::ModelProto {
-        ir_version: IR_VERSION,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
-        producer_name: "ma-trainer".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        doc_string: "Microaneurysm detector CNN; research use only".into(),
-        graph: Some(graph),
-        metadata_props: metadata,
-        ..Default::default()
-    })
+    Ok(x)
 }
 
 /// The weight and bias of one layer, as f32 values, first axis the output channel.
@@ -679,6 +727,7 @@ pub fn export_model_set(
             fp_per_image_4: op4,
         },
         training: release.training.clone(),
+        referral: None,
         models,
         dir: out.to_path_buf(),
     };

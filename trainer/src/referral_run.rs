@@ -1,0 +1,538 @@
+//! The `ma-trainer referral ...` and `heatmap` commands: cross-validate, train and export
+//! the referral network, and draw its heatmaps for the workstation.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use serde::{Deserialize, Serialize};
+
+use ma_core::heatmap;
+use ma_core::image_io::{find_images, read_image};
+use ma_core::manifest::Manifest;
+use ma_core::preprocess::{FovSource, preprocess};
+use ma_core::referral::{ReferRule, ReferralConfig, ReferralView, refer_score};
+
+use crate::export::referral::add_to_model_set;
+use crate::grading::{self, GradedPhoto};
+use crate::nets::REFERRAL_STRIDE;
+use crate::referral::{self, ReferralTraining};
+use crate::referral_cv::{
+    BinaryFigures, MaFindings, OutOfFold, choose_rule, figures, ma_findings, rank_average,
+    read_csv, rule_figures, write_csv,
+};
+
+/// What every referral command needs.
+#[derive(Clone, Debug)]
+pub struct ReferralData {
+    /// The graded set's root.
+    pub data: PathBuf,
+    /// The model set whose `[preprocess]` settings the network is trained with.
+    pub models: PathBuf,
+    /// Side of the network input.
+    pub side: usize,
+    pub training: ReferralTraining,
+}
+
+/// The figures of a finished CV, `OUT/referral-cv.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReferralCvSummary {
+    pub photos: usize,
+    pub referable: usize,
+    pub folds: usize,
+    pub side: usize,
+    pub epochs: usize,
+    pub per_fold_auc: Vec<f64>,
+    /// The referral score, out-of-fold, pooled over the folds.
+    pub referral: BinaryFigures,
+    /// The cascade's MA count at 2 FP/image as a score (when `--ma-detections` was given).
+    pub ma_count: Option<BinaryFigures>,
+    /// The rank average of the referral score and the MA count.
+    pub combined: Option<BinaryFigures>,
+    /// Today's device rule, "refer if at least one MA at 2 FP/image": (sensitivity,
+    /// specificity).
+    pub one_ma_rule: Option<(f64, f64)>,
+    /// The refer rule chosen on these out-of-fold scores (best sensitivity at
+    /// specificity >= 0.85), with its sensitivity and specificity.
+    pub rule: ReferRule,
+    pub rule_sensitivity: f64,
+    pub rule_specificity: f64,
+    /// The rule's figures without the optimism of choosing and scoring on the same
+    /// photos: for each fold, a rule chosen on the other folds' scores decides that
+    /// fold's photos; (sensitivity, specificity) of those decisions, pooled.
+    pub rule_nested: (f64, f64),
+    pub training_data: String,
+}
+
+impl ReferralCvSummary {
+    pub const FILE: &'static str = "referral-cv.json";
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (run `ma-trainer referral cv` first)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+fn load_set(d: &ReferralData) -> Result<(Vec<GradedPhoto>, Vec<bool>, Manifest)> {
+    let photos = grading::load(&d.data)?;
+    let labels = photos.iter().map(GradedPhoto::referable).collect();
+    let manifest = Manifest::load(&d.models).with_context(|| {
+        format!(
+            "the model set whose preprocessing to use ({})",
+            d.models.display()
+        )
+    })?;
+    Ok((photos, labels, manifest))
+}
+
+fn fold_csv(out: &Path, fold: usize) -> PathBuf {
+    out.join(format!("fold-{fold}.csv"))
+}
+
+/// `k`-fold CV by patient: trains fold `only` (1-based) or every fold not done yet in
+/// `out` (a fold is done once its scores are written), writes each fold's
+/// out-of-fold scores (`OUT/fold-K.csv`) and weights (`OUT/fold-K/referral.safetensors`);
+/// once every fold's scores are in OUT, summarises them (with the cascade's MA findings
+/// from `ma_detections`, a `detect` output on the same photos, when given) into
+/// `OUT/referral-cv.json` and `OUT/referral-cv.csv`.
+pub fn cv(
+    d: &ReferralData,
+    out: &Path,
+    folds: usize,
+    only: Option<usize>,
+    ma_detections: Option<&Path>,
+) -> Result<()> {
+    let (photos, labels, manifest) = load_set(d)?;
+    let fold_of = grading::patient_folds(&photos, folds)?;
+    if let Some(k) = only {
+        ensure!((1..=folds).contains(&k), "--fold {k} is not in 1..={folds}");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // A fold whose scores are in OUT is done (a resumed or summarising run keeps it);
+    // `--fold K` always runs K.
+    let to_run: Vec<usize> = match only {
+        Some(k) => vec![k],
+        None => (1..=folds)
+            .filter(|&k| {
+                let done = fold_csv(out, k).exists();
+                if done {
+                    println!(
+                        "fold {k}/{folds}: done earlier, kept ({})",
+                        fold_csv(out, k).display()
+                    );
+                }
+                !done
+            })
+            .collect(),
+    };
+    if to_run.is_empty() {
+        return summarise(d, out, folds, &photos, &manifest, ma_detections);
+    }
+    let started = Instant::now();
+    let paths: Vec<PathBuf> = photos.iter().map(|p| p.path.clone()).collect();
+    let inputs = referral::prepare(&paths, &manifest.preprocess, d.side)?;
+    eprintln!(
+        "prepared {} photos ({} referable) in {:.0} s",
+        photos.len(),
+        labels.iter().filter(|&&l| l).count(),
+        started.elapsed().as_secs_f64()
+    );
+    for k in to_run {
+        let train: Vec<usize> = (0..photos.len()).filter(|&i| fold_of[i] + 1 != k).collect();
+        let held: Vec<usize> = (0..photos.len()).filter(|&i| fold_of[i] + 1 == k).collect();
+        let (vs, net) = referral::train(
+            &inputs.tensor,
+            &labels,
+            &train,
+            &d.training,
+            &format!("fold {k}/{folds}"),
+        )?;
+        let dir = out.join(format!("fold-{k}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let weights = dir.join("referral.safetensors");
+        vs.save(&weights)
+            .with_context(|| format!("writing {}", weights.display()))?;
+        let rows: Vec<OutOfFold> = referral::predict(&net, &inputs.tensor, &held)?
+            .into_iter()
+            .zip(&held)
+            .map(|((margin, _), &i)| OutOfFold {
+                name: photos[i].name.clone(),
+                patient: photos[i].patient.clone(),
+                grade: photos[i].grade,
+                referable: labels[i],
+                fold: k,
+                margin,
+            })
+            .collect();
+        let scores: Vec<f64> = rows.iter().map(OutOfFold::score).collect();
+        let held_labels: Vec<bool> = rows.iter().map(|r| r.referable).collect();
+        println!(
+            "fold {k}/{folds}: {} held-out photos, referral AUC {:.3}",
+            rows.len(),
+            figures(&scores, &held_labels).auc
+        );
+        write_csv(&fold_csv(out, k), &rows)?;
+    }
+    let missing: Vec<usize> = (1..=folds)
+        .filter(|&k| !fold_csv(out, k).exists())
+        .collect();
+    if !missing.is_empty() {
+        println!(
+            "folds {missing:?} not run yet: the summary comes once every fold is in {}",
+            out.display()
+        );
+        return Ok(());
+    }
+    summarise(d, out, folds, &photos, &manifest, ma_detections)
+}
+
+fn summarise(
+    d: &ReferralData,
+    out: &Path,
+    folds: usize,
+    photos: &[GradedPhoto],
+    manifest: &Manifest,
+    ma_detections: Option<&Path>,
+) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut per_fold_auc = Vec::new();
+    for k in 1..=folds {
+        let r = read_csv(&fold_csv(out, k))?;
+        let s: Vec<f64> = r.iter().map(OutOfFold::score).collect();
+        let l: Vec<bool> = r.iter().map(|x| x.referable).collect();
+        per_fold_auc.push(figures(&s, &l).auc);
+        rows.extend(r);
+    }
+    // Back into the photos' order, checking the folds cover the set exactly.
+    let mut by_name: std::collections::HashMap<String, OutOfFold> =
+        rows.into_iter().map(|r| (r.name.clone(), r)).collect();
+    let rows: Vec<OutOfFold> = photos
+        .iter()
+        .map(|p| {
+            by_name
+                .remove(&p.name)
+                .with_context(|| format!("{} is in no fold's scores in {}", p.name, out.display()))
+        })
+        .collect::<Result<_>>()?;
+    ensure!(
+        by_name.is_empty(),
+        "fold scores in {} name photos the graded set does not have (e.g. {:?}): were the \
+         folds run on another copy?",
+        out.display(),
+        by_name.keys().next()
+    );
+    write_csv(&out.join("referral-cv.csv"), &rows)?;
+    let scores: Vec<f64> = rows.iter().map(OutOfFold::score).collect();
+    let labels: Vec<bool> = rows.iter().map(|r| r.referable).collect();
+    let findings: Option<Vec<MaFindings>> = ma_detections
+        .map(|p| ma_findings(p, photos, &manifest.operating_points))
+        .transpose()?;
+    let (ma_count, combined, one_ma_rule) = match &findings {
+        Some(f) => {
+            let counts: Vec<f64> = f.iter().map(|x| x.counts[1] as f64).collect();
+            let one = ReferRule {
+                score_threshold: 1.0 + f64::EPSILON,
+                ma_count: Some(1),
+                operating_point: Some(ma_core::manifest::OperatingPoint::Fp2),
+            };
+            (
+                Some(figures(&counts, &labels)),
+                Some(figures(&rank_average(&scores, &counts), &labels)),
+                Some(rule_figures(&one, &scores, f, &labels)),
+            )
+        }
+        None => (None, None, None),
+    };
+    let (rule, rule_sensitivity, rule_specificity) =
+        choose_rule(&scores, findings.as_deref(), &labels, 0.85);
+    let rule_nested = nested_rule_figures(&rows, &scores, findings.as_deref(), &labels, folds);
+    let summary = ReferralCvSummary {
+        photos: rows.len(),
+        referable: labels.iter().filter(|&&l| l).count(),
+        folds,
+        side: d.side,
+        epochs: d.training.epochs,
+        per_fold_auc,
+        referral: figures(&scores, &labels),
+        ma_count,
+        combined,
+        one_ma_rule,
+        rule,
+        rule_sensitivity,
+        rule_specificity,
+        rule_nested,
+        training_data: format!(
+            "graded DR photos ({}), {} photos, referable = grade >= {}",
+            d.data.display(),
+            rows.len(),
+            grading::FIRST_REFERABLE_GRADE
+        ),
+    };
+    let path = out.join(ReferralCvSummary::FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    print_summary(&summary);
+    println!(
+        "wrote {} and {}",
+        path.display(),
+        out.join("referral-cv.csv").display()
+    );
+    Ok(())
+}
+
+/// See [`ReferralCvSummary::rule_nested`].
+fn nested_rule_figures(
+    rows: &[OutOfFold],
+    scores: &[f64],
+    findings: Option<&[MaFindings]>,
+    labels: &[bool],
+    folds: usize,
+) -> (f64, f64) {
+    let (mut tp, mut tn, mut pos, mut neg) = (0.0, 0.0, 0.0, 0.0);
+    for k in 1..=folds {
+        let pick = |inside: bool| -> Vec<usize> {
+            (0..rows.len())
+                .filter(|&i| (rows[i].fold == k) == inside)
+                .collect()
+        };
+        let (held, rest) = (pick(true), pick(false));
+        let take = |idx: &[usize]| -> (Vec<f64>, Option<Vec<MaFindings>>, Vec<bool>) {
+            (
+                idx.iter().map(|&i| scores[i]).collect(),
+                findings.map(|f| idx.iter().map(|&i| f[i].clone()).collect()),
+                idx.iter().map(|&i| labels[i]).collect(),
+            )
+        };
+        let (s, f, l) = take(&rest);
+        let (rule, _, _) = choose_rule(&s, f.as_deref(), &l, 0.85);
+        let (s, f, l) = take(&held);
+        for (i, &label) in l.iter().enumerate() {
+            let refer = rule.refers(s[i], |op| f.as_ref().map_or(0, |f| f[i].count_at(op)));
+            if label {
+                pos += 1.0;
+                tp += f64::from(u8::from(refer));
+            } else {
+                neg += 1.0;
+                tn += f64::from(u8::from(!refer));
+            }
+        }
+    }
+    (tp / f64::max(pos, 1.0), tn / f64::max(neg, 1.0))
+}
+
+fn print_summary(s: &ReferralCvSummary) {
+    println!(
+        "\nreferable DR, {}-fold CV by patient: {} photos, {} referable",
+        s.folds, s.photos, s.referable
+    );
+    let fold_aucs: Vec<String> = s.per_fold_auc.iter().map(|a| format!("{a:.3}")).collect();
+    println!(
+        "per-fold AUC of the referral score: {}",
+        fold_aucs.join(" ")
+    );
+    println!(
+        "{:<34} {:>6} {:>12} {:>12}",
+        "score", "AUC", "sens@spec85", "sens@spec90"
+    );
+    let row = |name: &str, f: &BinaryFigures| {
+        println!(
+            "{name:<34} {:>6.3} {:>12.3} {:>12.3}",
+            f.auc, f.sensitivity_at_specificity_85, f.sensitivity_at_specificity_90
+        )
+    };
+    row("referral network", &s.referral);
+    if let Some(f) = &s.ma_count {
+        row("MA count at 2 FP/image (cascade)", f);
+    }
+    if let Some(f) = &s.combined {
+        row("rank average of both", f);
+    }
+    if let Some((sens, spec)) = s.one_ma_rule {
+        println!(
+            "today's rule, >= 1 MA at 2 FP/image: sensitivity {sens:.3}, specificity {spec:.3}"
+        );
+    }
+    println!(
+        "chosen rule: {:?}: sensitivity {:.3}, specificity {:.3} on the photos it was \
+         chosen on; chosen on the other folds for each fold: sensitivity {:.3}, \
+         specificity {:.3}",
+        s.rule, s.rule_sensitivity, s.rule_specificity, s.rule_nested.0, s.rule_nested.1
+    );
+}
+
+/// Train on every graded photo; writes `OUT/referral.safetensors`.
+pub fn train(d: &ReferralData, out: &Path) -> Result<PathBuf> {
+    let (photos, labels, manifest) = load_set(d)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let paths: Vec<PathBuf> = photos.iter().map(|p| p.path.clone()).collect();
+    let inputs = referral::prepare(&paths, &manifest.preprocess, d.side)?;
+    let all: Vec<usize> = (0..photos.len()).collect();
+    let (vs, _) = referral::train(&inputs.tensor, &labels, &all, &d.training, "referral")?;
+    let path = out.join("referral.safetensors");
+    vs.save(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(path)
+}
+
+/// Add trained weights to the model set in `models`, with the rule and AUC of the CV in
+/// `cv_dir`.
+pub fn export(weights: &Path, cv_dir: &Path, models: &Path, version: &str) -> Result<Manifest> {
+    let summary = ReferralCvSummary::load(cv_dir)?;
+    let (vs, _) = referral::load(weights)?;
+    let cfg = ReferralConfig {
+        input_side: summary.side,
+        attention_stride: REFERRAL_STRIDE,
+        boxes: 4,
+        rule: summary.rule.clone(),
+        training_data: summary.training_data.clone(),
+        cv_auc: summary.referral.auc,
+    };
+    add_to_model_set(&vs, models, &cfg, version)
+}
+
+/// S1 and attention heatmaps of every photo under `input` (a file or a folder) into `out`:
+/// `<stem>-s1.png` and `<stem>-attention.png` (photo with the map blended in and the top
+/// attention boxes outlined), and one line per photo with its referral score.
+pub fn heatmaps(weights: &Path, models: &Path, input: &Path, out: &Path) -> Result<()> {
+    let manifest = Manifest::load(models)?;
+    let cfg = manifest.referral.clone().with_context(|| {
+        format!(
+            "{} has no [referral] section: which input side the network takes is unknown",
+            models.join(ma_core::manifest::FILE_NAME).display()
+        )
+    })?;
+    let (_, net) = referral::load(weights)?;
+    let files = if input.is_dir() {
+        find_images(input)?
+    } else {
+        vec![input.to_path_buf()]
+    };
+    ensure!(!files.is_empty(), "no photos under {}", input.display());
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let side = cfg.input_side;
+    for file in files {
+        let rgb = read_image(&file)?;
+        let pre = preprocess(&rgb, FovSource::Estimate, &manifest.preprocess)
+            .with_context(|| format!("preprocessing {}", file.display()))?;
+        let view = ReferralView::of(&pre, side)?;
+        let x = tch::Tensor::from_slice(&view.planes.data).view([3, side as i64, side as i64]);
+        let s1 = referral::s1_heatmap(&net, &x)?;
+        let batch = x.unsqueeze(0);
+        let (margin, attention) = referral::predict(&net, &batch, &[0])?
+            .pop()
+            .context("no prediction")?;
+        let stem = file
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let boxes = view.top_boxes(&attention, cfg.attention_side(), cfg.boxes);
+        for (name, map, map_side) in [
+            ("s1", &s1, side),
+            ("attention", &attention, cfg.attention_side()),
+        ] {
+            let mut img = heatmap::blend(&rgb, &view, map, map_side, heatmap::quantile(map, 0.995));
+            for b in &boxes {
+                heatmap::outline(
+                    &mut img,
+                    b.x0,
+                    b.y0,
+                    b.x1,
+                    b.y1,
+                    image::Rgb([255, 255, 255]),
+                );
+            }
+            let path = out.join(format!("{stem}-{name}.png"));
+            img.save(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        println!(
+            "{}\trefer_score {:.3}\t{}",
+            file.display(),
+            refer_score(margin),
+            out.join(format!("{stem}-{{s1,attention}}.png")).display()
+        );
+    }
+    Ok(())
+}
+
+/// Where a lesion set's MAs fall in the attention ranking (Zoom-in-Net's figure): for
+/// each lesion, the rank of the attention cell holding its centroid in its photo.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttentionCoverage {
+    pub dataset: String,
+    pub photos: usize,
+    pub lesions: usize,
+    /// Cells in the attention map.
+    pub cells: usize,
+    /// Fewest top cells per photo holding 50% and 80% of the lesions (pooled).
+    pub cells_for_50: usize,
+    pub cells_for_80: usize,
+    /// Share of the lesions in the 4 top cells (the boxes `detect` reports).
+    pub share_in_top_4: f64,
+}
+
+/// [`AttentionCoverage`] of the referral weights on a lesion set.
+pub fn attention_coverage(
+    weights: &Path,
+    models: &Path,
+    dataset: &crate::datasets::Dataset,
+) -> Result<AttentionCoverage> {
+    let manifest = Manifest::load(models)?;
+    let cfg = manifest.referral.clone().with_context(|| {
+        format!(
+            "{} has no [referral] section",
+            models.join(ma_core::manifest::FILE_NAME).display()
+        )
+    })?;
+    let (_, net) = referral::load(weights)?;
+    let paths: Vec<PathBuf> = dataset.images.iter().map(|im| im.path.clone()).collect();
+    let inputs = referral::prepare(&paths, &manifest.preprocess, cfg.input_side)?;
+    let all: Vec<usize> = (0..paths.len()).collect();
+    let predictions = referral::predict(&net, &inputs.tensor, &all)?;
+    let side = cfg.attention_side();
+    let cell = (cfg.input_side / side) as f64;
+    let mut ranks = Vec::new();
+    for ((image, view), (_, attention)) in
+        dataset.images.iter().zip(&inputs.views).zip(&predictions)
+    {
+        let mut order: Vec<usize> = (0..attention.len()).collect();
+        order.sort_by(|&a, &b| attention[b].total_cmp(&attention[a]));
+        let mut rank_of = vec![0; attention.len()];
+        for (r, &c) in order.iter().enumerate() {
+            rank_of[c] = r;
+        }
+        for lesion in image.load_truth()?.lesions {
+            let (x, y) = lesion.centroid();
+            let (u, v) = view.from_original(x, y);
+            let (cu, cv) = ((u / cell).floor(), (v / cell).floor());
+            // A lesion outside the input square is in no cell: ranked last.
+            let rank = if (0.0..side as f64).contains(&cu) && (0.0..side as f64).contains(&cv) {
+                rank_of[cv as usize * side + cu as usize]
+            } else {
+                side * side
+            };
+            ranks.push(rank);
+        }
+    }
+    ensure!(!ranks.is_empty(), "the dataset has no lesions to cover");
+    ranks.sort_unstable();
+    let cells_for =
+        |q: f64| ranks[((ranks.len() as f64 * q).ceil() as usize).clamp(1, ranks.len()) - 1] + 1;
+    Ok(AttentionCoverage {
+        dataset: dataset.kind.to_string(),
+        photos: paths.len(),
+        lesions: ranks.len(),
+        cells: side * side,
+        cells_for_50: cells_for(0.5),
+        cells_for_80: cells_for(0.8),
+        share_in_top_4: ranks.iter().filter(|&&r| r < 4).count() as f64 / ranks.len() as f64,
+    })
+}
