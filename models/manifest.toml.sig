@@ -1,3 +1,3 @@
 # ma-device model bundle signature (ed25519)
-# signature of manifest.toml by key 9502aa1bceb081ca
-71d9e07efd74eb8b137286f74f6feb49c49af54a0eab096d813188db21b722de151d288c8150654cc9ece48e9da5d63b62fba221e751dcd714d825357e428300
+# signature of manifest.toml by key b85bdaaa1ce281ba
+0183aff9f2ec716e2c75feb4b27d637103240941f9e70736ce6adc4f74b71191efaae8052f6fdcd9501cd870804272be171b263df4b3e76b55222b5ed287530b

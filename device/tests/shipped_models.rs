@@ -62,7 +62,13 @@ fn shipped_manifest_describes_the_shipped_files() {
     let dir = shipped();
     let m = Manifest::load_trusted(&dir, &ModelTrust::release())
         .expect("manifest signed by the release key");
-    assert_eq!(m.models.len(), 4, "stage 1 and 2, float and int8");
+    assert_eq!(
+        m.models.len(),
+        6,
+        "stage 1, stage 2 and referral, float and int8"
+    );
+    let referral = m.referral.as_ref().expect("a [referral] section");
+    assert!(referral.cv_auc > 0.5 && referral.cv_auc < 1.0);
     for entry in &m.models {
         m.verify_file(entry).expect("sha256 matches");
         // The target: every shipped file under 1 MB.
@@ -75,6 +81,43 @@ fn shipped_manifest_describes_the_shipped_files() {
         "fewer false positives need a higher score: {ops:?}"
     );
     assert!(m.training.cv_cpm > 0.0 && m.training.cv_cpm < 1.0);
+}
+
+/// The shipped referral network through tract: a score in [0, 1] and attention boxes
+/// on the photo, int8 within a few hundredths of float (the CV's AUC is float's).
+#[test]
+fn shipped_referral_network_scores_every_photo_and_int8_follows_float() {
+    let dir = shipped();
+    let float = Cascade::load(&dir, Some(Variant::Float), &ModelTrust::release()).unwrap();
+    let int8 = Cascade::load(&dir, Some(Variant::Int8), &ModelTrust::release()).unwrap();
+    let boxes = float.referral_config().expect("a referral network").boxes;
+    let mut worst: f64 = 0.0;
+    for seed in 1..=3 {
+        let frame = generate(&SyntheticParams::default(), seed);
+        let (w, h) = frame.image.dimensions();
+        let a = float
+            .detect(&frame.image)
+            .unwrap()
+            .referral
+            .expect("float referral");
+        let b = int8
+            .detect(&frame.image)
+            .unwrap()
+            .referral
+            .expect("int8 referral");
+        assert!((0.0..=1.0).contains(&a.score), "{}", a.score);
+        assert_eq!(a.boxes.len(), boxes);
+        for bx in &a.boxes {
+            // Boxes overlap the photo (the input square may stick out of it).
+            assert!(bx.x1 > 0.0 && bx.y1 > 0.0 && bx.x0 < w as f64 && bx.y0 < h as f64);
+        }
+        worst = worst.max((a.score - b.score).abs());
+    }
+    // Measured on models 0.5.0: see the model card ("Referral network", int8 vs float).
+    assert!(
+        worst <= 0.05,
+        "int8 refer_score differs from float by {worst}"
+    );
 }
 
 #[test]
