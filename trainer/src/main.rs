@@ -159,7 +159,8 @@ enum Command {
         key: PathBuf,
     },
     /// The image-level referral network (refer the eye or not, moderate DR or worse),
-    /// trained on the graded photos: `referral cv`, `referral train`, `referral export`.
+    /// trained on the graded photos: `referral cv`, `referral train`, `referral export`,
+    /// `referral coverage`.
     #[command(subcommand)]
     Referral(ReferralCommand),
     /// Heatmaps of the referral network for the workstation: for each photo, the S1 map
@@ -177,6 +178,7 @@ enum Command {
         /// A photo or a folder of photos (searched recursively).
         #[arg(long)]
         input: PathBuf,
+        /// Where to write the pictures (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
@@ -205,6 +207,7 @@ enum ReferralCommand {
     Cv {
         #[command(flatten)]
         args: ReferralArgs,
+        /// Output folder: per-fold weights and scores, the summary.
         #[arg(long)]
         out: PathBuf,
         /// Number of folds (patients, in name order and by referable or not, go to fold
@@ -232,8 +235,10 @@ enum ReferralCommand {
         /// Model set with a [referral] section and the preprocessing.
         #[arg(long, default_value = "models")]
         models: PathBuf,
+        /// Which dataset reader to use for --root (a lesion set: its annotated MAs).
         #[arg(long, value_enum)]
         dataset: DatasetKind,
+        /// Dataset root folder, laid out as its publisher ships it.
         #[arg(long)]
         root: PathBuf,
         /// DiaretDB1 and IDRiD: this published split; omit for every image.
@@ -244,6 +249,7 @@ enum ReferralCommand {
     Train {
         #[command(flatten)]
         args: ReferralArgs,
+        /// Output folder (referral.safetensors).
         #[arg(long)]
         out: PathBuf,
     },
@@ -282,8 +288,11 @@ struct ReferralArgs {
     /// down to it.
     #[arg(long, default_value_t = 320)]
     side: usize,
+    /// Training epochs (each sees every training photo once, flipped or transposed at
+    /// random).
     #[arg(long, default_value_t = 30)]
     epochs: usize,
+    /// Photos per training step.
     #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Peak learning rate (AdamW, one-cycle schedule).
