@@ -477,6 +477,15 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
     for dir in [a.annotate, a.heatmaps].into_iter().flatten() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    // Both write `<name>.png`: in one folder the heatmaps would replace the annotations.
+    if let (Some(annotate), Some(heatmaps)) = (a.annotate, a.heatmaps)
+        && ma_device::files::same_file(annotate, heatmaps)
+    {
+        bail!(
+            "--annotate and --heatmaps name the same folder ({}); give each its own",
+            heatmaps.display()
+        );
+    }
     // Neither the JSONL output nor an annotation may land on a photo (`--output
     // photo.png`, `--output dir/keep.png`, a link to one): the identities are taken
     // before anything is created or truncated.

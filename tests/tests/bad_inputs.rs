@@ -720,6 +720,24 @@ fn referral_fields_and_heatmaps_only_for_photos_that_worked() {
         "{}",
         run.stderr
     );
+    // Annotations and heatmaps share their file names: one folder for both is refused.
+    let same = detect_with(
+        &fx,
+        &photos,
+        &dir.path().join("again.jsonl"),
+        &[
+            "--heatmaps".as_ref(),
+            heatmaps.as_os_str(),
+            "--annotate".as_ref(),
+            heatmaps.as_os_str(),
+        ],
+    );
+    assert_eq!(same.code, Some(1), "{}", same.describe());
+    assert!(
+        same.stderr.contains("name the same folder"),
+        "{}",
+        same.stderr
+    );
 }
 
 #[test]
