@@ -244,6 +244,12 @@ enum ReferralCommand {
         /// DiaretDB1 and IDRiD: this published split; omit for every image.
         #[arg(long, value_enum)]
         split: Option<Split>,
+        /// Also score the S1 heatmap as a lesion detector (Quellec et al.'s evaluation):
+        /// each photo's 50 strongest local maxima inside the field of view are
+        /// detections, scored with the lesion-level FROC rules of `eval` (sensitivity
+        /// at 1/8..8 FP/image, CPM).
+        #[arg(long)]
+        heatmap_froc: bool,
     },
     /// Train on every graded photo: OUT/referral.safetensors.
     Train {
@@ -1052,6 +1058,7 @@ fn run(cli: Cli) -> Result<()> {
             dataset,
             root,
             split,
+            heatmap_froc,
         }) => {
             let load = LoadOptions {
                 split,
@@ -1072,6 +1079,21 @@ fn run(cli: Cli) -> Result<()> {
                 c.cells_for_80,
                 100.0 * c.share_in_top_4
             );
+            if heatmap_froc {
+                let (r, found, lesions) = referral_run::heatmap_froc(&weights, &models, &data)?;
+                let sens: Vec<String> = r
+                    .sensitivities
+                    .iter()
+                    .map(|p| format!("{:.3}", p.sensitivity))
+                    .collect();
+                println!(
+                    "S1 heatmap maxima as detections: sensitivity at 1/8..8 FP/image {}, CPM \
+                     {:.3}; lesions found by any of the {} maxima per photo: {found} of {lesions}",
+                    sens.join(" "),
+                    r.cpm,
+                    referral_run::HEATMAP_MAXIMA
+                );
+            }
             Ok(())
         }
         Command::Referral(ReferralCommand::Train { args, out }) => {

@@ -536,3 +536,78 @@ pub fn attention_coverage(
         share_in_top_4: ranks.iter().filter(|&&r| r < 4).count() as f64 / ranks.len() as f64,
     })
 }
+
+/// Most heatmap maxima kept per photo by [`heatmap_froc`].
+pub const HEATMAP_MAXIMA: usize = 50;
+
+/// Quellec et al.'s lesion-level evaluation of the S1 heatmap: each photo's local maxima
+/// (3x3, inside the field of view, the [`HEATMAP_MAXIMA`] strongest) are detections
+/// scored by their heat, in original coordinates, and the lesion set's FROC follows the
+/// project's rules (`shared/docs/CONTRACTS.md` section 2). Also returns how many lesions
+/// any of the maxima found, whatever their score, and the number of lesions.
+pub fn heatmap_froc(
+    weights: &Path,
+    models: &Path,
+    dataset: &crate::datasets::Dataset,
+) -> Result<(crate::froc::FrocReport, usize, usize)> {
+    use ma_core::detection::Detection;
+    let manifest = Manifest::load(models)?;
+    let cfg = manifest.referral.clone().with_context(|| {
+        format!(
+            "{} has no [referral] section",
+            models.join(ma_core::manifest::FILE_NAME).display()
+        )
+    })?;
+    let (_, net) = referral::load(weights)?;
+    let side = cfg.input_side;
+    let mut outcomes = Vec::with_capacity(dataset.images.len());
+    for image in &dataset.images {
+        let rgb = read_image(&image.path)?;
+        let pre = preprocess(&rgb, FovSource::Estimate, &manifest.preprocess)
+            .with_context(|| format!("preprocessing {}", image.path.display()))?;
+        let view = ReferralView::of(&pre, side)?;
+        let x = tch::Tensor::from_slice(&view.planes.data).view([3, side as i64, side as i64]);
+        let heat = referral::s1_heatmap(&net, &x)?;
+        let mut maxima: Vec<Detection> = Vec::new();
+        for v in 1..side - 1 {
+            for u in 1..side - 1 {
+                let h = heat[v * side + u];
+                let neighbours = (v - 1..=v + 1).flat_map(|y| (u - 1..=u + 1).map(move |x| (x, y)));
+                if h <= 0.0 || neighbours.into_iter().any(|(x, y)| heat[y * side + x] > h) {
+                    continue;
+                }
+                // The pixel's centre on the canonical grid, which holds the FOV mask.
+                let cx = view.origin.0 + (u as f64 + 0.5) * view.step - 0.5;
+                let cy = view.origin.1 + (v as f64 + 0.5) * view.step - 0.5;
+                if !pre.fov.get(cx.round() as i64, cy.round() as i64) {
+                    continue;
+                }
+                let (ox, oy) = view.to_original(u as f64 + 0.5, v as f64 + 0.5);
+                maxima.push(Detection {
+                    x: ox,
+                    y: oy,
+                    score: h as f64,
+                });
+            }
+        }
+        maxima.sort_by(|a, b| b.score.total_cmp(&a.score));
+        maxima.truncate(HEATMAP_MAXIMA);
+        let truth = image.load_truth()?;
+        outcomes.push(crate::froc::ImageOutcome::score(
+            &image.name,
+            &truth,
+            &maxima,
+        )?);
+    }
+    let found = outcomes
+        .iter()
+        .flat_map(|o| &o.lesion_best)
+        .filter(|b| b.is_some())
+        .count();
+    let lesions = outcomes.iter().map(|o| o.lesion_best.len()).sum();
+    Ok((
+        crate::froc::FrocReport::from_outcomes(&outcomes)?,
+        found,
+        lesions,
+    ))
+}
