@@ -4,7 +4,24 @@
 
 use image::{Rgb, RgbImage};
 
-use crate::referral::ReferralView;
+use crate::referral::{AttentionBox, ReferralView};
+
+/// The heatmap picture: `photo` with `map` blended in ([`blend`]) and `boxes` outlined in
+/// white.
+pub fn picture(
+    photo: &RgbImage,
+    view: &ReferralView,
+    map: &[f32],
+    map_side: usize,
+    max: f32,
+    boxes: &[AttentionBox],
+) -> RgbImage {
+    let mut out = blend(photo, view, map, map_side, max);
+    for b in boxes {
+        outline(&mut out, b.x0, b.y0, b.x1, b.y1, Rgb([255, 255, 255]));
+    }
+    out
+}
 
 /// `photo` with `map` (`map_side` cells a side over the view's input square) blended in:
 /// values are scaled by `max` (clamped to 1) and drawn dark blue -> red -> yellow, more
@@ -63,7 +80,7 @@ fn ramp(v: f32) -> [f32; 3] {
 }
 
 /// Draw the outline of an original-coordinate box (attention regions) in `colour`.
-pub fn outline(img: &mut RgbImage, x0: f64, y0: f64, x1: f64, y1: f64, colour: Rgb<u8>) {
+fn outline(img: &mut RgbImage, x0: f64, y0: f64, x1: f64, y1: f64, colour: Rgb<u8>) {
     let (w, h) = (img.width() as i64, img.height() as i64);
     let clamp = |v: f64, hi: i64| (v.round() as i64).clamp(0, hi - 1);
     let (ax, bx) = (clamp(x0, w), clamp(x1, w));

@@ -121,19 +121,11 @@ impl ReferralView {
     /// outside the field of view.
     pub fn of(pre: &Preprocessed, side: usize) -> Result<Self> {
         let (w, h) = (pre.fov.width() as usize, pre.fov.height() as usize);
-        let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) = (usize::MAX, 0, usize::MAX, 0);
-        for (i, &inside) in pre.fov.as_slice().iter().enumerate() {
-            if inside {
-                let (x, y) = (i % w, i / w);
-                x_lo = x_lo.min(x);
-                x_hi = x_hi.max(x + 1);
-                y_lo = y_lo.min(y);
-                y_hi = y_hi.max(y + 1);
-            }
-        }
-        if x_lo == usize::MAX {
+        let Some((x_lo, y_lo, x_last, y_last)) = pre.fov.bounding_box() else {
             bail!("the photo has an empty field of view: no referral input");
-        }
+        };
+        let (x_lo, y_lo) = (x_lo as usize, y_lo as usize);
+        let (x_hi, y_hi) = (x_last as usize + 1, y_last as usize + 1);
         ensure!(side > 0, "referral input side must be positive");
         let extent = (x_hi - x_lo).max(y_hi - y_lo) as f64;
         let origin = (

@@ -604,11 +604,8 @@ fn write_heatmap(
     img: &image::RgbImage,
     r: &Referral,
 ) -> Result<()> {
-    let mut picture = ma_core::heatmap::blend(img, &r.view, &r.attention, r.attention_side, 1.0);
-    for b in &r.boxes {
-        let white = image::Rgb([255, 255, 255]);
-        ma_core::heatmap::outline(&mut picture, b.x0, b.y0, b.x1, b.y1, white);
-    }
+    let picture =
+        ma_core::heatmap::picture(img, &r.view, &r.attention, r.attention_side, 1.0, &r.boxes);
     let file = inputs.create(out)?;
     let mut writer = std::io::BufWriter::new(file);
     picture

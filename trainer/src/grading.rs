@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use ma_core::image_io::IMAGE_EXTENSIONS;
+use ma_core::image_io::has_image_extension;
 
 /// Folder inside the set's root that holds the class folders.
 pub const CLASSES_DIR: &str = "DR and maculopathy 10 classes";
@@ -72,11 +72,7 @@ pub fn load(root: &Path) -> Result<Vec<GradedPhoto>> {
             })?;
         for file in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = file?.path();
-            let ext = path
-                .extension()
-                .map(|e| e.to_string_lossy().to_ascii_lowercase())
-                .unwrap_or_default();
-            if !IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            if !has_image_extension(&path) {
                 continue;
             }
             let name = path

@@ -12,6 +12,7 @@
 //! The S1 heatmap ([`s1_heatmap`]) is Quellec's pixel-level explanation: the
 //! sensitivity of the referral margin to each input pixel, by backpropagation.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -26,7 +27,7 @@ use tch::{Device, Kind, Tensor};
 
 use ma_core::geometry::CHANNELS;
 use ma_core::image_io::read_image;
-use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
+use ma_core::preprocess::{FovSource, PreprocessConfig, Preprocessed, preprocess};
 use ma_core::referral::ReferralView;
 
 use crate::nets::{Net, REFERRAL_FEATURES, REFERRAL_STRIDE, referral_trunk};
@@ -93,6 +94,30 @@ pub struct Inputs {
     pub views: Vec<ReferralView>,
 }
 
+/// One photo read, preprocessed and viewed as the network sees it.
+pub struct PhotoView {
+    pub rgb: image::RgbImage,
+    pub pre: Preprocessed,
+    pub view: ReferralView,
+}
+
+/// Read the photo at `path`, preprocess it (FOV estimated, as on the device) and make its
+/// `side`-pixel referral view; errors name the file.
+pub fn photo_view(path: &Path, cfg: &PreprocessConfig, side: usize) -> Result<PhotoView> {
+    let rgb = read_image(path)?;
+    let pre = preprocess(&rgb, FovSource::Estimate, cfg)
+        .and_then(|pre| Ok((ReferralView::of(&pre, side)?, pre)))
+        .with_context(|| format!("preparing {}", path.display()));
+    let (view, pre) = pre?;
+    Ok(PhotoView { rgb, pre, view })
+}
+
+/// A view's planes as the network's `[3, side, side]` input.
+pub fn input_tensor(view: &ReferralView) -> Tensor {
+    let side = view.side() as i64;
+    Tensor::from_slice(&view.planes.data).view([CHANNELS as i64, side, side])
+}
+
 /// Read and preprocess every photo (one worker per core) into its referral input. The
 /// first photo that fails stops the run with its path in the error.
 pub fn prepare(
@@ -119,10 +144,7 @@ pub fn prepare(
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(path) = paths.get(k) else { break };
-                    let r = read_image(path)
-                        .and_then(|rgb| preprocess(&rgb, FovSource::Estimate, cfg))
-                        .and_then(|pre| ReferralView::of(&pre, side))
-                        .with_context(|| format!("preparing {}", path.display()));
+                    let r = photo_view(path, cfg, side).map(|photo| photo.view);
                     let failed = r.is_err();
                     *slots[k].lock().expect("no panics while held") = Some(r);
                     bar.inc(1);

@@ -8,10 +8,9 @@ use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
 use ma_core::heatmap;
-use ma_core::image_io::{find_images, read_image};
+use ma_core::image_io::find_images;
 use ma_core::manifest::Manifest;
-use ma_core::preprocess::{FovSource, preprocess};
-use ma_core::referral::{ReferRule, ReferralConfig, ReferralView, refer_score};
+use ma_core::referral::{ReferRule, ReferralConfig, refer_score};
 
 use crate::export::referral::add_to_model_set;
 use crate::grading::{self, GradedPhoto};
@@ -397,10 +396,12 @@ pub fn export(weights: &Path, cv_dir: &Path, models: &Path, version: &str) -> Re
     add_to_model_set(&vs, models, &cfg, version)
 }
 
-/// S1 and attention heatmaps of every photo under `input` (a file or a folder) into `out`:
-/// `<stem>-s1.png` and `<stem>-attention.png` (photo with the map blended in and the top
-/// attention boxes outlined), and one line per photo with its referral score.
-pub fn heatmaps(weights: &Path, models: &Path, input: &Path, out: &Path) -> Result<()> {
+/// Trained referral weights and the model set whose `[referral]` settings (input side,
+/// boxes) and preprocessing they go with.
+fn load_network(
+    weights: &Path,
+    models: &Path,
+) -> Result<(Manifest, ReferralConfig, referral::ReferralNet)> {
     let manifest = Manifest::load(models)?;
     let cfg = manifest.referral.clone().with_context(|| {
         format!(
@@ -409,6 +410,14 @@ pub fn heatmaps(weights: &Path, models: &Path, input: &Path, out: &Path) -> Resu
         )
     })?;
     let (_, net) = referral::load(weights)?;
+    Ok((manifest, cfg, net))
+}
+
+/// S1 and attention heatmaps of every photo under `input` (a file or a folder) into `out`:
+/// `<stem>-s1.png` and `<stem>-attention.png` (photo with the map blended in and the top
+/// attention boxes outlined), and one line per photo with its referral score.
+pub fn heatmaps(weights: &Path, models: &Path, input: &Path, out: &Path) -> Result<()> {
+    let (manifest, cfg, net) = load_network(weights, models)?;
     let files = if input.is_dir() {
         find_images(input)?
     } else {
@@ -418,11 +427,9 @@ pub fn heatmaps(weights: &Path, models: &Path, input: &Path, out: &Path) -> Resu
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let side = cfg.input_side;
     for file in files {
-        let rgb = read_image(&file)?;
-        let pre = preprocess(&rgb, FovSource::Estimate, &manifest.preprocess)
-            .with_context(|| format!("preprocessing {}", file.display()))?;
-        let view = ReferralView::of(&pre, side)?;
-        let x = tch::Tensor::from_slice(&view.planes.data).view([3, side as i64, side as i64]);
+        let referral::PhotoView { rgb, view, .. } =
+            referral::photo_view(&file, &manifest.preprocess, side)?;
+        let x = referral::input_tensor(&view);
         let s1 = referral::s1_heatmap(&net, &x)?;
         let batch = x.unsqueeze(0);
         let (margin, attention) = referral::predict(&net, &batch, &[0])?
@@ -438,17 +445,8 @@ pub fn heatmaps(weights: &Path, models: &Path, input: &Path, out: &Path) -> Resu
             ("s1", &s1, side),
             ("attention", &attention, cfg.attention_side()),
         ] {
-            let mut img = heatmap::blend(&rgb, &view, map, map_side, heatmap::quantile(map, 0.995));
-            for b in &boxes {
-                heatmap::outline(
-                    &mut img,
-                    b.x0,
-                    b.y0,
-                    b.x1,
-                    b.y1,
-                    image::Rgb([255, 255, 255]),
-                );
-            }
+            let max = heatmap::quantile(map, 0.995);
+            let img = heatmap::picture(&rgb, &view, map, map_side, max, &boxes);
             let path = out.join(format!("{stem}-{name}.png"));
             img.save(&path)
                 .with_context(|| format!("writing {}", path.display()))?;
@@ -485,14 +483,7 @@ pub fn attention_coverage(
     models: &Path,
     dataset: &crate::datasets::Dataset,
 ) -> Result<AttentionCoverage> {
-    let manifest = Manifest::load(models)?;
-    let cfg = manifest.referral.clone().with_context(|| {
-        format!(
-            "{} has no [referral] section",
-            models.join(ma_core::manifest::FILE_NAME).display()
-        )
-    })?;
-    let (_, net) = referral::load(weights)?;
+    let (manifest, cfg, net) = load_network(weights, models)?;
     let paths: Vec<PathBuf> = dataset.images.iter().map(|im| im.path.clone()).collect();
     let inputs = referral::prepare(&paths, &manifest.preprocess, cfg.input_side)?;
     let all: Vec<usize> = (0..paths.len()).collect();
@@ -551,23 +542,13 @@ pub fn heatmap_froc(
     dataset: &crate::datasets::Dataset,
 ) -> Result<(crate::froc::FrocReport, usize, usize)> {
     use ma_core::detection::Detection;
-    let manifest = Manifest::load(models)?;
-    let cfg = manifest.referral.clone().with_context(|| {
-        format!(
-            "{} has no [referral] section",
-            models.join(ma_core::manifest::FILE_NAME).display()
-        )
-    })?;
-    let (_, net) = referral::load(weights)?;
+    let (manifest, cfg, net) = load_network(weights, models)?;
     let side = cfg.input_side;
     let mut outcomes = Vec::with_capacity(dataset.images.len());
     for image in &dataset.images {
-        let rgb = read_image(&image.path)?;
-        let pre = preprocess(&rgb, FovSource::Estimate, &manifest.preprocess)
-            .with_context(|| format!("preprocessing {}", image.path.display()))?;
-        let view = ReferralView::of(&pre, side)?;
-        let x = tch::Tensor::from_slice(&view.planes.data).view([3, side as i64, side as i64]);
-        let heat = referral::s1_heatmap(&net, &x)?;
+        let referral::PhotoView { pre, view, .. } =
+            referral::photo_view(&image.path, &manifest.preprocess, side)?;
+        let heat = referral::s1_heatmap(&net, &referral::input_tensor(&view))?;
         let mut maxima: Vec<Detection> = Vec::new();
         for v in 1..side - 1 {
             for u in 1..side - 1 {

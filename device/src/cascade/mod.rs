@@ -144,18 +144,12 @@ impl Cascade {
             stage2.patch_size(),
             geometry.size
         );
-        let referral = match ReferralModel::from_manifest(&manifest, variant)? {
-            Some(model) => {
-                let cfg = manifest.referral.clone().expect("from_manifest checked it");
-                ensure!(
-                    model.side() == cfg.input_side,
-                    "the referral model in {} takes {} px, the manifest says {}",
-                    models_dir.display(),
-                    model.side(),
-                    cfg.input_side
-                );
-                Some((model, cfg))
-            }
+        // The manifest checked that the model's input side is the section's.
+        let referral = match &manifest.referral {
+            Some(cfg) => Some((
+                ReferralModel::from_manifest(&manifest, variant)?,
+                cfg.clone(),
+            )),
             None => None,
         };
         let signed_by = match trust {

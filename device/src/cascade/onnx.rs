@@ -370,19 +370,14 @@ pub struct ReferralOutput {
 }
 
 impl ReferralModel {
-    /// Load the manifest's referral model of `variant` (hash checked); `None` when the
-    /// model set has none.
-    pub fn from_manifest(manifest: &Manifest, variant: Variant) -> Result<Option<Self>> {
-        if manifest.referral.is_none() {
-            return Ok(None);
-        }
+    /// Load the manifest's referral model of `variant` (hash checked).
+    pub fn from_manifest(manifest: &Manifest, variant: Variant) -> Result<Self> {
         let entry = manifest.entry(Role::Referral, variant)?;
         let ModelGeometry::Image(side) = entry.geometry()? else {
             bail!("the referral entry of {} is not an image model", entry.file);
         };
         let bytes = manifest.verify_file(entry)?;
         Self::load(&bytes, side)
-            .map(Some)
             .with_context(|| format!("loading {}", manifest.path_of(entry).display()))
     }
 
@@ -394,10 +389,6 @@ impl ReferralModel {
             .and_then(|m| m.into_runnable())
             .with_context(|| format!("optimising the referral model for {side}x{side}"))?;
         Ok(Self { plan, side })
-    }
-
-    pub fn side(&self) -> usize {
-        self.side
     }
 
     /// Run on one referral view (`side` x `side` planes).

@@ -731,15 +731,20 @@ pub fn export_model_set(
         models,
         dir: out.to_path_buf(),
     };
-    manifest.write(out)?;
-    // A signature of the previous manifest would now be invalid: remove it, so the
-    // bundle is plainly unsigned until `signing::sign_manifest` signs the new one.
-    let stale = out.join(ma_core::signing::SIGNATURE_FILE);
+    write_unsigned(&manifest, out)?;
+    Ok(manifest)
+}
+
+/// Write `manifest` into `dir` and remove the signature of the previous one, which would
+/// now be invalid: the bundle is plainly unsigned until `signing::sign_manifest` signs it.
+fn write_unsigned(manifest: &Manifest, dir: &Path) -> Result<()> {
+    manifest.write(dir)?;
+    let stale = dir.join(ma_core::signing::SIGNATURE_FILE);
     if stale.exists() {
         std::fs::remove_file(&stale)
             .with_context(|| format!("removing the stale signature {}", stale.display()))?;
     }
-    Ok(manifest)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use ma_core::referral::ReferralConfig;
 
 use super::{
     GraphBuilder, Head, WeightFormat, add_layers, float_tensor, int, ints, meta, model_proto, val,
-    value_info, write_onnx,
+    value_info, write_onnx, write_unsigned,
 };
 use crate::nets::{REFERRAL_FEATURES, REFERRAL_STRIDE, referral_trunk};
 use crate::referral::{ATTENTION_EPS, ATTENTION_HEAD, CLASS_HEAD};
@@ -198,11 +198,6 @@ pub fn add_to_model_set(
     }
     manifest.referral = Some(cfg.clone());
     manifest.version = version.to_string();
-    manifest.write(models)?;
-    let stale = models.join(ma_core::signing::SIGNATURE_FILE);
-    if stale.exists() {
-        std::fs::remove_file(&stale)
-            .with_context(|| format!("removing the stale signature {}", stale.display()))?;
-    }
+    write_unsigned(&manifest, models)?;
     Ok(manifest)
 }
