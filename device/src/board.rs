@@ -39,6 +39,23 @@ pub struct BoardConfig {
     pub display: DisplayConfig,
     pub inference: InferenceConfig,
     pub records: RecordsConfig,
+    /// Optional: boards without it have no heatmap toggle and start with the overlay off.
+    #[serde(default)]
+    pub controls: ControlsConfig,
+}
+
+/// `[controls]`: keys and buttons besides the capture trigger.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlsConfig {
+    /// Whether the referral network's attention heatmap is blended into the photo on the
+    /// panel at start (model sets with a referral network).
+    #[serde(default)]
+    pub heatmap: bool,
+    /// The key or button that turns the heatmap overlay on and off: `{ kind = "key" }` (the
+    /// line `h` + Enter on stdin) or `{ kind = "gpio", chip = ..., line = N }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heatmap_toggle: Option<Trigger>,
 }
 
 /// Where frames come from (`[source]`, chosen by `kind`).
@@ -267,12 +284,8 @@ impl BoardConfig {
                     );
                 }
                 match &c.trigger {
-                    Trigger::Key {} => {}
-                    Trigger::Gpio { chip, line } => {
-                        non_empty_path(chip, "source.trigger.chip")?;
-                        if line.is_none() {
-                            bail!("source.trigger.line is required for trigger kind \"gpio\"");
-                        }
+                    Trigger::Key {} | Trigger::Gpio { .. } => {
+                        validate_key_or_button(&c.trigger, "source.trigger")?
                     }
                     Trigger::Interval { seconds } => {
                         if !(seconds.is_finite() && *seconds > 0.0) {
@@ -296,6 +309,9 @@ impl BoardConfig {
         }
         let (w, h) = self.display.size();
         bounded_size(w, h, MAX_PANEL_SIDE, "display")?;
+        if let Some(toggle) = &self.controls.heatmap_toggle {
+            validate_key_or_button(toggle, "controls.heatmap_toggle")?;
+        }
         let max_threads = crate::cascade::onnx::MAX_THREADS;
         if self.inference.threads == 0 || self.inference.threads > max_threads {
             bail!(
@@ -309,6 +325,24 @@ impl BoardConfig {
         }
         non_empty_path(&self.records.log, "records.log")?;
         Ok(())
+    }
+}
+
+/// A key or a GPIO button with its line; `key` names the setting (`source.trigger`).
+fn validate_key_or_button(trigger: &Trigger, key: &str) -> Result<()> {
+    match trigger {
+        Trigger::Key {} => Ok(()),
+        Trigger::Gpio { chip, line } => {
+            non_empty_path(chip, &format!("{key}.chip"))?;
+            if line.is_none() {
+                bail!("{key}.line is required for kind \"gpio\"");
+            }
+            Ok(())
+        }
+        Trigger::Interval { .. } => bail!(
+            "{key}: kind \"interval\" is not a key or a button; use {{ kind = \"key\" }} or \
+             {{ kind = \"gpio\", chip = \"/dev/gpiochip0\", line = N }}"
+        ),
     }
 }
 
@@ -456,6 +490,39 @@ log = "out/records.log"
         assert!(err(&with("threads = 1", "threads = 100000")).contains("inference.threads"));
         assert!(err(&with("count = 2", "count = 0")).contains("source.count"));
         assert!(err(&with("name = \"t\"", "name = \"\"")).contains("name"));
+    }
+
+    #[test]
+    fn controls_are_optional_and_take_a_key_or_a_button() {
+        let c = BoardConfig::parse(MINIMAL).unwrap();
+        assert_eq!(c.controls, ControlsConfig::default());
+        let with_controls = |table: &str| format!("{MINIMAL}\n[controls]\n{table}\n");
+        let c = BoardConfig::parse(&with_controls(
+            "heatmap = true\nheatmap_toggle = { kind = \"key\" }",
+        ))
+        .unwrap();
+        assert!(c.controls.heatmap);
+        assert_eq!(c.controls.heatmap_toggle, Some(Trigger::Key {}));
+        let c = BoardConfig::parse(&with_controls(
+            "heatmap_toggle = { kind = \"gpio\", chip = \"/dev/gpiochip1\", line = 7 }",
+        ))
+        .unwrap();
+        assert!(!c.controls.heatmap);
+        assert!(matches!(
+            c.controls.heatmap_toggle,
+            Some(Trigger::Gpio { line: Some(7), .. })
+        ));
+        let e = err(&with_controls(
+            "heatmap_toggle = { kind = \"interval\", seconds = 2.0 }",
+        ));
+        assert!(
+            e.contains("controls.heatmap_toggle") && e.contains("not a key"),
+            "{e}"
+        );
+        let e = err(&with_controls("heatmap_toggle = { kind = \"gpio\" }"));
+        assert!(e.contains("controls.heatmap_toggle.line"), "{e}");
+        assert!(err(&with_controls("heatmap = 1")).contains("heatmap"));
+        assert!(err(&with_controls("overlay = true")).contains("overlay"));
     }
 
     #[test]

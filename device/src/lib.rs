@@ -14,6 +14,7 @@ pub mod board;
 pub mod capture;
 pub mod cascade;
 pub mod console;
+pub mod controls;
 pub mod display;
 pub mod files;
 pub mod records;

@@ -61,10 +61,14 @@ enum Command {
     /// and the records log.
     ///
     /// For each frame: the cascade runs, one record (time, frame number, source name,
-    /// SHA-256 of the image, every candidate, MA count and referral, model version,
-    /// board) is appended to the log and synced to disk, and only then is the frame
-    /// shown, circles on the MAs and a status bar with the MA count, REFER / no refer,
-    /// latency, frame number, camera state and "saved #N". Unreadable frames and camera
+    /// SHA-256 of the image, every candidate, MA count and referral, the referral
+    /// network's refer_score and attention boxes, model version, board) is appended to
+    /// the log and synced to disk, and only then is the frame shown, circles on the MAs
+    /// and a status bar with the MA count, REFER / no refer and the refer_score,
+    /// latency, frame number, camera state and "saved #N". The board's [controls] may
+    /// name a key or button (heatmap_toggle; on the desktop board the line "h" + Enter)
+    /// that blends the referral network's attention heatmap into the photo on the panel
+    /// and takes it off again. Unreadable frames and camera
     /// failures are shown, logged as error records and retried (camera: with back-off);
     /// they never stop the loop.
     ///
@@ -94,6 +98,8 @@ enum Command {
     /// The log is read without being modified, so this is safe while `run` appends to
     /// it. Damaged records (CRC mismatch) and a torn final record (power lost while
     /// writing) are skipped and reported on stderr; the valid records are still output.
+    /// Logs of format version 1 (before refer_score and attention_boxes) are read too;
+    /// `run` moves such a log aside (records.log -> records.log.v1) and starts a new one.
     Records {
         #[command(subcommand)]
         command: RecordsCommand,
@@ -340,7 +346,7 @@ fn run_board(board: &Path, allow_unsigned: bool) -> Result<RunSummary> {
     let stop = stop_on_signals()?;
     let (mut station, report) = Station::from_board(&config, allow_unsigned)
         .with_context(|| format!("board {} ({})", config.name, board.display()))?;
-    if !report.is_clean() {
+    if !report.is_clean() || report.moved_aside.is_some() {
         errln!(
             "warning: records log {}: {report}",
             station.log.path().display()
@@ -604,8 +610,7 @@ fn write_heatmap(
     img: &image::RgbImage,
     r: &Referral,
 ) -> Result<()> {
-    let picture =
-        ma_core::heatmap::picture(img, &r.view, &r.attention, r.attention_side, 1.0, &r.boxes);
+    let picture = r.picture(img);
     let file = inputs.create(out)?;
     let mut writer = std::io::BufWriter::new(file);
     picture

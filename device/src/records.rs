@@ -21,8 +21,14 @@
 //!
 //! **Changing [`Record`]**: postcard is positional (no field names on disk), so fields may only
 //! be *appended* at the end of the struct, never removed, reordered or retyped, and every
-//! layout change must bump [`FORMAT_VERSION`] (and keep a decoder for the previous layout if
-//! old logs are to stay readable). A build refuses to read or append to a log of another version.
+//! layout change must bump [`FORMAT_VERSION`] and keep a decoder for the previous layouts, so
+//! old logs stay readable.
+//!
+//! **Older logs**: version 1 (no referral fields) is read by [`read_all`] and [`read_each`]
+//! (the missing fields empty). [`RecordLog::open`] never appends to it, since one file has one
+//! layout: it renames the old log aside (`records.log` -> `records.log.v1`, said in the
+//! [`OpenReport`]) and starts a new one, so a device updated in the field keeps running and
+//! keeps every old record. A version newer than this build's is refused, with the file's name.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -37,11 +43,15 @@ use postcard::ser_flavors::{AllocVec, Cobs};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use ma_core::detection::Detection;
+use ma_core::referral::AttentionBox;
 
 /// First bytes of every records log.
 pub const MAGIC: &[u8; 5] = b"MAREC";
 /// Layout version of [`Record`] in this build; bump it whenever a field is appended.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version 2 appended `refer_score` and `attention_boxes`.
+pub const FORMAT_VERSION: u8 = 2;
+/// Older layouts this build still reads (see [`RecordV1`]).
+pub const READABLE_VERSIONS: [u8; 2] = [1, 2];
 /// Length of the file header: [`MAGIC`] then the version byte.
 pub const HEADER_LEN: usize = MAGIC.len() + 1;
 /// Largest encoded frame accepted (writer) or decoded (reader): bounds the memory a damaged
@@ -85,6 +95,75 @@ pub struct Record {
     pub elapsed_ms: f32,
     /// Why the frame failed; `None` for a processed frame.
     pub error: Option<String>,
+    /// The referral network's score (0..1, `refer_score` of `detect`); `None` without a
+    /// referral network, for a failed frame and in version 1 logs.
+    pub refer_score: Option<f64>,
+    /// The referral network's strongest attention cells, strongest first, in original-image
+    /// pixel coordinates (what made the score); empty when `refer_score` is `None`.
+    pub attention_boxes: Vec<RecordBox>,
+}
+
+/// The layout of version 1 logs: [`Record`] without the referral fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct RecordV1 {
+    time_unix_ms: i64,
+    frame: u64,
+    source: String,
+    image_sha256: ImageHash,
+    width: u32,
+    height: u32,
+    detections: Vec<RecordDetection>,
+    refer: bool,
+    ma_count: u32,
+    model_version: String,
+    board: String,
+    elapsed_ms: f32,
+    error: Option<String>,
+}
+
+impl From<RecordV1> for Record {
+    fn from(r: RecordV1) -> Self {
+        Record {
+            time_unix_ms: r.time_unix_ms,
+            frame: r.frame,
+            source: r.source,
+            image_sha256: r.image_sha256,
+            width: r.width,
+            height: r.height,
+            detections: r.detections,
+            refer: r.refer,
+            ma_count: r.ma_count,
+            model_version: r.model_version,
+            board: r.board,
+            elapsed_ms: r.elapsed_ms,
+            error: r.error,
+            refer_score: None,
+            attention_boxes: Vec::new(),
+        }
+    }
+}
+
+/// One attention box of a [`Record`]; its own type for the reason [`RecordDetection`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordBox {
+    pub x0: f64,
+    pub y0: f64,
+    pub x1: f64,
+    pub y1: f64,
+    /// The attention value of the cell (0..1).
+    pub weight: f64,
+}
+
+impl From<AttentionBox> for RecordBox {
+    fn from(b: AttentionBox) -> Self {
+        Self {
+            x0: b.x0,
+            y0: b.y0,
+            x1: b.x1,
+            y1: b.y1,
+            weight: b.weight,
+        }
+    }
 }
 
 /// One candidate in a [`Record`]. Its own type rather than [`Detection`] so that adding a field
@@ -217,6 +296,9 @@ pub struct OpenReport {
     pub torn_bytes: u64,
     /// The file was created (or was empty) and a fresh header was written.
     pub created: bool,
+    /// An older-version log found at the path was renamed to this file (every record kept,
+    /// still readable) and a new log started in its place.
+    pub moved_aside: Option<(u8, PathBuf)>,
 }
 
 impl OpenReport {
@@ -235,6 +317,14 @@ impl fmt::Display for OpenReport {
         write!(f, "{} records ok", self.records_ok)?;
         if self.created {
             write!(f, " (new log)")?;
+        }
+        if let Some((version, to)) = &self.moved_aside {
+            write!(
+                f,
+                "; the format version {version} log there was moved to {} (its records are \
+                 kept; `ma-device records export` reads it)",
+                to.display()
+            )?;
         }
         if !self.corrupt.is_empty() {
             write!(f, ", {} corrupt frames skipped", self.corrupt.len())?;
@@ -324,7 +414,17 @@ impl RecordLog {
             .with_context(|| format!("reading the size of records log {}", path.display()))?
             .len();
         let header = read_header(&file, file_len, path)?;
-        if header != Header::Valid {
+        if let Header::Valid(version) = header
+            && version != FORMAT_VERSION
+        {
+            // Rename while holding the lock, so no other writer can start on the old file.
+            let aside = move_aside(path, version)?;
+            drop(file);
+            let (log, mut report) = RecordLog::open(path)?;
+            report.moved_aside = Some((version, aside));
+            return Ok((log, report));
+        }
+        if header != Header::Valid(FORMAT_VERSION) {
             if let Header::Torn(n) = header {
                 report.torn_bytes = n;
             }
@@ -346,7 +446,9 @@ impl RecordLog {
         reader
             .seek(SeekFrom::Start(HEADER_LEN as u64))
             .with_context(|| format!("seeking in records log {}", path.display()))?;
-        let complete_len = scan(&mut reader, path, &mut report, &mut |_| Ok(()))?;
+        let complete_len = scan(&mut reader, path, FORMAT_VERSION, &mut report, &mut |_| {
+            Ok(())
+        })?;
         drop(reader);
         if report.torn_bytes > 0 {
             file.set_len(complete_len)
@@ -419,27 +521,26 @@ pub fn read_each(
         .with_context(|| format!("reading the size of records log {}", path.display()))?
         .len();
     let mut report = OpenReport::default();
-    match read_header(&file, file_len, path)? {
-        Header::Valid => {}
+    let version = match read_header(&file, file_len, path)? {
+        Header::Valid(version) => version,
         Header::Empty => return Ok(report),
         Header::Torn(n) => {
             report.torn_bytes = n;
             return Ok(report);
         }
-    }
+    };
     let mut reader = BufReader::new(file);
     reader
         .seek(SeekFrom::Start(HEADER_LEN as u64))
         .with_context(|| format!("seeking in records log {}", path.display()))?;
-    scan(&mut reader, path, &mut report, &mut f)?;
+    scan(&mut reader, path, version, &mut report, &mut f)?;
     Ok(report)
 }
 
 /// Encodes one frame: `COBS(postcard(record) || CRC32 little-endian)` plus the 0x00 terminator.
 /// The CRC flavor wraps the COBS flavor, so the CRC bytes go through COBS too.
 pub fn encode_frame(record: &Record) -> Result<Vec<u8>> {
-    let flavor = CrcModifier::new(Cobs::try_new(AllocVec::new())?, CRC32.digest());
-    let frame = postcard::serialize_with_flavor(record, flavor)?;
+    let frame = encode_any(record)?;
     if frame.len() > MAX_FRAME_LEN {
         bail!(
             "record of {} bytes is larger than the {MAX_FRAME_LEN}-byte limit ({} detections)",
@@ -450,8 +551,19 @@ pub fn encode_frame(record: &Record) -> Result<Vec<u8>> {
     Ok(frame)
 }
 
+/// The frame encoding of any layout (tests write older versions with it).
+fn encode_any<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let flavor = CrcModifier::new(Cobs::try_new(AllocVec::new())?, CRC32.digest());
+    Ok(postcard::serialize_with_flavor(value, flavor)?)
+}
+
 /// Decodes one frame's bytes (without the 0x00 terminator) into a record, or says why not.
 pub fn decode_frame(frame: &[u8]) -> std::result::Result<Record, String> {
+    decode_frame_version(frame, FORMAT_VERSION)
+}
+
+/// [`decode_frame`] for a log of format `version` (one of [`READABLE_VERSIONS`]).
+pub fn decode_frame_version(frame: &[u8], version: u8) -> std::result::Result<Record, String> {
     let decoded = cobs_decode(frame).ok_or("bad COBS encoding")?;
     if decoded.len() < 4 {
         return Err(format!("{} bytes is too short for a CRC", decoded.len()));
@@ -466,7 +578,13 @@ pub fn decode_frame(frame: &[u8]) -> std::result::Result<Record, String> {
     }
     // The CRC was checked above only to tell damage apart from a layout mismatch; this checks
     // it again while decoding.
-    match postcard::take_from_bytes_crc32::<Record>(&decoded, CRC32.digest()) {
+    let taken = match version {
+        1 => postcard::take_from_bytes_crc32::<RecordV1>(&decoded, CRC32.digest())
+            .map(|(r, rest)| (Record::from(r), rest)),
+        FORMAT_VERSION => postcard::take_from_bytes_crc32::<Record>(&decoded, CRC32.digest()),
+        other => return Err(format!("format version {other} is not readable")),
+    };
+    match taken {
         Ok((record, [])) => Ok(record),
         Ok((_, rest)) => Err(format!(
             "{} bytes left after the record (written by another format version?)",
@@ -507,7 +625,8 @@ fn cobs_decode(src: &[u8]) -> Option<Vec<u8>> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Header {
-    Valid,
+    /// A complete header of a version this build reads.
+    Valid(u8),
     /// Zero-length file.
     Empty,
     /// A strict prefix of a valid header: a crash while the file was being created.
@@ -531,7 +650,6 @@ fn read_header(mut file: &File, file_len: u64, path: &Path) -> Result<Header> {
         .and_then(|_| file.read_exact(&mut buf[..n]))
         .with_context(|| format!("reading the header of records log {}", path.display()))?;
     let got = &buf[..n];
-    let expected = expected_header();
     let magic_len = n.min(MAGIC.len());
     if got[..magic_len] != MAGIC[..magic_len] {
         bail!(
@@ -544,16 +662,42 @@ fn read_header(mut file: &File, file_len: u64, path: &Path) -> Result<Header> {
     if n < HEADER_LEN {
         return Ok(Header::Torn(n as u64));
     }
-    if got[MAGIC.len()] != expected[MAGIC.len()] {
+    let version = got[MAGIC.len()];
+    if !READABLE_VERSIONS.contains(&version) {
         bail!(
-            "records log {} has format version {}, this build reads and writes version {} only; \
-             move the file aside (a matching build can still export it)",
+            "records log {} has format version {version}, this build reads versions {:?} and \
+             writes version {FORMAT_VERSION}; move the file aside (a matching build can still \
+             export it)",
             path.display(),
-            got[MAGIC.len()],
-            FORMAT_VERSION
+            READABLE_VERSIONS,
         );
     }
-    Ok(Header::Valid)
+    Ok(Header::Valid(version))
+}
+
+/// Renames the version-`version` log at `path` to `<name>.v<version>` (or `.v<version>.2`,
+/// `.3`, ... if taken) and makes the rename durable; returns the new path.
+fn move_aside(path: &Path, version: u8) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "records.log".into());
+    let mut aside = path.with_file_name(format!("{name}.v{version}"));
+    let mut k = 1;
+    while aside.exists() {
+        k += 1;
+        aside = path.with_file_name(format!("{name}.v{version}.{k}"));
+    }
+    fs::rename(path, &aside).with_context(|| {
+        format!(
+            "records log {} has format version {version} (this build writes {FORMAT_VERSION}); \
+             could not move it aside to {}",
+            path.display(),
+            aside.display()
+        )
+    })?;
+    sync_parent_dir(path)?;
+    Ok(aside)
 }
 
 /// Replaces whatever is in `file` (nothing, or a partial header) with a header and makes it
@@ -600,6 +744,7 @@ fn sync_parent_dir(path: &Path) -> Result<()> {
 fn scan(
     reader: &mut impl BufRead,
     path: &Path,
+    version: u8,
     report: &mut OpenReport,
     on_record: &mut dyn FnMut(Record) -> Result<()>,
 ) -> Result<u64> {
@@ -638,7 +783,7 @@ fn scan(
             let outcome = if chunk_len > MAX_FRAME_LEN as u64 {
                 Err(format!("frame longer than the {MAX_FRAME_LEN}-byte limit"))
             } else {
-                decode_frame(&chunk)
+                decode_frame_version(&chunk, version)
             };
             match outcome {
                 Ok(record) => {
@@ -754,13 +899,14 @@ pub fn to_jsonl(records: &[Record], mut writer: impl Write) -> Result<()> {
     writer.flush().context("writing JSONL records")
 }
 
-/// The CSV header row of [`to_csv`] (with its line end).
+/// The CSV header row of [`to_csv`] (with its line end). Columns are only ever appended.
 pub const CSV_HEADER: &str = "time,frame,source,sha256,width,height,ma_count,refer,\
-model_version,board,elapsed_ms,error,detections\r\n";
+model_version,board,elapsed_ms,error,detections,refer_score,attention_boxes\r\n";
 
 /// Writes a header row then one row per record (RFC 4180: CRLF line ends, fields with a comma,
 /// quote or line break quoted, quotes doubled). `time` is ISO-8601 UTC; `detections` is
-/// `x:y:score;...` (2, 2 and 4 decimals); JSONL has full precision.
+/// `x:y:score;...` (2, 2 and 4 decimals); `refer_score` has 4 decimals (empty without one);
+/// `attention_boxes` is `x0:y0:x1:y1:weight;...` (1 and 4 decimals); JSONL has full precision.
 pub fn to_csv(records: &[Record], mut writer: impl Write) -> Result<()> {
     writer
         .write_all(CSV_HEADER.as_bytes())
@@ -781,6 +927,17 @@ pub fn csv_row(r: &Record) -> String {
         .map(|d| format!("{:.2}:{:.2}:{:.4}", d.x, d.y, d.score))
         .collect::<Vec<_>>()
         .join(";");
+    let boxes = r
+        .attention_boxes
+        .iter()
+        .map(|b| {
+            format!(
+                "{:.1}:{:.1}:{:.1}:{:.1}:{:.4}",
+                b.x0, b.y0, b.x1, b.y1, b.weight
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(";");
     let fields = [
         format_time_utc(r.time_unix_ms),
         r.frame.to_string(),
@@ -795,6 +952,8 @@ pub fn csv_row(r: &Record) -> String {
         format!("{:.1}", r.elapsed_ms),
         r.error.clone().unwrap_or_default(),
         detections,
+        r.refer_score.map(|s| format!("{s:.4}")).unwrap_or_default(),
+        boxes,
     ];
     let mut row = fields
         .iter()
@@ -829,12 +988,20 @@ pub fn list_summary(records: &[Record]) -> String {
         );
         match &r.error {
             Some(e) => line.push_str(&format!(" FAILED: {}", e.replace(['\n', '\r'], " "))),
-            None => line.push_str(&format!(
-                " MAs {}{} ({} candidates)",
-                r.ma_count,
-                if r.refer { " REFER" } else { "" },
-                r.detections.len()
-            )),
+            None => {
+                line.push_str(&format!(
+                    " MAs {}{} ({} candidates)",
+                    r.ma_count,
+                    if r.refer { " REFER" } else { "" },
+                    r.detections.len()
+                ));
+                if let Some(score) = r.refer_score {
+                    line.push_str(&format!(
+                        " refer_score {score:.2} ({} boxes)",
+                        r.attention_boxes.len()
+                    ));
+                }
+            }
         }
         line.push_str(&format!(
             " {:.0} ms model {} board {} sha256 {}",
@@ -905,6 +1072,16 @@ mod tests {
             board: "desktop-sim".into(),
             elapsed_ms: 12.5,
             error: None,
+            refer_score: Some(i as f64 / 10.0),
+            attention_boxes: (0..i % 3)
+                .map(|k| RecordBox {
+                    x0: k as f64,
+                    y0: 2.0,
+                    x1: k as f64 + 64.0,
+                    y1: 66.0,
+                    weight: 0.25,
+                })
+                .collect(),
         }
     }
 
@@ -1111,6 +1288,100 @@ mod tests {
         let (_, report) = RecordLog::open(&path).unwrap();
         assert_eq!(report.records_ok, 2);
         assert_eq!(report.corrupt_skipped(), 1);
+    }
+
+    fn v1(r: &Record) -> RecordV1 {
+        RecordV1 {
+            time_unix_ms: r.time_unix_ms,
+            frame: r.frame,
+            source: r.source.clone(),
+            image_sha256: r.image_sha256,
+            width: r.width,
+            height: r.height,
+            detections: r.detections.clone(),
+            refer: r.refer,
+            ma_count: r.ma_count,
+            model_version: r.model_version.clone(),
+            board: r.board.clone(),
+            elapsed_ms: r.elapsed_ms,
+            error: r.error.clone(),
+        }
+    }
+
+    /// A version 1 log of `records`, as a 0.4 device wrote it.
+    fn write_v1_log(path: &Path, records: &[Record]) {
+        let mut bytes = MAGIC.to_vec();
+        bytes.push(1);
+        for r in records {
+            bytes.extend(encode_any(&v1(r)).unwrap());
+        }
+        fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn version_1_logs_are_read_and_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.log");
+        let old: Vec<Record> = (0..3).map(record).collect();
+        let as_v1 = |r: &Record| Record::from(v1(r));
+        write_v1_log(&path, &old);
+
+        // Read: every record, without the referral fields.
+        let (read, report) = read_all(&path).unwrap();
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(read, old.iter().map(as_v1).collect::<Vec<_>>());
+        assert!(read.iter().all(|r| r.refer_score.is_none()));
+        // A v1 frame is not a v2 frame: decoding it as the current layout fails.
+        let frame = encode_any(&v1(&old[0])).unwrap();
+        assert!(decode_frame(&frame[..frame.len() - 1]).is_err());
+
+        // Open for appending: the old log is moved aside, a new one starts.
+        let (mut log, report) = RecordLog::open(&path).unwrap();
+        let aside = dir.path().join("records.log.v1");
+        assert_eq!(report.moved_aside, Some((1, aside.clone())));
+        assert!(report.created);
+        let text = report.to_string();
+        assert!(
+            text.contains("records.log.v1") && text.contains("version 1"),
+            "{text}"
+        );
+        log.append(&record(7)).unwrap();
+        drop(log);
+        assert_eq!(read_all(&path).unwrap().0, vec![record(7)]);
+        assert_eq!(read_all(&aside).unwrap().0.len(), 3);
+
+        // A second old log never overwrites the first one moved aside.
+        write_v1_log(&path, &old[..1]);
+        let (_, report) = RecordLog::open(&path).unwrap();
+        let second = dir.path().join("records.log.v1.2");
+        assert_eq!(report.moved_aside, Some((1, second.clone())));
+        assert_eq!(read_all(&aside).unwrap().0.len(), 3);
+        assert_eq!(read_all(&second).unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn csv_and_summary_carry_the_referral() {
+        let r = record(4);
+        let row = csv_row(&r);
+        assert!(
+            row.ends_with(",0.4000,0.0:2.0:64.0:66.0:0.2500\r\n"),
+            "{row}"
+        );
+        assert_eq!(
+            row.matches(',').count(),
+            CSV_HEADER.matches(',').count(),
+            "{row}"
+        );
+        let none = Record {
+            refer_score: None,
+            attention_boxes: Vec::new(),
+            ..record(4)
+        };
+        assert!(csv_row(&none).ends_with(",,\r\n"));
+        let summary = list_summary(&[r, none]);
+        let lines: Vec<&str> = summary.lines().collect();
+        assert!(lines[0].contains("refer_score 0.40 (1 boxes)"), "{summary}");
+        assert!(!lines[1].contains("refer_score"), "{summary}");
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //!    not a crash);
 //! 2. one [`Record`] is appended to the records log and synced to disk
 //!    ([`RecordLog::append`]): time, frame number, source name, SHA-256 of the image,
-//!    every candidate, MA count and referral at the board's operating point, model
-//!    version, board name, processing time;
+//!    every candidate, MA count and referral at the board's operating point, the referral
+//!    network's score and attention boxes (model sets with one), model version, board
+//!    name, processing time;
 //! 3. only then is the result drawn and presented; the status bar says `saved #N` (the
 //!    record's index, as `ma-device records list` numbers it) or, if the append failed,
 //!    `NOT SAVED` in amber.
@@ -40,6 +41,7 @@ use ma_core::image_io::one_line;
 use crate::board::OperatingPoint;
 use crate::capture::{Frame, FrameEvent, FrameSource, SourceError, SourceState};
 use crate::cascade::{Cascade, ImageResult};
+use crate::controls::Toggle;
 use crate::display::Panel;
 use crate::display::overlay::OverlayInfo;
 use crate::display::screen::{Screen, Shown};
@@ -124,6 +126,11 @@ pub struct Station {
     pub operating_point: OperatingPoint,
     /// Score at or above which a candidate counts as an MA (from the manifest).
     pub threshold: f64,
+    /// Whether results start with the referral heatmap blended in (`controls.heatmap`).
+    pub heatmap: bool,
+    /// The key or button that turns the heatmap overlay on and off, looked at between
+    /// frames and on idle ticks (`controls.heatmap_toggle`).
+    pub heatmap_toggle: Option<Toggle>,
 }
 
 /// What a run did.
@@ -217,6 +224,7 @@ impl Station {
             screen: Screen::new(self.panel.size(), self.threshold),
             state_key: None,
         };
+        screen.screen.heatmap = self.heatmap;
         errln!(
             "board {}: {}; model {model_version}, operating point {} (score >= {:.3}); \
              records {}; {}",
@@ -227,11 +235,20 @@ impl Station {
             self.log.path().display(),
             self.display
         );
+        errln!(
+            "heatmap overlay {}{}",
+            on_off(self.heatmap),
+            match &self.heatmap_toggle {
+                Some(t) => format!("; {} turns it on and off", t.describe()),
+                None => String::new(),
+            }
+        );
         loop {
             if stop.load(Ordering::SeqCst) {
                 summary.stopped = true;
                 break;
             }
+            self.poll_heatmap_toggle(&mut screen, &mut summary);
             match self.source.next_frame() {
                 FrameEvent::Frame(frame) => {
                     self.process(frame, &model_version, &mut screen, &mut summary)
@@ -296,6 +313,8 @@ impl Station {
             board: self.board.clone(),
             elapsed_ms: elapsed_ms as f32,
             error: None,
+            refer_score: None,
+            attention_boxes: Vec::new(),
         };
         let detections = match &outcome {
             Ok(result) => {
@@ -303,11 +322,15 @@ impl Station {
                 record.detections = result.detections.iter().map(|&d| d.into()).collect();
                 record.ma_count = u32::try_from(count).unwrap_or(u32::MAX);
                 record.refer = self.detector.refers(result, self.threshold);
+                if let Some(referral) = &result.referral {
+                    record.refer_score = Some(referral.score);
+                    record.attention_boxes = referral.boxes.iter().map(|&b| b.into()).collect();
+                }
                 summary.processed += 1;
                 summary.referred += u64::from(record.refer);
                 Some((
                     result.detections.clone(),
-                    result.referral.as_ref().map(|r| r.score),
+                    result.referral.clone().map(Box::new),
                 ))
             }
             Err(e) => {
@@ -340,13 +363,13 @@ impl Station {
         let ok = saved.is_ok() && state.is_ok();
         let status = format!("{saved_text}, {state}");
         screen.screen.shown = match detections {
-            Some((detections, refer_score)) => Shown::Result {
+            Some((detections, referral)) => Shown::Result {
                 info: OverlayInfo {
                     detections,
                     threshold: self.threshold,
                     ma_count: record.ma_count as usize,
                     refer: record.refer,
-                    refer_score,
+                    refer_score: referral.as_ref().map(|r| r.score),
                     latency_ms: elapsed_ms,
                     frame_number: frame.id,
                     source_state: String::new(),
@@ -354,6 +377,7 @@ impl Station {
                     model_version: Some(model_version.to_string()),
                 },
                 image: frame.image,
+                referral,
             },
             None => Shown::Failed {
                 image: frame.image,
@@ -396,6 +420,8 @@ impl Station {
             board: self.board.clone(),
             elapsed_ms: 0.0,
             error: Some(message.clone()),
+            refer_score: None,
+            attention_boxes: Vec::new(),
         };
         let saved = self.append(&record, summary);
         errln!(
@@ -428,6 +454,35 @@ impl Station {
         }
     }
 
+    /// Flips the heatmap overlay once per press since the last look and redraws the panel
+    /// at once if it changed; errors reading the toggle are printed, never fatal.
+    fn poll_heatmap_toggle(&mut self, screen: &mut View, summary: &mut RunSummary) {
+        let Some(toggle) = &self.heatmap_toggle else {
+            return;
+        };
+        let presses = toggle.take();
+        for e in &presses.errors {
+            errln!("warning: heatmap toggle ({}): {e}", toggle.describe());
+        }
+        if presses.count % 2 == 0 {
+            return;
+        }
+        screen.screen.heatmap = !screen.screen.heatmap;
+        errln!(
+            "heatmap overlay {}{}",
+            on_off(screen.screen.heatmap),
+            if screen.screen.heatmap && !screen.screen.has_heatmap() {
+                " (the result shown has no referral heatmap: it shows with the next result \
+                 of a model set with a referral network)"
+            } else {
+                ""
+            }
+        );
+        screen.screen.rerender();
+        let state = self.source.state();
+        self.present(screen, &state, summary);
+    }
+
     fn present(&mut self, screen: &mut View, state: &SourceState, summary: &mut RunSummary) {
         screen.state_key = Some(state_key(state));
         match self.panel.present(&screen.screen.canvas) {
@@ -438,6 +493,10 @@ impl Station {
             }
         }
     }
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
 }
 
 /// The [`Record::image_sha256`] of a frame known only by its pixels: SHA-256 of the RGB8
@@ -492,6 +551,10 @@ mod tests {
     struct FakeDetector {
         calls: Rc<Cell<u64>>,
         stop_after: Option<(u64, Arc<AtomicBool>)>,
+        /// Answer with a referral (score 0.75, attention hot on the left half).
+        referral: bool,
+        /// Press this heatmap toggle during the given call.
+        press_on_call: Option<(u64, crate::controls::Presser)>,
     }
 
     impl FakeDetector {
@@ -499,7 +562,34 @@ mod tests {
             Self {
                 calls: Rc::new(Cell::new(0)),
                 stop_after: None,
+                referral: false,
+                press_on_call: None,
             }
+        }
+
+        fn referring() -> Self {
+            Self {
+                referral: true,
+                ..Self::new()
+            }
+        }
+    }
+
+    fn fake_referral(image: &RgbImage) -> crate::cascade::Referral {
+        let side = image.width().max(image.height()) as usize;
+        let view = ma_core::referral::ReferralView {
+            planes: ma_core::geometry::Planes::zeros(side, side),
+            origin: (0.0, 0.0),
+            step: 1.0,
+            scale: ma_core::geometry::ScaleMap::IDENTITY,
+        };
+        let attention = vec![1.0, 0.0, 0.9, 0.0];
+        crate::cascade::Referral {
+            score: 0.75,
+            boxes: view.top_boxes(&attention, 2, 2),
+            attention,
+            attention_side: 2,
+            view,
         }
     }
 
@@ -517,13 +607,18 @@ mod tests {
             if image.width() > 0 && image.get_pixel(0, 0).0 == [0, 255, 0] {
                 panic!("index out of bounds");
             }
+            if let Some((n, presser)) = &self.press_on_call
+                && self.calls.get() == *n
+            {
+                presser.press();
+            }
             let d = |x: f64, score: f64| Detection { x, y: 20.0, score };
             Ok(ImageResult {
                 width: image.width(),
                 height: image.height(),
                 detections: vec![d(10.0, 0.9), d(30.0, 0.2)],
                 candidates: 2,
-                referral: None,
+                referral: self.referral.then(|| fake_referral(image)),
                 timings: Timings::default(),
             })
         }
@@ -559,6 +654,8 @@ mod tests {
                 board: "test-board".into(),
                 operating_point: OperatingPoint::Fp2,
                 threshold: 0.5,
+                heatmap: false,
+                heatmap_toggle: None,
             }
         }
 
@@ -630,6 +727,80 @@ mod tests {
             text.contains("records.log") && text.contains("screens"),
             "{text}"
         );
+    }
+
+    /// The picture part (above the status bar, whose latency varies) of the screens a run
+    /// wrote, in order.
+    fn screens_of(fx: &Fixture) -> Vec<RgbImage> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&fx.png_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| {
+                let screen = image::open(f).unwrap().to_rgb8();
+                let panel = embedded_graphics::primitives::Rectangle::new(
+                    embedded_graphics::prelude::Point::zero(),
+                    embedded_graphics::prelude::Size::new(screen.width(), screen.height()),
+                );
+                let area = crate::display::overlay::Layout::new(panel, (0, 0)).image_area;
+                image::imageops::crop_imm(&screen, 0, 0, area.size.width, area.size.height)
+                    .to_image()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn referral_is_recorded_and_the_heatmap_overlay_toggles() {
+        let run = |heatmap: bool, toggle: Option<Toggle>, detector: FakeDetector| {
+            let fx = Fixture::new();
+            let mut station = fx.station(small_synthetic(2), detector);
+            station.heatmap = heatmap;
+            station.heatmap_toggle = toggle;
+            station.run(&AtomicBool::new(false));
+            (screens_of(&fx), fx.records())
+        };
+        let (plain, records) = run(false, None, FakeDetector::referring());
+        assert_eq!(plain.len(), 2);
+        // Records keep the score and the boxes behind it.
+        for r in &records {
+            assert_eq!(r.refer_score, Some(0.75));
+            assert_eq!(r.attention_boxes.len(), 2);
+            assert!(r.attention_boxes[0].weight > r.attention_boxes[1].weight);
+        }
+        let (heat, _) = run(true, None, FakeDetector::referring());
+        assert_eq!(heat.len(), 2);
+        assert_ne!(plain[0], heat[0], "the overlay changes the picture");
+        // Without a referral answer the overlay has nothing to show.
+        let (no_referral_plain, _) = run(false, None, FakeDetector::new());
+        let (no_referral_heat, records) = run(true, None, FakeDetector::new());
+        assert_eq!(no_referral_plain, no_referral_heat);
+        assert!(records.iter().all(|r| r.refer_score.is_none()));
+
+        // One press before the start: on from the first result (the empty screen is
+        // redrawn at once).
+        let (presser, toggle) = Toggle::manual("test button");
+        presser.press();
+        let (pressed, _) = run(false, Some(toggle), FakeDetector::referring());
+        assert_eq!(pressed.len(), 3);
+        assert_eq!(pressed[1..], heat[..]);
+        // Two presses cancel out: no redraw.
+        let (presser, toggle) = Toggle::manual("test button");
+        presser.press();
+        presser.press();
+        let (twice, _) = run(false, Some(toggle), FakeDetector::referring());
+        assert_eq!(twice, plain);
+        // A press while the second frame is analysed: that result is shown plain, then
+        // redrawn with the heatmap before anything else happens.
+        let (presser, toggle) = Toggle::manual("test button");
+        let mut detector = FakeDetector::referring();
+        detector.press_on_call = Some((2, presser));
+        let (mid, _) = run(false, Some(toggle), detector);
+        assert_eq!(mid.len(), 3);
+        assert_eq!(mid[..2], plain[..]);
+        assert_eq!(mid[2], heat[1]);
     }
 
     #[test]

@@ -10,10 +10,12 @@ use ma_core::manifest;
 use ma_core::signing::ModelTrust;
 
 use crate::board::{self, BoardConfig, DisplayConfig, SourceConfig};
+use crate::capture::trigger::TriggerInput;
 use crate::capture::{
     self, CameraConfig, CameraSource, FolderSource, FrameSource, V4l2Capture, V4l2Config,
 };
 use crate::cascade::Cascade;
+use crate::controls::Toggle;
 use crate::display::{FramebufferSink, Panel, PngSink};
 use crate::errln;
 use crate::records::{OpenReport, RecordLog};
@@ -97,6 +99,7 @@ impl Station {
             }
         };
 
+        let heatmap_toggle = heatmap_toggle(&config.controls)?;
         let (log, report) = RecordLog::open(&config.records.log).context("records.log")?;
         let station = Station {
             source,
@@ -107,6 +110,8 @@ impl Station {
             board: config.name.clone(),
             operating_point: config.inference.operating_point,
             threshold,
+            heatmap: config.controls.heatmap,
+            heatmap_toggle,
         };
         Ok((station, report))
     }
@@ -154,18 +159,7 @@ fn camera_parts(c: &board::CameraSource) -> Result<(V4l2Config, capture::Trigger
         board::PixelFormat::Yuyv => capture::PixelFormat::Yuyv,
         board::PixelFormat::Mjpeg => capture::PixelFormat::Mjpeg,
     };
-    let trigger = match &c.trigger {
-        board::Trigger::Key {} => capture::Trigger::Key,
-        board::Trigger::Interval { seconds } => {
-            capture::Trigger::Interval(Duration::try_from_secs_f64(*seconds).with_context(
-                || format!("source.trigger.seconds ({seconds}) is not a usable duration"),
-            )?)
-        }
-        board::Trigger::Gpio { chip, line } => capture::Trigger::Gpio {
-            chip: gpio_chip_number(chip)?,
-            line: line.context("source.trigger.line is required for trigger kind \"gpio\"")?,
-        },
-    };
+    let trigger = capture_trigger(&c.trigger, "source.trigger")?;
     let retry = CameraConfig {
         initial_backoff: Duration::from_millis(c.retry_backoff_ms.initial),
         max_backoff: Duration::from_millis(c.retry_backoff_ms.max),
@@ -178,15 +172,40 @@ fn camera_parts(c: &board::CameraSource) -> Result<(V4l2Config, capture::Trigger
     ))
 }
 
-/// N of `/dev/gpiochipN`.
-fn gpio_chip_number(chip: &Path) -> Result<u32> {
+/// The capture-side form of a board trigger; `key` names the setting in errors.
+fn capture_trigger(t: &board::Trigger, key: &str) -> Result<capture::Trigger> {
+    Ok(match t {
+        board::Trigger::Key {} => capture::Trigger::Key,
+        board::Trigger::Interval { seconds } => capture::Trigger::Interval(
+            Duration::try_from_secs_f64(*seconds)
+                .with_context(|| format!("{key}.seconds ({seconds}) is not a usable duration"))?,
+        ),
+        board::Trigger::Gpio { chip, line } => capture::Trigger::Gpio {
+            chip: gpio_chip_number(chip, key)?,
+            line: line.with_context(|| format!("{key}.line is required for kind \"gpio\""))?,
+        },
+    })
+}
+
+/// The heatmap toggle of `[controls]`, watched from now on (`None` without one).
+fn heatmap_toggle(controls: &board::ControlsConfig) -> Result<Option<Toggle>> {
+    let Some(t) = &controls.heatmap_toggle else {
+        return Ok(None);
+    };
+    let key = "controls.heatmap_toggle";
+    let input = TriggerInput::toggle(&capture_trigger(t, key)?, key)?;
+    Ok(Some(Toggle::watch(input).context(key)?))
+}
+
+/// N of `/dev/gpiochipN`; `key` names the setting in errors.
+fn gpio_chip_number(chip: &Path, key: &str) -> Result<u32> {
     chip.file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("gpiochip"))
         .and_then(|n| n.parse().ok())
         .with_context(|| {
             format!(
-                "source.trigger.chip must name a GPIO chip device like /dev/gpiochip0, got {}",
+                "{key}.chip must name a GPIO chip device like /dev/gpiochip0, got {}",
                 chip.display()
             )
         })
@@ -198,12 +217,24 @@ mod tests {
 
     #[test]
     fn gpio_chip_and_config_errors_name_the_setting() {
-        assert_eq!(gpio_chip_number(Path::new("/dev/gpiochip3")).unwrap(), 3);
+        assert_eq!(
+            gpio_chip_number(Path::new("/dev/gpiochip3"), "source.trigger").unwrap(),
+            3
+        );
         let e = format!(
             "{:#}",
-            gpio_chip_number(Path::new("/dev/gpio")).unwrap_err()
+            gpio_chip_number(Path::new("/dev/gpio"), "source.trigger").unwrap_err()
         );
         assert!(e.contains("source.trigger.chip"), "{e}");
+        let bad_button = board::ControlsConfig {
+            heatmap: false,
+            heatmap_toggle: Some(board::Trigger::Gpio {
+                chip: "/dev/gpio".into(),
+                line: Some(3),
+            }),
+        };
+        let e = format!("{:#}", heatmap_toggle(&bad_button).err().unwrap());
+        assert!(e.contains("controls.heatmap_toggle.chip"), "{e}");
 
         let dir = tempfile::tempdir().unwrap();
         let models = dir.path().join("no-models-here");

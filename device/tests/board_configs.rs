@@ -61,6 +61,12 @@ fn desktop_sim_is_the_hardware_free_default() {
     assert_eq!(config.inference.threads, 2);
     assert_eq!(config.inference.models, Path::new("models"));
     assert_eq!(config.records.log, Path::new("out/records.log"));
+    // The desktop's heatmap key is the line "h" on the terminal.
+    assert!(!config.controls.heatmap);
+    assert_eq!(
+        config.controls.heatmap_toggle,
+        Some(ma_device::board::Trigger::Key {})
+    );
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ma_device::records::{
-    HEADER_LEN, ImageHash, Record, RecordDetection, RecordLog, encode_frame, read_all,
+    HEADER_LEN, ImageHash, Record, RecordBox, RecordDetection, RecordLog, encode_frame, read_all,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -55,6 +55,16 @@ fn record(i: u64) -> Record {
         board: "desktop-sim".into(),
         elapsed_ms: i as f32,
         error: (i % 9 == 4).then(|| format!("frame {i} failed")),
+        refer_score: (i % 9 != 4).then(|| (i % 100) as f64 / 100.0),
+        attention_boxes: (0..(i % 5))
+            .map(|k| RecordBox {
+                x0: k as f64 * 60.0,
+                y0: 0.0,
+                x1: k as f64 * 60.0 + 60.0,
+                y1: 60.0,
+                weight: 0.5,
+            })
+            .collect(),
     }
 }
 

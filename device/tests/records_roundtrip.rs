@@ -5,7 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use ma_device::records::{
-    self, FORMAT_VERSION, HEADER_LEN, ImageHash, MAGIC, Record, RecordDetection, RecordLog,
+    self, FORMAT_VERSION, HEADER_LEN, ImageHash, MAGIC, Record, RecordBox, RecordDetection,
+    RecordLog,
 };
 
 fn record(i: u64) -> Record {
@@ -37,6 +38,16 @@ fn record(i: u64) -> Record {
         } else {
             None
         },
+        refer_score: (i % 11 != 10).then_some(0.05 * (i % 20) as f64),
+        attention_boxes: (0..if i % 11 == 10 { 0 } else { i % 5 })
+            .map(|k| RecordBox {
+                x0: 50.0 * k as f64,
+                y0: 40.0,
+                x1: 50.0 * k as f64 + 75.5,
+                y1: 115.5,
+                weight: 1.0 / (k as f64 + 2.0),
+            })
+            .collect(),
     }
 }
 
@@ -386,10 +397,12 @@ fn csv_export_quotes_and_formats() {
             "board",
             "elapsed_ms",
             "error",
-            "detections"
+            "detections",
+            "refer_score",
+            "attention_boxes"
         ]
     );
-    assert!(rows.iter().all(|r| r.len() == 13), "{rows:?}");
+    assert!(rows.iter().all(|r| r.len() == 15), "{rows:?}");
     let r1 = &rows[1];
     assert_eq!(r1[0], "2024-05-01T12:34:57.000Z");
     assert_eq!(r1[1], "1");
@@ -400,6 +413,9 @@ fn csv_export_quotes_and_formats() {
     assert_eq!(rows[2][2], tricky.source);
     assert_eq!(rows[2][11], "multi\nline");
     assert_eq!(rows[2][12].split(';').count(), 3);
+    assert_eq!(r1[13], "0.0500");
+    assert_eq!(r1[14], "0.0:40.0:75.5:115.5:0.5000");
+    assert_eq!(rows[2][14].split(';').count(), 3);
 }
 
 #[test]

@@ -142,9 +142,22 @@ fn assert_same(a: &Record, b: &Record) {
     let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * x.abs().max(1.0);
     let strip = |r: &Record| Record {
         detections: Vec::new(),
+        refer_score: None,
+        attention_boxes: Vec::new(),
         ..r.clone()
     };
     assert_eq!(strip(a), strip(b));
+    assert_eq!(a.refer_score.is_some(), b.refer_score.is_some());
+    if let (Some(p), Some(q)) = (a.refer_score, b.refer_score) {
+        assert!(close(p, q), "{p} vs {q}");
+    }
+    assert_eq!(a.attention_boxes.len(), b.attention_boxes.len());
+    for (p, q) in a.attention_boxes.iter().zip(&b.attention_boxes) {
+        assert!(
+            close(p.x0, q.x0) && close(p.y1, q.y1) && close(p.weight, q.weight),
+            "{p:?} vs {q:?}"
+        );
+    }
     assert_eq!(a.detections.len(), b.detections.len());
     for (p, q) in a.detections.iter().zip(&b.detections) {
         assert!(
@@ -330,6 +343,8 @@ fn small_station(dir: &Path, count: u64, detector: Box<dyn Detector>) -> Station
         board: "test-board".into(),
         operating_point: OperatingPoint::Fp2,
         threshold: THRESHOLDS[1],
+        heatmap: false,
+        heatmap_toggle: None,
     }
 }
 
@@ -956,6 +971,8 @@ fn small_log(path: &Path, n: u64) {
             board: "test-board".into(),
             elapsed_ms: 1.0,
             error: None,
+            refer_score: None,
+            attention_boxes: Vec::new(),
         })
         .unwrap();
     }
@@ -1279,9 +1296,20 @@ fn readme_main_command_replays_the_demo_photos_with_the_shipped_models() {
             "IDRiD_15.jpg"
         ]
     );
+    let referral = manifest.referral.as_ref().expect("the shipped set refers");
     for r in &records {
         assert_eq!(r.error, None, "{r:?}");
         assert_eq!(r.model_version, format!("{} int8", manifest.version));
+        // The referral network's answer is kept: its score and the boxes behind it.
+        let score = r.refer_score.expect("a refer_score in every record");
+        assert!((0.0..=1.0).contains(&score), "{r:?}");
+        assert_eq!(r.attention_boxes.len(), referral.boxes, "{r:?}");
+        assert!(
+            r.attention_boxes
+                .iter()
+                .all(|b| b.x0 < b.x1 && b.y0 < b.y1 && (0.0..=1.0).contains(&b.weight)),
+            "{r:?}"
+        );
     }
     // IDRiD_03 holds 63 annotated MAs: the shipped models, trained on it, mark some.
     assert!(records[1].ma_count > 0, "{:?}", records[1]);

@@ -1,7 +1,8 @@
 //! Any bytes as a records frame and as a records log file. The reader must never panic or
 //! return a record that does not re-encode to itself, and whatever a log holds after its
 //! header, opening it for appending and appending one record must leave that record
-//! readable (crash damage must never make the log unwritable).
+//! readable (crash damage must never make the log unwritable). Logs of the older format
+//! version 1 are read the same way.
 
 #![no_main]
 
@@ -10,7 +11,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use ma_device::records::{
-    FORMAT_VERSION, ImageHash, MAGIC, Record, RecordDetection, RecordLog, decode_frame,
+    FORMAT_VERSION, ImageHash, MAGIC, Record, RecordBox, RecordDetection, RecordLog, decode_frame,
     encode_frame, read_all,
 };
 
@@ -49,6 +50,14 @@ fn probe() -> Record {
         board: "b".into(),
         elapsed_ms: 1.0,
         error: None,
+        refer_score: Some(0.75),
+        attention_boxes: vec![RecordBox {
+            x0: 0.0,
+            y0: 1.0,
+            x1: 64.0,
+            y1: 65.0,
+            weight: 0.5,
+        }],
     }
 }
 
@@ -96,4 +105,13 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(after.len(), records.len() + 1);
     assert!(after.iter().zip(&records).all(|(a, b)| same(a, b)));
     assert!(same(after.last().unwrap(), &probe));
+
+    // 4. The bytes after a version 1 header (an older device's log): read only, since
+    // opening such a log for appending moves it aside.
+    let mut file = MAGIC.to_vec();
+    file.push(1);
+    file.extend_from_slice(data);
+    std::fs::write(path, &file).unwrap();
+    let (records, _) = read_all(path).expect("a version 1 log reads");
+    records.iter().for_each(check_reencodes);
 });

@@ -32,7 +32,9 @@ pub enum Trigger {
     /// bunched). `Duration::ZERO` captures as fast as the camera delivers.
     Interval(Duration),
     /// Each line (Enter) on stdin. A background thread owns stdin; when it closes, the
-    /// source is exhausted (so `printf '\n\n' | ma-device ...` takes two pictures).
+    /// source is exhausted (so `printf '\n\n' | ma-device ...` takes two pictures). As a
+    /// panel toggle ([`TriggerInput::toggle`]) it is the line `h` instead, which then no
+    /// longer takes a picture.
     Key,
     /// A rising edge on line `line` of `/dev/gpiochip<chip>` (read through sysfs).
     Gpio { chip: u32, line: u32 },
@@ -125,7 +127,7 @@ impl TriggerInput {
     pub fn new(trigger: &Trigger) -> Self {
         let kind = match *trigger {
             Trigger::Interval(period) => Input::Interval { period, next: None },
-            Trigger::Key => Input::Channel(stdin_lines()),
+            Trigger::Key => Input::Channel(stdin_channels().capture.clone()),
             Trigger::Gpio { chip, line } => {
                 Input::Gpio(GpioInput::new(GpioLine::Chip { chip, line }, "/sys"))
             }
@@ -137,6 +139,27 @@ impl TriggerInput {
             kind,
             description: trigger.to_string(),
         }
+    }
+
+    /// A control that is not the capture trigger (the heatmap toggle): `Key` fires on the
+    /// stdin line [`TOGGLE_LINE`] (and from then on that line no longer captures), GPIO on
+    /// its button; an interval is refused, naming `setting`.
+    pub fn toggle(trigger: &Trigger, setting: &str) -> Result<Self> {
+        let kind = match *trigger {
+            Trigger::Key => {
+                TOGGLE_WANTED.store(true, std::sync::atomic::Ordering::SeqCst);
+                Input::Channel(stdin_channels().toggle.clone())
+            }
+            Trigger::Interval(_) => bail!(
+                "{setting} ({trigger}): a toggle is a key or a button (key, gpio=CHIP:LINE or \
+                 gpio=SYSFS_NUMBER), not an interval"
+            ),
+            _ => return Ok(Self::new(trigger)),
+        };
+        Ok(Self {
+            kind,
+            description: format!("the line {TOGGLE_LINE:?} + Enter on stdin"),
+        })
     }
 
     /// Fire once per message on `rx`; closed when every sender is dropped. For triggers
@@ -207,33 +230,52 @@ impl TriggerInput {
     }
 }
 
+/// The stdin line that toggles the heatmap overlay when a toggle is on stdin.
+pub const TOGGLE_LINE: &str = "h";
+
+/// Set once a toggle listens on stdin: only then does [`TOGGLE_LINE`] stop capturing.
+static TOGGLE_WANTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The stdin lines, split between the capture trigger and the toggle.
+struct StdinChannels {
+    capture: Arc<Mutex<Receiver<()>>>,
+    toggle: Arc<Mutex<Receiver<()>>>,
+}
+
 /// One process-wide stdin reader: a second reader thread would steal lines.
-fn stdin_lines() -> Arc<Mutex<Receiver<()>>> {
-    static LINES: OnceLock<Arc<Mutex<Receiver<()>>>> = OnceLock::new();
-    LINES
-        .get_or_init(|| {
-            let (tx, rx) = mpsc::channel();
-            // If the thread cannot start, `tx` is dropped and the trigger reports closed.
-            let _ = std::thread::Builder::new()
-                .name("stdin-trigger".into())
-                .spawn(move || {
-                    let stdin = std::io::stdin();
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        match stdin.lock().read_line(&mut line) {
-                            Ok(0) | Err(_) => break,
-                            Ok(_) => {
-                                if tx.send(()).is_err() {
-                                    break;
-                                }
-                            }
+fn stdin_channels() -> &'static StdinChannels {
+    static LINES: OnceLock<StdinChannels> = OnceLock::new();
+    LINES.get_or_init(|| {
+        let (capture_tx, capture_rx) = mpsc::channel();
+        let (toggle_tx, toggle_rx) = mpsc::channel();
+        // If the thread cannot start, the senders are dropped and both report closed.
+        let _ = std::thread::Builder::new()
+            .name("stdin-trigger".into())
+            .spawn(move || {
+                let stdin = std::io::stdin();
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match stdin.lock().read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            let toggle = TOGGLE_WANTED.load(std::sync::atomic::Ordering::SeqCst)
+                                && line.trim().eq_ignore_ascii_case(TOGGLE_LINE);
+                            // The receivers live in this static for good: sends cannot fail.
+                            let _ = if toggle {
+                                toggle_tx.send(())
+                            } else {
+                                capture_tx.send(())
+                            };
                         }
                     }
-                });
-            Arc::new(Mutex::new(rx))
-        })
-        .clone()
+                }
+            });
+        StdinChannels {
+            capture: Arc::new(Mutex::new(capture_rx)),
+            toggle: Arc::new(Mutex::new(toggle_rx)),
+        }
+    })
 }
 
 #[derive(Debug, Clone, Copy)]

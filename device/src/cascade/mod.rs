@@ -65,6 +65,23 @@ pub struct Referral {
     pub view: ReferralView,
 }
 
+impl Referral {
+    /// `photo` (the one this answer is about) with the attention map blended in and the
+    /// boxes outlined: what `detect --heatmaps` writes and the panel's heatmap overlay shows.
+    pub fn picture(&self, photo: &RgbImage) -> RgbImage {
+        // The attention is a sigmoid output: scaled to its own range it would always look
+        // hot, so it is drawn on the absolute 0..1 scale.
+        ma_core::heatmap::picture(
+            photo,
+            &self.view,
+            &self.attention,
+            self.attention_side,
+            1.0,
+            &self.boxes,
+        )
+    }
+}
+
 impl ImageResult {
     /// MAs at or above an operating-point score.
     pub fn ma_count(&self, threshold: f64) -> usize {

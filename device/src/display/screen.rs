@@ -1,7 +1,8 @@
 //! The device loop's screens: the last result with the source's condition in the status
 //! bar, a frame that could not be analysed, "no result yet", and an error banner across
 //! the top. The result itself is drawn by [`draw_overlay`]; this adds what the loop needs
-//! around it, in the same [`palette`](super::palette).
+//! around it, in the same [`palette`](super::palette), and the referral heatmap blended
+//! into the photo when the overlay is on ([`Screen::heatmap`]).
 
 use embedded_graphics::mono_font::ascii::{FONT_6X10, FONT_9X15};
 use embedded_graphics::mono_font::{MonoFont, MonoTextStyle};
@@ -17,13 +18,20 @@ use super::overlay::{Layout, OverlayInfo, draw_overlay};
 use super::palette::{
     BANNER_BACKGROUND, BAR_BACKGROUND, BAR_RULE, TEXT_DIM, TEXT_MARGIN, TEXT_WARN,
 };
+use crate::cascade::Referral;
 
 /// What the panel shows besides the status.
 pub enum Shown {
     /// No frame yet.
     Nothing,
-    /// The last processed frame and its result (`source_state` is filled in per render).
-    Result { image: RgbImage, info: OverlayInfo },
+    /// The last processed frame and its result (`source_state` is filled in per render),
+    /// with the referral network's answer when the model set has one.
+    Result {
+        image: RgbImage,
+        info: OverlayInfo,
+        /// Boxed so the other variants stay small.
+        referral: Option<Box<Referral>>,
+    },
     /// The last frame could not be analysed.
     Failed {
         image: RgbImage,
@@ -38,6 +46,10 @@ pub struct Screen {
     pub shown: Shown,
     /// The operating point's score, for marker colours.
     threshold: f64,
+    /// Whether a result is drawn with its referral heatmap blended in.
+    pub heatmap: bool,
+    /// The status, its colour and the banner of the last render, for [`Screen::rerender`].
+    last: (String, bool, Option<String>),
 }
 
 /// [`TEXT_MARGIN`] for signed pixel arithmetic.
@@ -50,20 +62,53 @@ impl Screen {
             canvas: Canvas::new(size.0, size.1),
             shown: Shown::Nothing,
             threshold,
+            heatmap: false,
+            last: (String::new(), true, None),
         }
+    }
+
+    /// Draws again with the last status and banner (after [`Screen::heatmap`] changed).
+    pub fn rerender(&mut self) {
+        let (status, ok, banner) = self.last.clone();
+        self.render(&status, ok, banner.as_deref());
+    }
+
+    /// Whether the heatmap overlay would change the current picture: a result with a
+    /// referral answer is shown.
+    pub fn has_heatmap(&self) -> bool {
+        matches!(
+            self.shown,
+            Shown::Result {
+                referral: Some(_),
+                ..
+            }
+        )
     }
 
     /// Draws the current view with `status` (source condition, saved state) in the
     /// status bar, amber unless `ok`, and `banner` (an error) across the top.
     pub fn render(&mut self, status: &str, ok: bool, banner: Option<&str>) {
+        self.last = (status.to_string(), ok, banner.map(str::to_string));
         let canvas = &mut self.canvas;
         let status_colour = if ok { TEXT_DIM } else { TEXT_WARN };
         match &self.shown {
-            Shown::Result { image, info } => {
+            Shown::Result {
+                image,
+                info,
+                referral,
+            } => {
                 let info = OverlayInfo {
                     source_state: status.to_string(),
                     source_ok: ok,
                     ..info.clone()
+                };
+                let blended;
+                let image = match referral {
+                    Some(r) if self.heatmap => {
+                        blended = r.picture(image);
+                        &blended
+                    }
+                    _ => image,
                 };
                 let Ok(()) = draw_overlay(canvas, image, &info);
             }
