@@ -87,6 +87,8 @@ pub enum Role {
     Stage2,
     /// The image-level referral network (score and attention map).
     Referral,
+    /// The referral network's zoom-in crop classifier (C-Net of Zoom-in-Net).
+    Zoom,
 }
 
 /// How the weights are stored.
@@ -104,6 +106,7 @@ impl fmt::Display for Role {
             Role::Stage1 => "stage1",
             Role::Stage2 => "stage2",
             Role::Referral => "referral",
+            Role::Zoom => "zoom",
         })
     }
 }
@@ -181,6 +184,8 @@ pub enum ModelGeometry {
     Patch(usize),
     /// The referral network, a square input of this side.
     Image(usize),
+    /// The zoom-in crop classifier, square crops of this side.
+    Crop(usize),
 }
 
 /// Stage-2 score thresholds giving 1, 2 and 4 false positives per image on
@@ -319,6 +324,12 @@ impl ModelEntry {
                 entry.input_side = Some(side);
                 entry.attention = Some(ATTENTION_NAME.into());
             }
+            ModelGeometry::Crop(side) => {
+                entry.role = Role::Zoom;
+                entry.input = "crops".into();
+                entry.patch_size = Some(side);
+                entry.dynamic_batch = true;
+            }
         }
         Ok(entry)
     }
@@ -341,7 +352,7 @@ impl ModelEntry {
                 };
                 ensure!(
                     self.patch_size.is_none(),
-                    "{}: patch_size only applies to stage2",
+                    "{}: patch_size only applies to stage2 and zoom",
                     what()
                 );
                 Ok(ModelGeometry::Map {
@@ -350,7 +361,7 @@ impl ModelEntry {
                     input_multiple: field(self.input_multiple, "input_multiple")?,
                 })
             }
-            Role::Stage2 => {
+            Role::Stage2 | Role::Zoom => {
                 ensure!(
                     self.receptive_field.is_none()
                         && self.output_stride.is_none()
@@ -360,8 +371,13 @@ impl ModelEntry {
                 );
                 let side = self
                     .patch_size
-                    .with_context(|| format!("{}: needs a patch_size", what()))?;
-                Ok(ModelGeometry::Patch(side))
+                    .filter(|&s| s > 0)
+                    .with_context(|| format!("{}: needs a positive patch_size", what()))?;
+                Ok(if self.role == Role::Zoom {
+                    ModelGeometry::Crop(side)
+                } else {
+                    ModelGeometry::Patch(side)
+                })
             }
             Role::Referral => {
                 ensure!(
@@ -502,6 +518,20 @@ impl Manifest {
                         cfg.input_side
                     );
                 }
+                ModelGeometry::Crop(side) => {
+                    let zoom = self
+                        .referral
+                        .as_ref()
+                        .and_then(|r| r.zoom.as_ref())
+                        .with_context(|| {
+                            format!("{what}: a zoom model needs a [referral.zoom] section")
+                        })?;
+                    ensure!(
+                        side == zoom.crop_side,
+                        "{what}: patch_size {side} differs from referral.zoom.crop_side {}",
+                        zoom.crop_side
+                    );
+                }
                 ModelGeometry::Map { .. } => {}
             }
             ensure!(
@@ -524,8 +554,12 @@ impl Manifest {
                 self.models.iter().any(|e| e.role == Role::Referral),
                 "a [referral] section without a referral model"
             );
+            ensure!(
+                cfg.zoom.is_none() || self.models.iter().any(|e| e.role == Role::Zoom),
+                "a [referral.zoom] section without a zoom model"
+            );
         }
-        for role in [Role::Stage1, Role::Stage2, Role::Referral] {
+        for role in [Role::Stage1, Role::Stage2, Role::Referral, Role::Zoom] {
             if self.models.iter().any(|e| e.role == role) {
                 self.entry(role, self.default_variant)
                     .context("default_variant must exist for every stage listed")?;
@@ -573,7 +607,7 @@ mod tests {
             let geometry = match role {
                 Role::Stage1 => map,
                 Role::Stage2 => ModelGeometry::Patch(41),
-                Role::Referral => unreachable!("added by the referral tests"),
+                Role::Referral | Role::Zoom => unreachable!("added by the referral tests"),
             };
             models.push(ModelEntry::for_file(dir, &file, variant, geometry).unwrap());
         }
@@ -646,7 +680,70 @@ mod tests {
             },
             training_data: "graded photos".into(),
             cv_auc: 0.8,
+            zoom: None,
         });
+    }
+
+    /// Adds a zoom-in crop classifier (96-px crops) to a set with a referral network.
+    fn with_zoom(dir: &Path, m: &mut Manifest) {
+        for variant in [Variant::Float, Variant::Int8] {
+            let file = format!("zoom-{variant}.onnx");
+            std::fs::write(dir.join(&file), b"zoom").unwrap();
+            m.models
+                .push(ModelEntry::for_file(dir, &file, variant, ModelGeometry::Crop(96)).unwrap());
+        }
+        m.referral.as_mut().unwrap().zoom = Some(crate::referral::ZoomConfig {
+            crops: 4,
+            crop_cells: 1.5,
+            crop_side: 96,
+        });
+    }
+
+    #[test]
+    fn zoom_section_and_models_round_trip_and_must_agree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut m = sample(tmp.path());
+        with_referral(tmp.path(), &mut m);
+        with_zoom(tmp.path(), &mut m);
+        m.write(tmp.path()).unwrap();
+        let back = Manifest::load(tmp.path()).unwrap();
+        assert_eq!(back, m);
+        let e = back.entry(Role::Zoom, Variant::Int8).unwrap();
+        assert_eq!(e.geometry().unwrap(), ModelGeometry::Crop(96));
+        assert_eq!((e.input.as_str(), e.dynamic_batch), ("crops", true));
+        let text = std::fs::read_to_string(tmp.path().join(FILE_NAME)).unwrap();
+        assert!(text.contains("[referral.zoom]"), "{text}");
+
+        let mut no_section = m.clone();
+        no_section.referral.as_mut().unwrap().zoom = None;
+        let e = format!("{:#}", no_section.write(tmp.path()).unwrap_err());
+        assert!(e.contains("needs a [referral.zoom] section"), "{e}");
+        let mut other_side = m.clone();
+        other_side
+            .referral
+            .as_mut()
+            .unwrap()
+            .zoom
+            .as_mut()
+            .unwrap()
+            .crop_side = 64;
+        let e = format!("{:#}", other_side.write(tmp.path()).unwrap_err());
+        assert!(e.contains("patch_size 96 differs"), "{e}");
+        let mut no_models = m.clone();
+        no_models.models.retain(|e| e.role != Role::Zoom);
+        let e = format!("{:#}", no_models.write(tmp.path()).unwrap_err());
+        assert!(e.contains("without a zoom model"), "{e}");
+        let mut too_many = m;
+        too_many
+            .referral
+            .as_mut()
+            .unwrap()
+            .zoom
+            .as_mut()
+            .unwrap()
+            .crops = 401;
+        let e = format!("{:#}", too_many.write(tmp.path()).unwrap_err());
+        assert!(e.contains("referral.zoom.crops"), "{e}");
     }
 
     #[test]

@@ -35,6 +35,30 @@ pub struct ReferralConfig {
     pub training_data: String,
     /// Cross-validated AUC of the referral score for referable DR (by patient).
     pub cv_auc: f64,
+    /// The zoom-in step, when the set has a crop classifier (role `zoom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zoom: Option<ZoomConfig>,
+}
+
+/// The zoom-in step (`[referral.zoom]`): the `crops` strongest attention cells are cropped
+/// from the full-resolution preprocessed photo ([`ReferralView::zoom_crop`]), scored by
+/// the crop classifier, and the mean of their margins is merged with the referral margin
+/// ([`merged_margin`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoomConfig {
+    /// How many cells are cropped and scored.
+    pub crops: usize,
+    /// Side of a crop in attention cells, centred on its cell.
+    pub crop_cells: f64,
+    /// Side of a crop in pixels, as the classifier reads it.
+    pub crop_side: usize,
+}
+
+/// The referral margin of a set with a zoom-in step: the mean of the network's margin
+/// and the crop classifier's mean margin. `refer_score` is its sigmoid.
+pub fn merged_margin(referral_margin: f64, zoom_margin: f64) -> f64 {
+    (referral_margin + zoom_margin) / 2.0
 }
 
 /// When the device says "refer": the referral score at or above `score_threshold`, or
@@ -91,6 +115,23 @@ impl ReferralConfig {
             self.rule.ma_count.is_some() == self.rule.operating_point.is_some(),
             "referral.rule: ma_count and operating_point go together"
         );
+        if let Some(z) = &self.zoom {
+            ensure!(
+                (1..=self.attention_side() * self.attention_side()).contains(&z.crops),
+                "referral.zoom.crops must be 1 to the number of attention cells, got {}",
+                z.crops
+            );
+            ensure!(
+                z.crop_cells.is_finite() && z.crop_cells > 0.0 && z.crop_cells <= 8.0,
+                "referral.zoom.crop_cells must be in (0, 8], got {}",
+                z.crop_cells
+            );
+            ensure!(
+                (8..=512).contains(&z.crop_side),
+                "referral.zoom.crop_side must be 8 to 512 pixels, got {}",
+                z.crop_side
+            );
+        }
         Ok(())
     }
 }
@@ -176,12 +217,8 @@ impl ReferralView {
             "map is not map_side squared"
         );
         let cell = self.side() as f64 / map_side as f64;
-        let mut order: Vec<usize> = (0..map.len()).collect();
-        // Stable sort: equal weights keep raster order, so results are reproducible.
-        order.sort_by(|&a, &b| map[b].total_cmp(&map[a]));
-        order
+        top_cells(map, n)
             .into_iter()
-            .take(n)
             .map(|i| {
                 let (u, v) = ((i % map_side) as f64, (i / map_side) as f64);
                 let (x0, y0) = self.to_original(u * cell, v * cell);
@@ -195,6 +232,30 @@ impl ReferralView {
                 }
             })
             .collect()
+    }
+
+    /// The zoom-in crop of cell `cell` (row-major) of a map over the input (`map_side`
+    /// cells a side): the square of `cells` cells a side centred on that cell, taken from
+    /// the canonical (full-resolution) planes of `pre` (the photo this view was made
+    /// of) and area-averaged to `side` x `side` pixels; parts beyond the image count as 0.
+    pub fn zoom_crop(
+        &self,
+        pre: &Preprocessed,
+        map_side: usize,
+        cell: usize,
+        cells: f64,
+        side: usize,
+    ) -> Planes {
+        let cell_px = self.side() as f64 / map_side as f64 * self.step;
+        let (u, v) = ((cell % map_side) as f64, (cell / map_side) as f64);
+        let centre = (
+            self.origin.0 + (u + 0.5) * cell_px,
+            self.origin.1 + (v + 0.5) * cell_px,
+        );
+        let extent = cells * cell_px;
+        let origin = (centre.0 - extent / 2.0, centre.1 - extent / 2.0);
+        let size = (pre.planes.width, pre.planes.height);
+        area_resample(&pre.planes, size, origin, extent / side as f64, side)
     }
 
     /// The value of a map over the input (`map_side` cells a side) at original-photo point
@@ -217,6 +278,15 @@ impl ReferralView {
         let bottom = at(u0, v1) * (1.0 - a) + at(u1, v1) * a;
         Some(top * (1.0 - b) + bottom * b)
     }
+}
+
+/// Indices of the `n` largest values of `map`, largest first; equal values keep their
+/// order (a stable sort), so results are reproducible. The zoom-in regions.
+pub fn top_cells(map: &[f32], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..map.len()).collect();
+    order.sort_by(|&a, &b| map[b].total_cmp(&map[a]));
+    order.truncate(n);
+    order
 }
 
 /// One attention region, in original-photo pixels.
@@ -317,6 +387,33 @@ mod tests {
     }
 
     #[test]
+    fn zoom_crops_come_from_the_full_resolution_planes_around_the_cell() {
+        let mut pre = preprocessed(64, 64, (0, 0, 64, 64));
+        for y in 0..64 {
+            for x in 0..64 {
+                pre.planes.channel_mut(0)[y * 64 + x] = (x + 100 * y) as f32;
+            }
+        }
+        // Side 8 over a 64-px FOV: 8 canonical px per input px; a 4-cell map: 16 px a cell.
+        let view = ReferralView::of(&pre, 8).unwrap();
+        // Cell (2, 1), one cell wide at full resolution: canonical x 32..48, y 16..32.
+        let crop = view.zoom_crop(&pre, 4, 4 + 2, 1.0, 16);
+        assert_eq!((crop.width, crop.height), (16, 16));
+        for j in 0..16 {
+            for i in 0..16 {
+                let want = ((32 + i) + 100 * (16 + j)) as f32;
+                assert_eq!(crop.channel(0)[j * 16 + i], want, "({i}, {j})");
+            }
+        }
+        // Two cells around the corner cell, halved: the part beyond the image is 0 and
+        // each pixel averages 2x2 canonical pixels.
+        let crop = view.zoom_crop(&pre, 4, 0, 2.0, 16);
+        assert_eq!(crop.channel(0)[0], 0.0);
+        assert_eq!(crop.channel(0)[4 * 16 + 4], 0.5 + 100.0 * 0.5);
+        assert_eq!(crop.channel(1)[15 * 16 + 15], 2.0);
+    }
+
+    #[test]
     fn input_is_the_square_around_the_fov_averaged_down() {
         // FOV 40 wide, 20 high at (10, 30): the square is 40 a side centred on it, so
         // the input's top and bottom quarters lie outside the FOV.
@@ -409,6 +506,7 @@ mod tests {
             },
             training_data: "test".into(),
             cv_auc: 0.5,
+            zoom: None,
         };
         cfg.validate().unwrap();
         assert_eq!(cfg.attention_side(), 20);

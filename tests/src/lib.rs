@@ -71,6 +71,9 @@ fn export_untrained(
     if let Some(side) = referral_side {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let _net = ma_trainer::referral::ReferralNet::new(&vs.root());
+        // With the zoom-in step, so every referral test runs it too.
+        let zoom = tch::nn::VarStore::new(tch::Device::Cpu);
+        let _zoom_net = ma_trainer::zoom::ZoomNet::new(&zoom.root());
         let cfg = ma_core::referral::ReferralConfig {
             input_side: side,
             attention_stride: ma_trainer::nets::REFERRAL_STRIDE,
@@ -82,8 +85,13 @@ fn export_untrained(
             },
             training_data: "none (untrained)".into(),
             cv_auc: 0.5,
+            zoom: Some(ma_core::referral::ZoomConfig {
+                crops: 4,
+                crop_cells: 1.5,
+                crop_side: ma_trainer::nets::ZOOM_CROP,
+            }),
         };
-        ma_trainer::export::referral::add_to_model_set(&vs, out, &cfg, version)
+        ma_trainer::export::referral::add_to_model_set(&vs, Some(&zoom), out, &cfg, version)
             .expect("adding an untrained referral network");
     }
     let name = out

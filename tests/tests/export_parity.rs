@@ -10,10 +10,12 @@ use std::sync::Mutex;
 
 use ma_core::candidates::{CandidateConfig, ProbMap};
 use ma_core::geometry::Planes;
-use ma_core::manifest::{Manifest, ModelEntry, ModelGeometry, OperatingPoints, Training, Variant};
+use ma_core::manifest::{
+    Manifest, ModelEntry, ModelGeometry, OperatingPoints, Role, Training, Variant,
+};
 use ma_core::preprocess::PreprocessConfig;
 use ma_core::scoring::Scoring;
-use ma_device::cascade::onnx::{ReferralModel, Stage1Model, Stage2Model};
+use ma_device::cascade::onnx::{PatchModel, ReferralModel, Stage1Model};
 use ma_trainer::export::{WeightFormat, onnx_model, write_onnx};
 use ma_trainer::nets::{Layer, Net, Stage, referral_trunk};
 use ma_trainer::referral::ReferralNet;
@@ -330,10 +332,10 @@ fn stage2_export_matches_tch_in_tract_and_onnxruntime() {
     let want_v = to_vec(&want);
     let flat = to_vec(&patches);
 
-    let float = Stage2Model::from_manifest(&m, Variant::Float, 32).unwrap();
-    let int8 = Stage2Model::from_manifest(&m, Variant::Int8, 32).unwrap();
+    let float = PatchModel::from_manifest(&m, Role::Stage2, Variant::Float, 32).unwrap();
+    let int8 = PatchModel::from_manifest(&m, Role::Stage2, Variant::Int8, 32).unwrap();
     // Batch 2: two full batches and a padded one.
-    let float2 = Stage2Model::from_manifest(&m, Variant::Float, 2).unwrap();
+    let float2 = PatchModel::from_manifest(&m, Role::Stage2, Variant::Float, 2).unwrap();
     let got = float.run(&flat, 5).unwrap();
     let got8 = int8.run(&flat, 5).unwrap();
     let got2 = float2.run(&flat, 5).unwrap();
@@ -452,6 +454,64 @@ fn referral_export_matches_tch_in_tract_and_onnxruntime() {
 }
 
 #[test]
+fn zoom_export_matches_tch_in_tract_and_onnxruntime() {
+    use ma_trainer::export::referral::zoom_onnx_model;
+    use ma_trainer::zoom::ZoomNet;
+    let side = ma_trainer::nets::ZOOM_CROP;
+    let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(17);
+    let vs = VarStore::new(Device::Cpu);
+    let net = ZoomNet::new(&vs.root());
+    randomise_batch_norms(&vs, &ma_trainer::nets::zoom_classifier());
+    let s = side as i64;
+    // Crops that differ in brightness as well as in noise, so the random net's margins
+    // spread without much tempering (which would magnify the quantisation error).
+    let offsets = Tensor::arange(6, (Kind::Float, Device::Cpu)).view([6, 1, 1, 1]) * 0.4 - 1.0;
+    let crops = Tensor::randn([6, 3, s, s], (Kind::Float, Device::Cpu)) + offsets;
+    // Temper the last layer so the margins spread (see `temper`).
+    let m = net.margin(&crops, false);
+    let factor = 1.5 / m.std(true).double_value(&[]).max(1e-6);
+    let vars = vs.variables();
+    for what in ["weight", "bias"] {
+        let mut v = vars[&format!("fc.{what}")].shallow_clone();
+        tch::no_grad(|| {
+            let _ = v.f_mul_scalar_(factor).unwrap();
+        });
+    }
+    let want = net.margin(&crops, false);
+    drop(guard);
+    let tmp = tempfile::tempdir().unwrap();
+    let flat = to_vec(&crops);
+    let mut got = Vec::new();
+    let mut sizes = Vec::new();
+    for format in [WeightFormat::Float, WeightFormat::Int8Weights] {
+        let path = tmp.path().join(format!("zoom-{}.onnx", format.name()));
+        write_onnx(&path, &zoom_onnx_model(&vs, side, format).unwrap()).unwrap();
+        sizes.push(std::fs::metadata(&path).unwrap().len());
+        // Batch 4, as the device runs it: one full batch and a padded one.
+        let model = PatchModel::load(&std::fs::read(&path).unwrap(), 4, side).unwrap();
+        got.push(model.run(&flat, 6).unwrap());
+        if format == WeightFormat::Float {
+            check_with_onnxruntime(&path, &crops, &want.unsqueeze(1), FLOAT_TOLERANCE);
+        }
+    }
+    assert_spread(&got[0]);
+    let d_float = max_abs_diff(&got[0], &to_vec(&want));
+    let d_quant = max_abs_diff(&got[1], &got[0]);
+    eprintln!(
+        "zoom: tract vs tch float {d_float:.2e}; int8 vs float {d_quant:.2e}; files {} B \
+         float, {} B int8",
+        sizes[0], sizes[1]
+    );
+    assert!(d_float <= FLOAT_TOLERANCE, "float: {d_float}");
+    assert!(
+        d_quant < INT8_VS_FLOAT_TOLERANCE,
+        "int8 vs float: {d_quant}"
+    );
+    assert!(sizes[1] * 10 <= sizes[0] * 3, "int8 {sizes:?}");
+}
+
+#[test]
 fn export_refuses_a_var_store_that_does_not_fit_the_stage() {
     let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
     let (vs, _net) = net(Stage::Candidates, 13);
@@ -481,7 +541,7 @@ fn a_modified_model_file_is_not_loaded() {
     std::fs::copy(tmp.path().join(&int8_file), tmp.path().join(&float_file)).unwrap();
     let err = format!(
         "{:#}",
-        Stage2Model::from_manifest(&m, Variant::Float, 8)
+        PatchModel::from_manifest(&m, Role::Stage2, Variant::Float, 8)
             .err()
             .unwrap()
     );
@@ -489,7 +549,7 @@ fn a_modified_model_file_is_not_loaded() {
         err.contains(&float_file) && err.contains("SHA-256"),
         "{err}"
     );
-    Stage2Model::from_manifest(&m, Variant::Int8, 8).unwrap();
+    PatchModel::from_manifest(&m, Role::Stage2, Variant::Int8, 8).unwrap();
 }
 
 #[test]

@@ -29,6 +29,7 @@ use ma_trainer::referral::ReferralTraining;
 use ma_trainer::referral_run::{self, ReferralData};
 use ma_trainer::train::load_net;
 use ma_trainer::training_data::{DeviceSettings, TrainingData};
+use ma_trainer::zoom::ZoomSettings;
 
 #[derive(Parser)]
 #[command(
@@ -225,6 +226,65 @@ enum ReferralCommand {
         #[arg(long, value_name = "FILE.jsonl")]
         ma_detections: Option<PathBuf>,
     },
+    /// The zoom-in step (Zoom-in-Net's C-Net) on a finished `referral cv`: for each fold,
+    /// that fold's network picks every photo's strongest attention cells, which are
+    /// cropped from the full-resolution preprocessed photo; a crop classifier is trained
+    /// on the training photos' crops (each labelled with its photo's grade) and scores
+    /// the held-out photos (mean margin of their crops). Prints and writes
+    /// OUT/zoom-cv.json the AUC and sensitivity at 85%/90% specificity of the referral
+    /// network, the crop classifier and the mean of both margins; OUT/zoom-cv.csv per
+    /// photo; OUT/fold-K/zoom.safetensors. --epochs, --batch, --lr and --seed here train
+    /// the crop classifier.
+    ZoomCv {
+        #[command(flatten)]
+        args: ReferralArgs,
+        /// `referral cv`'s OUT: every fold's weights (fold-K/referral.safetensors).
+        #[arg(long)]
+        cv: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of folds (as `referral cv` ran them).
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Crops a photo is scored on: its strongest attention cells (the boxes the
+        /// device reports).
+        #[arg(long, default_value_t = 4)]
+        crops: usize,
+        /// Crops per training photo (the strongest first; at least --crops).
+        #[arg(long, default_value_t = 8)]
+        train_crops: usize,
+        /// Side of a crop in attention cells (16 input pixels each), centred on its cell.
+        #[arg(long, default_value_t = 1.5)]
+        crop_cells: f64,
+        /// `ma-device detect` output on the same graded photos: the MA-count baseline and
+        /// the refer rule of the merged score, as `referral cv --ma-detections`.
+        #[arg(long, value_name = "FILE.jsonl")]
+        ma_detections: Option<PathBuf>,
+    },
+    /// Train the zoom-in crop classifier on every graded photo, on the crops that the
+    /// referral network --weights (`referral train`'s, trained on every photo) picks:
+    /// OUT/zoom.safetensors. Use the settings `referral zoom-cv` measured.
+    ZoomTrain {
+        #[command(flatten)]
+        args: ReferralArgs,
+        /// The referral network's weights.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Output folder (zoom.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// Crops a photo is scored on (kept in the manifest by `referral export`, from
+        /// zoom-cv.json).
+        #[arg(long, default_value_t = 4)]
+        crops: usize,
+        /// Crops per training photo.
+        #[arg(long, default_value_t = 8)]
+        train_crops: usize,
+        /// Side of a crop in attention cells.
+        #[arg(long, default_value_t = 1.5)]
+        crop_cells: f64,
+    },
     /// Where a lesion set's MAs fall in the attention maps (Zoom-in-Net's figure): the
     /// fewest top attention cells per photo that hold 50% and 80% of the annotated
     /// lesions, and the share in the 4 cells `detect` reports as boxes.
@@ -266,7 +326,12 @@ enum ReferralCommand {
         /// `referral train`'s weights.
         #[arg(long)]
         weights: PathBuf,
-        /// `referral cv`'s OUT (referral-cv.json).
+        /// `referral zoom-train`'s weights: adds the zoom-in step (zoom-{float,int8}.onnx,
+        /// [referral.zoom]); --cv must then be `referral zoom-cv`'s OUT.
+        #[arg(long)]
+        zoom_weights: Option<PathBuf>,
+        /// `referral cv`'s OUT (referral-cv.json), or `referral zoom-cv`'s with
+        /// --zoom-weights (the rule and AUC of the merged score).
         #[arg(long)]
         cv: PathBuf,
         /// The model set to add it to.
@@ -929,8 +994,18 @@ fn export(
     Ok(())
 }
 
+fn zoom_settings(crops: usize, train_crops: usize, cells: f64) -> ZoomSettings {
+    ZoomSettings {
+        crops,
+        train_crops,
+        cells,
+        ..ZoomSettings::default()
+    }
+}
+
 fn referral_export(
     weights: &Path,
+    zoom_weights: Option<&Path>,
     cv: &Path,
     models: &Path,
     version: &str,
@@ -939,13 +1014,18 @@ fn referral_export(
     let secret = sign
         .map(|k| SecretKey::read(k).context("referral export --sign"))
         .transpose()?;
-    let manifest = referral_run::export(weights, cv, models, version)?;
+    let manifest = referral_run::export(weights, zoom_weights, cv, models, version)?;
     let cfg = manifest
         .referral
         .as_ref()
         .context("export wrote no [referral]")?;
     println!(
-        "added the referral network to {} (release {}, CV AUC {:.3}, rule {:?})",
+        "added the referral network{} to {} (release {}, CV AUC {:.3}, rule {:?})",
+        if cfg.zoom.is_some() {
+            " and its zoom-in crop classifier"
+        } else {
+            ""
+        },
         models.display(),
         manifest.version,
         cfg.cv_auc,
@@ -1052,6 +1132,29 @@ fn run(cli: Cli) -> Result<()> {
             fold,
             ma_detections,
         }) => referral_run::cv(&args.data(), &out, folds, fold, ma_detections.as_deref()),
+        Command::Referral(ReferralCommand::ZoomCv {
+            args,
+            cv,
+            out,
+            folds,
+            crops,
+            train_crops,
+            crop_cells,
+            ma_detections,
+        }) => {
+            let d = args.data();
+            let z = zoom_settings(crops, train_crops, crop_cells);
+            referral_run::zoom_cv(
+                &d,
+                &cv,
+                &out,
+                folds,
+                &z,
+                &d.training,
+                ma_detections.as_deref(),
+            )
+            .map(|_| ())
+        }
         Command::Referral(ReferralCommand::Coverage {
             weights,
             models,
@@ -1101,11 +1204,31 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Referral(ReferralCommand::Export {
             weights,
+            zoom_weights,
             cv,
             models,
             version,
             sign,
-        }) => referral_export(&weights, &cv, &models, &version, sign.as_deref()),
+        }) => referral_export(
+            &weights,
+            zoom_weights.as_deref(),
+            &cv,
+            &models,
+            &version,
+            sign.as_deref(),
+        ),
+        Command::Referral(ReferralCommand::ZoomTrain {
+            args,
+            weights,
+            out,
+            crops,
+            train_crops,
+            crop_cells,
+        }) => {
+            let d = args.data();
+            let z = zoom_settings(crops, train_crops, crop_cells);
+            referral_run::zoom_train(&d, &weights, &out, &z).map(|_| ())
+        }
         Command::Heatmap {
             weights,
             models,

@@ -186,6 +186,28 @@ pub fn referral_trunk() -> Vec<Layer> {
     conv_bn_blocks(&[16, 32, 48, 64, REFERRAL_FEATURES], 4)
 }
 
+/// Side of the zoom-in crops the crop classifier reads.
+pub const ZOOM_CROP: usize = 96;
+
+/// The zoom-in crop classifier (C-Net of Zoom-in-Net): stage 2's layout (five blocks of
+/// 3x3 conv, batch norm, LeakyReLU and pool, 16 to 64 filters) on [`ZOOM_CROP`]-pixel
+/// crops at full resolution, averaged over the 3x3 map that is left, then one linear
+/// layer to two logits (not referable, referable).
+pub fn zoom_classifier() -> Vec<Layer> {
+    let c = 64;
+    let mut layers = conv_bn_blocks(&[16, 32, 48, 64, c], 5);
+    layers.extend([
+        Layer::GlobalAvgPool,
+        Layer::Dropout(0.25),
+        Layer::Linear {
+            name: "fc",
+            inputs: c,
+            outputs: 2,
+        },
+    ]);
+    layers
+}
+
 /// Blocks of 3x3 conv (`convK`, the widths in order, on a 3-channel input), batch norm
 /// (`bnK`) and LeakyReLU, the first `pooled` of them followed by a 2x2 max-pool.
 fn conv_bn_blocks(widths: &[i64], pooled: usize) -> Vec<Layer> {

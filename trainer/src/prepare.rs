@@ -2,7 +2,7 @@
 //! ground truth mapped to canonical (preprocessed) pixels.
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+
 use ma_core::image_io::read_image;
 use ma_core::mask::Mask;
 use ma_core::preprocess::{FovSource, PreprocessConfig, Preprocessed, preprocess};
@@ -167,52 +167,14 @@ pub fn prepare_all(
             );
         }
     }
-    let bar = ProgressBar::new(jobs.len() as u64).with_style(
-        ProgressStyle::with_template("preprocessing {bar:30} {pos}/{len} [{elapsed}<{eta}]")
-            .expect("valid template"),
-    );
-    // Images are independent: one worker per core, each taking the next image. Each
-    // result lands in its own slot, so the order (and every byte) is that of a serial run.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    type Slot = Option<Result<(PreparedImage, Vec<PreparedImage>)>>;
-    let slots: Vec<std::sync::Mutex<Slot>> =
-        jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|s| {
-        for _ in 0..threads.min(jobs.len()) {
-            s.spawn(|| {
-                loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((dataset, image)) = jobs.get(k) else {
-                        break;
-                    };
-                    let r = PreparedImage::load_with_copies(dataset, image, k, cfg, aug);
-                    let failed = r.is_err();
-                    *slots[k].lock().expect("no panics while held") = Some(r);
-                    bar.inc(1);
-                    if failed {
-                        // Stop early: the first error (in image order) is reported below.
-                        next.store(jobs.len(), std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    });
-    bar.finish_and_clear();
+    let loaded = crate::parallel::map_in_order(&jobs, "preprocessing", |k, (dataset, image)| {
+        PreparedImage::load_with_copies(dataset, image, k, cfg, aug)
+    })?;
     let mut out = Vec::with_capacity(jobs.len() * (1 + aug.copies));
     let mut copies = Vec::new();
-    for slot in slots {
-        match slot.into_inner().expect("no panics while held") {
-            Some(r) => {
-                let (image, c) = r?;
-                out.push(image);
-                copies.extend(c);
-            }
-            None => break,
-        }
-    }
-    if out.len() != jobs.len() {
-        anyhow::bail!("preprocessing stopped early without an error (a bug)");
+    for (image, c) in loaded {
+        out.push(image);
+        copies.extend(c);
     }
     out.extend(copies);
     Ok(out)

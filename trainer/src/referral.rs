@@ -13,8 +13,6 @@
 //! sensitivity of the referral margin to each input pixel, by backpropagation.
 
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -130,39 +128,9 @@ pub fn prepare(
         side.is_multiple_of(REFERRAL_STRIDE),
         "the referral input side must be a multiple of {REFERRAL_STRIDE}, got {side}"
     );
-    let bar = ProgressBar::new(paths.len() as u64).with_style(
-        ProgressStyle::with_template("preprocessing {bar:30} {pos}/{len} [{elapsed}<{eta}]")
-            .expect("valid template"),
-    );
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let next = AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<Result<ReferralView>>>> =
-        paths.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|s| {
-        for _ in 0..threads.min(paths.len()) {
-            s.spawn(|| {
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(path) = paths.get(k) else { break };
-                    let r = photo_view(path, cfg, side).map(|photo| photo.view);
-                    let failed = r.is_err();
-                    *slots[k].lock().expect("no panics while held") = Some(r);
-                    bar.inc(1);
-                    if failed {
-                        next.store(paths.len(), Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    });
-    bar.finish_and_clear();
-    let mut views = Vec::with_capacity(paths.len());
-    for slot in slots {
-        match slot.into_inner().expect("no panics while held") {
-            Some(r) => views.push(r?),
-            None => bail!("preprocessing stopped early without an error (a bug)"),
-        }
-    }
+    let views = crate::parallel::map_in_order(paths, "preprocessing", |_, path| {
+        photo_view(path, cfg, side).map(|photo| photo.view)
+    })?;
     let mut flat = Vec::with_capacity(views.len() * CHANNELS * side * side);
     for v in &views {
         flat.extend_from_slice(&v.planes.data);
@@ -234,23 +202,49 @@ pub fn train(
     cfg: &ReferralTraining,
     progress: &str,
 ) -> Result<(nn::VarStore, ReferralNet)> {
-    ensure!(!train.is_empty(), "no training photos");
+    tch::manual_seed(cfg.seed as i64);
+    let vs = nn::VarStore::new(Device::cuda_if_available());
+    let net = ReferralNet::new(&vs.root());
+    fit_binary(
+        &vs,
+        &|xs, train| net.forward_t(xs, train).margin,
+        inputs,
+        labels,
+        train,
+        cfg,
+        progress,
+    )?;
+    Ok((vs, net))
+}
+
+/// Fit the variables of `vs` so that `margin(inputs, true)` (one value per input) says
+/// `labels` (binary cross-entropy on the margin as a logit, the minority class weighed
+/// up), on the inputs `train` (indices into `inputs`), augmented ([`augment`]), with
+/// AdamW and a one-cycle schedule. The referral network and the zoom-in crop classifier
+/// are trained by this one loop.
+pub fn fit_binary(
+    vs: &nn::VarStore,
+    margin: &dyn Fn(&Tensor, bool) -> Tensor,
+    inputs: &Tensor,
+    labels: &[bool],
+    train: &[usize],
+    cfg: &ReferralTraining,
+    progress: &str,
+) -> Result<()> {
+    ensure!(!train.is_empty(), "{progress}: nothing to train on");
     let positives = train.iter().filter(|&&i| labels[i]).count();
     ensure!(
         positives > 0 && positives < train.len(),
-        "the training photos need both referable and non-referable eyes ({positives} of {} \
-         referable)",
+        "{progress}: the training inputs need both referable and non-referable eyes \
+         ({positives} of {} referable)",
         train.len()
     );
-    let device = Device::cuda_if_available();
-    tch::manual_seed(cfg.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let net = ReferralNet::new(&vs.root());
+    let device = vs.device();
     let mut opt = nn::AdamW {
         wd: cfg.weight_decay,
         ..Default::default()
     }
-    .build(&vs, cfg.learning_rate)
+    .build(vs, cfg.learning_rate)
     .context("cannot build the optimiser")?;
     // Referable eyes are the minority: weigh them up to balance the loss.
     let pos_weight = Tensor::from_slice(&[(train.len() - positives) as f32 / positives as f32])
@@ -285,8 +279,7 @@ pub fn train(
                     .collect::<Vec<_>>(),
             )
             .to_device(device);
-            let out = net.forward_t(&xs, true);
-            let loss = out.margin.binary_cross_entropy_with_logits(
+            let loss = margin(&xs, true).binary_cross_entropy_with_logits(
                 &ys,
                 None::<Tensor>,
                 Some(pos_weight.shallow_clone()),
@@ -312,7 +305,7 @@ pub fn train(
         ));
     }
     bar.finish();
-    Ok((vs, net))
+    Ok(())
 }
 
 /// Margin and attention map (row-major, `s * s` values) of each photo `which`.

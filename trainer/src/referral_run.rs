@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use ma_core::heatmap;
 use ma_core::image_io::find_images;
 use ma_core::manifest::Manifest;
-use ma_core::referral::{ReferRule, ReferralConfig, refer_score};
+use ma_core::referral::{ReferRule, ReferralConfig, ZoomConfig, refer_score};
 
 use crate::export::referral::add_to_model_set;
 use crate::grading::{self, GradedPhoto};
@@ -20,6 +20,7 @@ use crate::referral_cv::{
     BinaryFigures, MaFindings, OutOfFold, choose_rule, figures, ma_findings, rank_average,
     read_csv, rule_figures, write_csv,
 };
+use crate::zoom::{self, ZoomSettings};
 
 /// What every referral command needs.
 #[derive(Clone, Debug)]
@@ -285,6 +286,203 @@ fn summarise(
     Ok(())
 }
 
+/// The figures of the zoom-in step on the referral CV, `OUT/zoom-cv.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ZoomCvSummary {
+    pub photos: usize,
+    pub folds: usize,
+    /// Crops a photo is scored on, trained on, their side in cells and in pixels.
+    pub crops: usize,
+    pub train_crops: usize,
+    pub crop_cells: f64,
+    pub crop_side: usize,
+    pub epochs: usize,
+    /// Per fold: AUC of the referral margin, the zoom margin and their mean.
+    pub per_fold_auc: Vec<(f64, f64, f64)>,
+    pub referral: BinaryFigures,
+    pub zoom: BinaryFigures,
+    pub merged: BinaryFigures,
+}
+
+impl ZoomCvSummary {
+    pub const FILE: &'static str = "zoom-cv.json";
+}
+
+/// The zoom-in step on a finished referral CV (`cv_dir`, with every fold's weights): for
+/// each fold, the fold's referral network picks each photo's strongest attention cells,
+/// a crop classifier is trained on the crops of the fold's training photos and scores
+/// its held-out photos; the zoom margin and its mean with the referral margin are then
+/// measured like the referral score. Writes the classifiers (`OUT/fold-K/zoom.safetensors`),
+/// `OUT/zoom-cv.csv` (one line per photo) and `OUT/zoom-cv.json`; then the merged margin's
+/// `OUT/fold-K.csv` and [`ReferralCvSummary`] (with the MA baseline and refer rule of
+/// `ma_detections`), as `referral cv` writes them for the network alone.
+pub fn zoom_cv(
+    d: &ReferralData,
+    cv_dir: &Path,
+    out: &Path,
+    folds: usize,
+    z: &ZoomSettings,
+    zoom_training: &ReferralTraining,
+    ma_detections: Option<&Path>,
+) -> Result<ZoomCvSummary> {
+    ensure!(
+        z.crops >= 1 && z.train_crops >= z.crops,
+        "--train-crops ({}) must be at least --crops ({}), which must be at least 1",
+        z.train_crops,
+        z.crops
+    );
+    let (photos, labels, manifest) = load_set(d)?;
+    let fold_of = grading::patient_folds(&photos, folds)?;
+    let weights: Vec<PathBuf> = (1..=folds)
+        .map(|k| {
+            cv_dir
+                .join(format!("fold-{k}"))
+                .join("referral.safetensors")
+        })
+        .collect();
+    for w in &weights {
+        ensure!(
+            w.is_file(),
+            "{} is missing: run `ma-trainer referral cv --out {} --folds {folds}` first",
+            w.display(),
+            cv_dir.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let paths: Vec<PathBuf> = photos.iter().map(|p| p.path.clone()).collect();
+    let all: Vec<usize> = (0..photos.len()).collect();
+    let map_side = d.side / REFERRAL_STRIDE;
+    // Every fold's network on every photo: its margins and its strongest cells.
+    let (cells, margins) = attention_cells(d, &manifest, &paths, &weights, z)?;
+    let crops = zoom::prepare_crops(&paths, &manifest.preprocess, d.side, map_side, &cells, z)?;
+    let k = z.train_crops;
+    let mut rows: Vec<(usize, f64, f64)> = Vec::with_capacity(photos.len());
+    let mut per_fold_auc = Vec::with_capacity(folds);
+    for fold in 1..=folds {
+        let train: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|&i| fold_of[i] + 1 != fold)
+            .collect();
+        let held: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|&i| fold_of[i] + 1 == fold)
+            .collect();
+        let c = &crops[fold - 1];
+        let (vs, net) = zoom::train(
+            c,
+            k,
+            &labels,
+            &train,
+            zoom_training,
+            &format!("zoom fold {fold}/{folds}"),
+        )?;
+        let dir = out.join(format!("fold-{fold}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("zoom.safetensors");
+        vs.save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let zoom_margins = zoom::predict(&net, c, k, z.crops, &held)?;
+        let fold_rows: Vec<(usize, f64, f64)> = held
+            .iter()
+            .zip(zoom_margins)
+            .map(|(&i, zm)| (i, margins[fold - 1][i], zm))
+            .collect();
+        let l: Vec<bool> = fold_rows.iter().map(|r| labels[r.0]).collect();
+        let auc_of = |f: &dyn Fn(&(usize, f64, f64)) -> f64| {
+            figures(&fold_rows.iter().map(f).collect::<Vec<_>>(), &l).auc
+        };
+        let aucs = (
+            auc_of(&|r| r.1),
+            auc_of(&|r| r.2),
+            auc_of(&|r| zoom::merge(r.1, r.2)),
+        );
+        println!(
+            "zoom fold {fold}/{folds}: {} held-out photos, AUC referral {:.3}, zoom {:.3}, \
+             merged {:.3}",
+            held.len(),
+            aucs.0,
+            aucs.1,
+            aucs.2
+        );
+        per_fold_auc.push(aucs);
+        rows.extend(fold_rows);
+    }
+    rows.sort_by_key(|r| r.0);
+    let csv = out.join("zoom-cv.csv");
+    let mut text = String::from(
+        "image,patient,grade,referable,fold,referral_margin,zoom_margin,merged_margin\n",
+    );
+    for &(i, m, zm) in &rows {
+        let p = &photos[i];
+        text.push_str(&format!(
+            "{},{},{},{},{},{m:.6},{zm:.6},{:.6}\n",
+            p.name,
+            p.patient,
+            p.grade,
+            u8::from(labels[i]),
+            fold_of[i] + 1,
+            zoom::merge(m, zm)
+        ));
+    }
+    std::fs::write(&csv, text).with_context(|| format!("writing {}", csv.display()))?;
+    let l: Vec<bool> = rows.iter().map(|r| labels[r.0]).collect();
+    let score = |f: &dyn Fn(&(usize, f64, f64)) -> f64| -> Vec<f64> {
+        rows.iter().map(|r| refer_score(f(r))).collect()
+    };
+    let summary = ZoomCvSummary {
+        photos: rows.len(),
+        folds,
+        crops: z.crops,
+        train_crops: z.train_crops,
+        crop_cells: z.cells,
+        crop_side: z.side,
+        epochs: zoom_training.epochs,
+        per_fold_auc,
+        referral: figures(&score(&|r| r.1), &l),
+        zoom: figures(&score(&|r| r.2), &l),
+        merged: figures(&score(&|r| zoom::merge(r.1, r.2)), &l),
+    };
+    let json = out.join(ZoomCvSummary::FILE);
+    std::fs::write(&json, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!(
+        "\nzoom-in step, {folds}-fold CV by patient, {} photos:",
+        rows.len()
+    );
+    for (name, f) in [
+        ("referral network", &summary.referral),
+        ("crop classifier", &summary.zoom),
+        ("mean of both margins", &summary.merged),
+    ] {
+        println!(
+            "  {name:<22} AUC {:.3}, sensitivity {:.3} at specificity >= 0.85, {:.3} at >= 0.90",
+            f.auc, f.sensitivity_at_specificity_85, f.sensitivity_at_specificity_90
+        );
+    }
+    println!("wrote {} and {}", json.display(), csv.display());
+    // The merged margin as the referral score of a CV in OUT: the same summary, baseline
+    // and refer rule as `referral cv` (what `referral export` reads).
+    for fold in 1..=folds {
+        let fold_rows: Vec<OutOfFold> = rows
+            .iter()
+            .filter(|r| fold_of[r.0] + 1 == fold)
+            .map(|&(i, m, zm)| OutOfFold {
+                name: photos[i].name.clone(),
+                patient: photos[i].patient.clone(),
+                grade: photos[i].grade,
+                referable: labels[i],
+                fold,
+                margin: zoom::merge(m, zm),
+            })
+            .collect();
+        write_csv(&fold_csv(out, fold), &fold_rows)?;
+    }
+    summarise(d, out, folds, &photos, &manifest, ma_detections)?;
+    Ok(summary)
+}
+
 /// See [`ReferralCvSummary::rule_nested`].
 fn nested_rule_figures(
     rows: &[OutOfFold],
@@ -381,10 +579,40 @@ pub fn train(d: &ReferralData, out: &Path) -> Result<PathBuf> {
 }
 
 /// Add trained weights to the model set in `models`, with the rule and AUC of the CV in
-/// `cv_dir`.
-pub fn export(weights: &Path, cv_dir: &Path, models: &Path, version: &str) -> Result<Manifest> {
+/// `cv_dir`. With `zoom` (a crop classifier from `referral zoom-train`), `cv_dir` must be
+/// `referral zoom-cv`'s OUT: the rule and AUC are those of the merged margin, and the
+/// crops are taken as that CV took them.
+pub fn export(
+    weights: &Path,
+    zoom: Option<&Path>,
+    cv_dir: &Path,
+    models: &Path,
+    version: &str,
+) -> Result<Manifest> {
     let summary = ReferralCvSummary::load(cv_dir)?;
     let (vs, _) = referral::load(weights)?;
+    let zoom = match zoom {
+        Some(path) => {
+            let file = cv_dir.join(ZoomCvSummary::FILE);
+            let text = std::fs::read_to_string(&file).with_context(|| {
+                format!(
+                    "reading {} (with --zoom-weights, --cv is `referral zoom-cv`'s OUT)",
+                    file.display()
+                )
+            })?;
+            let z: ZoomCvSummary = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", file.display()))?;
+            Some((
+                zoom::load(path)?.0,
+                ZoomConfig {
+                    crops: z.crops,
+                    crop_cells: z.crop_cells,
+                    crop_side: z.crop_side,
+                },
+            ))
+        }
+        None => None,
+    };
     let cfg = ReferralConfig {
         input_side: summary.side,
         attention_stride: REFERRAL_STRIDE,
@@ -392,8 +620,66 @@ pub fn export(weights: &Path, cv_dir: &Path, models: &Path, version: &str) -> Re
         rule: summary.rule.clone(),
         training_data: summary.training_data.clone(),
         cv_auc: summary.referral.auc,
+        zoom: zoom.as_ref().map(|z| z.1.clone()),
     };
-    add_to_model_set(&vs, models, &cfg, version)
+    add_to_model_set(&vs, zoom.as_ref().map(|z| &z.0), models, &cfg, version)
+}
+
+/// Train the crop classifier on every graded photo, with the crops the referral network
+/// `weights` (trained on every photo, `referral train`) picks; writes
+/// `OUT/zoom.safetensors`.
+pub fn zoom_train(
+    d: &ReferralData,
+    weights: &Path,
+    out: &Path,
+    z: &ZoomSettings,
+) -> Result<PathBuf> {
+    let (photos, labels, manifest) = load_set(d)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let paths: Vec<PathBuf> = photos.iter().map(|p| p.path.clone()).collect();
+    let (cells, _) = attention_cells(d, &manifest, &paths, &[weights.to_path_buf()], z)?;
+    let crops = zoom::prepare_crops(
+        &paths,
+        &manifest.preprocess,
+        d.side,
+        d.side / REFERRAL_STRIDE,
+        &cells,
+        z,
+    )?;
+    let all: Vec<usize> = (0..photos.len()).collect();
+    let (vs, _) = zoom::train(&crops[0], z.train_crops, &labels, &all, &d.training, "zoom")?;
+    let path = out.join("zoom.safetensors");
+    vs.save(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(path)
+}
+
+/// Per referral network, per photo: its strongest attention cells.
+type CellsPerNet = Vec<Vec<Vec<usize>>>;
+
+/// For each referral network in `weights`: every photo's margin and its
+/// `z.train_crops` strongest attention cells.
+fn attention_cells(
+    d: &ReferralData,
+    manifest: &Manifest,
+    paths: &[PathBuf],
+    weights: &[PathBuf],
+    z: &ZoomSettings,
+) -> Result<(CellsPerNet, Vec<Vec<f64>>)> {
+    let inputs = referral::prepare(paths, &manifest.preprocess, d.side)?;
+    let all: Vec<usize> = (0..paths.len()).collect();
+    let mut cells = Vec::with_capacity(weights.len());
+    let mut margins = Vec::with_capacity(weights.len());
+    for w in weights {
+        let (_vs, net) = referral::load(w)?;
+        let (m, att): (Vec<f64>, Vec<Vec<f32>>) = referral::predict(&net, &inputs.tensor, &all)?
+            .into_iter()
+            .unzip();
+        margins.push(m);
+        cells.push(zoom::strongest_cells(&att, z.train_crops));
+    }
+    Ok((cells, margins))
 }
 
 /// Trained referral weights and the model set whose `[referral]` settings (input side,

@@ -42,7 +42,7 @@ use ma_core::manifest::{ModelGeometry, Role, Variant};
 use ma_core::preprocess::{FovSource, preprocess};
 use ma_core::signing::ModelTrust;
 use ma_device::cascade::onnx::{
-    STAGE2_BATCH, Stage1Model, Stage2Model, band, parse, set_threads, stage1_plan, stage2_plan,
+    PatchModel, STAGE2_BATCH, Stage1Model, band, parse, set_threads, stage1_plan, stage2_plan,
 };
 use ma_device::cascade::{Cascade, ImageResult, Runtime};
 
@@ -450,7 +450,7 @@ fn main() -> Result<()> {
         receptive_field,
         input_multiple,
     )?;
-    let stage2 = Stage2Model::load(&stage2_bytes, a.stage2_batch, geometry.size)?;
+    let stage2 = PatchModel::load(&stage2_bytes, a.stage2_batch, geometry.size)?;
     let img = image_io::decode_image(&bytes)?;
     let (pre_times, prep) = time_runs(runs, 0, || {
         preprocess(&img, FovSource::Estimate, &manifest.preprocess)
@@ -579,7 +579,7 @@ fn main() -> Result<()> {
     let batches = n.div_ceil(stage2.batch());
     let stage2_override_diff = match &a.stage2_onnx {
         Some(_) => {
-            let base = Stage2Model::from_manifest(&manifest, variant, a.stage2_batch)?;
+            let base = PatchModel::from_manifest(&manifest, Role::Stage2, variant, a.stage2_batch)?;
             let want = base.run(&patches, n)?;
             Some(
                 want.iter()
@@ -726,7 +726,7 @@ fn main() -> Result<()> {
         ("preprocess", "preprocess"),
         ("stage1", "stage 1 (net + candidates)"),
         ("stage2", "stage 2 (patches + net)"),
-        ("referral", "referral network (0: none)"),
+        ("referral", "referral network + zoom-in crops (0: none)"),
         ("detect", "end to end (decoded image in)"),
         ("decode_detect", "end to end (file bytes in)"),
         ("pad", "  stage-1 input padding"),

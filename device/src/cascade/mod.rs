@@ -17,12 +17,14 @@ use image::RgbImage;
 use ma_core::candidates::{self, CandidateConfig, find_candidates};
 use ma_core::detection::Detection;
 use ma_core::geometry::PatchGeometry;
-use ma_core::manifest::{Manifest, Variant};
+use ma_core::manifest::{Manifest, Role, Variant};
 use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
-use ma_core::referral::{AttentionBox, ReferralConfig, ReferralView, refer_score};
+use ma_core::referral::{
+    AttentionBox, ReferralConfig, ReferralView, merged_margin, refer_score, top_cells,
+};
 use ma_core::scoring::{Scoring, reported, to_detections};
 use ma_core::signing::ModelTrust;
-use onnx::{ReferralModel, STAGE1_BANDS, STAGE2_BATCH, Stage1Model, Stage2Model};
+use onnx::{PatchModel, ReferralModel, STAGE1_BANDS, STAGE2_BATCH, Stage1Model};
 
 /// Where the time of one image went, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -92,6 +94,50 @@ impl ImageResult {
     }
 }
 
+/// The referral network and its zoom-in step, with the manifest's settings.
+struct ReferralStep {
+    model: ReferralModel,
+    /// The crop classifier, when the set has one (`[referral.zoom]`).
+    zoom: Option<PatchModel>,
+    cfg: ReferralConfig,
+}
+
+impl ReferralStep {
+    /// The referral answer about a preprocessed photo: the network's margin, merged with
+    /// the mean margin of the crop classifier on the strongest attention cells' crops when
+    /// the set has a zoom-in step (as the trainer's `referral zoom-cv` measured it).
+    fn run(&self, pre: &ma_core::preprocess::Preprocessed) -> Result<Referral> {
+        let cfg = &self.cfg;
+        let view = ReferralView::of(pre, cfg.input_side)?;
+        let out = self.model.run(&view.planes)?;
+        ensure!(
+            out.attention_side == cfg.attention_side(),
+            "the referral model's attention map is {0}x{0}, the manifest implies {1}x{1}",
+            out.attention_side,
+            cfg.attention_side()
+        );
+        let mut margin = out.margin as f64;
+        if let (Some(model), Some(z)) = (&self.zoom, &cfg.zoom) {
+            let cells = top_cells(&out.attention, z.crops);
+            let mut crops = Vec::with_capacity(cells.len() * model.patch_len());
+            for &cell in &cells {
+                let crop = view.zoom_crop(pre, out.attention_side, cell, z.crop_cells, z.crop_side);
+                crops.extend_from_slice(&crop.data);
+            }
+            let margins = model.run(&crops, cells.len())?;
+            let zoom = margins.iter().map(|&m| m as f64).sum::<f64>() / margins.len() as f64;
+            margin = merged_margin(margin, zoom);
+        }
+        Ok(Referral {
+            score: refer_score(margin),
+            boxes: view.top_boxes(&out.attention, out.attention_side, cfg.boxes),
+            attention: out.attention,
+            attention_side: out.attention_side,
+            view,
+        })
+    }
+}
+
 /// How the networks run: memory and speed, never the result (the bands overlap by the
 /// receptive field, a batch is zero-padded). The device uses the default; `ma-bench
 /// --emulate` tries others.
@@ -120,8 +166,8 @@ pub struct Cascade {
     /// [`ModelTrust::Unsigned`], signature not checked.
     pub signed_by: Option<String>,
     stage1: Stage1Model,
-    stage2: Stage2Model,
-    referral: Option<(ReferralModel, ReferralConfig)>,
+    stage2: PatchModel,
+    referral: Option<ReferralStep>,
     preprocess: PreprocessConfig,
     candidates: CandidateConfig,
     scoring: Scoring,
@@ -153,7 +199,8 @@ impl Cascade {
             )
         })?;
         let stage1 = Stage1Model::from_manifest(&manifest, variant)?;
-        let stage2 = Stage2Model::from_manifest(&manifest, variant, runtime.stage2_batch)?;
+        let stage2 =
+            PatchModel::from_manifest(&manifest, Role::Stage2, variant, runtime.stage2_batch)?;
         ensure!(
             stage2.patch_size() == geometry.size,
             "the stage-2 model in {} takes {}-px patches, the manifest says {}",
@@ -163,10 +210,20 @@ impl Cascade {
         );
         // The manifest checked that the model's input side is the section's.
         let referral = match &manifest.referral {
-            Some(cfg) => Some((
-                ReferralModel::from_manifest(&manifest, variant)?,
-                cfg.clone(),
-            )),
+            Some(cfg) => Some(ReferralStep {
+                model: ReferralModel::from_manifest(&manifest, variant)?,
+                // One run scores every crop of a photo.
+                zoom: match &cfg.zoom {
+                    Some(z) => Some(PatchModel::from_manifest(
+                        &manifest,
+                        Role::Zoom,
+                        variant,
+                        z.crops,
+                    )?),
+                    None => None,
+                },
+                cfg: cfg.clone(),
+            }),
             None => None,
         };
         let signed_by = match trust {
@@ -190,7 +247,7 @@ impl Cascade {
 
     /// The referral settings, when the model set has a referral network.
     pub fn referral_config(&self) -> Option<&ReferralConfig> {
-        self.referral.as_ref().map(|(_, cfg)| cfg)
+        self.referral.as_ref().map(|r| &r.cfg)
     }
 
     /// Run the whole cascade on one decoded image.
@@ -214,23 +271,7 @@ impl Cascade {
         let t_stage2 = started.elapsed().as_secs_f64() * 1e3 - t_pre - t_stage1;
 
         let referral = match &self.referral {
-            Some((model, cfg)) => {
-                let view = ReferralView::of(&pre, cfg.input_side)?;
-                let out = model.run(&view.planes)?;
-                ensure!(
-                    out.attention_side == cfg.attention_side(),
-                    "the referral model's attention map is {0}x{0}, the manifest implies {1}x{1}",
-                    out.attention_side,
-                    cfg.attention_side()
-                );
-                Some(Referral {
-                    score: refer_score(out.margin as f64),
-                    boxes: view.top_boxes(&out.attention, out.attention_side, cfg.boxes),
-                    attention: out.attention,
-                    attention_side: out.attention_side,
-                    view,
-                })
-            }
+            Some(step) => Some(step.run(&pre)?),
             None => None,
         };
         let total = started.elapsed().as_secs_f64() * 1e3;

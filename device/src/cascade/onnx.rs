@@ -268,29 +268,38 @@ pub fn band(planes: &Planes, y0: usize, rows: usize, width: usize) -> Planes {
     out
 }
 
-/// The stage-2 patch classifier, optimised for a fixed batch.
-pub struct Stage2Model {
+/// A classifier of square patches (input `batch x 3 x side x side`, output the margin
+/// `batch x 1`), optimised for a fixed batch: stage 2's verdict on candidate patches, and
+/// the referral network's zoom-in crop classifier, which has the same layout.
+pub struct PatchModel {
     plan: Plan,
     batch: usize,
     patch_size: usize,
 }
 
-impl Stage2Model {
-    /// Load the manifest's stage-2 model of `variant` (hash checked).
-    pub fn from_manifest(manifest: &Manifest, variant: Variant, batch: usize) -> Result<Self> {
-        let entry = manifest.entry(Role::Stage2, variant)?;
-        let ModelGeometry::Patch(side) = entry.geometry()? else {
-            bail!("the stage2 entry of {} is not a patch model", entry.file);
+impl PatchModel {
+    /// Load the manifest's `role` model (stage2 or zoom) of `variant` (hash checked).
+    pub fn from_manifest(
+        manifest: &Manifest,
+        role: Role,
+        variant: Variant,
+        batch: usize,
+    ) -> Result<Self> {
+        let entry = manifest.entry(role, variant)?;
+        let side = match (role, entry.geometry()?) {
+            (Role::Stage2, ModelGeometry::Patch(side))
+            | (Role::Zoom, ModelGeometry::Crop(side)) => side,
+            _ => bail!("the {role} entry of {} is not a patch model", entry.file),
         };
         let bytes = manifest.verify_file(entry)?;
         Self::load(&bytes, batch, side)
             .with_context(|| format!("loading {}", manifest.path_of(entry).display()))
     }
 
-    /// Load from ONNX bytes; prefer [`Stage2Model::from_manifest`], which checks the hash.
+    /// Load from ONNX bytes; prefer [`PatchModel::from_manifest`], which checks the hash.
     pub fn load(bytes: &[u8], batch: usize, patch_size: usize) -> Result<Self> {
-        ensure!(batch > 0, "stage-2 batch must be positive");
-        let plan = stage2_plan(parse(bytes, "stage-2")?, batch, patch_size)?;
+        ensure!(batch > 0, "patch-model batch must be positive");
+        let plan = stage2_plan(parse(bytes, "patch")?, batch, patch_size)?;
         Ok(Self {
             plan,
             batch,
@@ -337,11 +346,11 @@ impl Stage2Model {
             let out = self
                 .plan
                 .run(tvec!(tensor.into()))
-                .context("running stage 2")?;
+                .context("running the patch model")?;
             let out = out[0].try_as_plain_ram()?;
             ensure!(
                 out.shape() == [self.batch, 1],
-                "stage-2 output has shape {:?}, [{}, 1] expected",
+                "patch-model output has shape {:?}, [{}, 1] expected",
                 out.shape(),
                 self.batch
             );
@@ -441,7 +450,7 @@ mod tests {
     fn models_can_be_shared_between_threads() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Stage1Model>();
-        send_sync::<Stage2Model>();
+        send_sync::<PatchModel>();
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! `GAP(a * m) / (GAP(a) + eps / cells)`, which is the training graph's
 //! `sum(a * m) / (sum(a) + eps)` (GlobalAveragePool, Mul, Add, Div: ops tract and
 //! onnxruntime both run).
+//!
+//! The zoom-in crop classifier ([`zoom_onnx_model`]) is written like stage 2: input
+//! `crops` `[batch, 3, side, side]`, output `margin` `[batch, 1]`.
 
 use std::path::Path;
 
@@ -19,10 +22,10 @@ use ma_core::manifest::{
 use ma_core::referral::ReferralConfig;
 
 use super::{
-    GraphBuilder, Head, WeightFormat, add_layers, float_tensor, int, ints, meta, model_proto, val,
-    value_info, write_onnx, write_unsigned,
+    GraphBuilder, Head, WeightFormat, add_layers, float_tensor, int, ints, meta, model_proto,
+    param, val, value_info, write_onnx, write_unsigned,
 };
-use crate::nets::{REFERRAL_FEATURES, REFERRAL_STRIDE, referral_trunk};
+use crate::nets::{REFERRAL_FEATURES, REFERRAL_STRIDE, referral_trunk, zoom_classifier};
 use crate::referral::{ATTENTION_EPS, ATTENTION_HEAD, CLASS_HEAD};
 
 /// Graph input name.
@@ -160,17 +163,70 @@ pub fn onnx_model(
     ))
 }
 
-/// Add the referral network to the model set in `models` (its manifest and files stay
-/// otherwise as they are): writes `referral-float.onnx` and `referral-int8.onnx`, replaces
-/// any earlier referral entries, sets `[referral]` to `cfg` and the release name to
+/// Graph input name of the crop classifier.
+pub const ZOOM_INPUT_NAME: &str = "crops";
+
+/// The ONNX model of the zoom-in crop classifier in `vs` for `side`-pixel crops.
+pub fn zoom_onnx_model(
+    vs: &tch::nn::VarStore,
+    side: usize,
+    weights: WeightFormat,
+) -> Result<pb::ModelProto> {
+    let vars = vs.variables();
+    let mut b = GraphBuilder::default();
+    add_layers(
+        &mut b,
+        &vars,
+        &zoom_classifier(),
+        ZOOM_INPUT_NAME,
+        Head::Margin,
+        weights,
+    )?;
+    b.check_all_used(&vars)?;
+    let s = side as i64;
+    let graph = pb::GraphProto {
+        name: "ma_zoom".into(),
+        node: b.nodes,
+        initializer: b.initializers,
+        input: vec![value_info(
+            ZOOM_INPUT_NAME,
+            vec![param("batch"), val(3), val(s), val(s)],
+        )],
+        output: vec![value_info(OUTPUT_NAME, vec![param("batch"), val(1)])],
+        doc_string: format!(
+            "Zoom-in crop classifier: margin referable minus not of {side}x{side} crops around \
+             the referral network's strongest attention cells"
+        ),
+        ..Default::default()
+    };
+    Ok(model_proto(
+        graph,
+        "Diabetic retinopathy zoom-in crop classifier; research use only",
+        vec![
+            meta("stage", "zoom"),
+            meta("weights", weights.name()),
+            meta("crop_side", &side.to_string()),
+        ],
+    ))
+}
+
+/// Add the referral network (and, with `cfg.zoom`, its crop classifier `zoom`) to the
+/// model set in `models` (its manifest and files stay otherwise as they are): writes
+/// `referral-{float,int8}.onnx` (and `zoom-{float,int8}.onnx`), replaces any earlier
+/// referral and zoom entries, sets `[referral]` to `cfg` and the release name to
 /// `version`. The old signature no longer matches and is removed: sign the set again.
 pub fn add_to_model_set(
     vs: &tch::nn::VarStore,
+    zoom: Option<&tch::nn::VarStore>,
     models: &Path,
     cfg: &ReferralConfig,
     version: &str,
 ) -> Result<Manifest> {
     cfg.validate()?;
+    anyhow::ensure!(
+        cfg.zoom.is_some() == zoom.is_some(),
+        "a zoom-in step needs both the crop classifier's weights and [referral.zoom]"
+    );
     anyhow::ensure!(
         cfg.attention_stride == REFERRAL_STRIDE,
         "referral.attention_stride is {}, the network's stride is {REFERRAL_STRIDE}",
@@ -182,7 +238,9 @@ pub fn add_to_model_set(
             models.display()
         )
     })?;
-    manifest.models.retain(|e| e.role != Role::Referral);
+    manifest
+        .models
+        .retain(|e| e.role != Role::Referral && e.role != Role::Zoom);
     for (format, variant) in [
         (WeightFormat::Float, Variant::Float),
         (WeightFormat::Int8Weights, Variant::Int8),
@@ -195,6 +253,19 @@ pub fn add_to_model_set(
             variant,
             ModelGeometry::Image(cfg.input_side),
         )?);
+        if let (Some(zvs), Some(z)) = (zoom, &cfg.zoom) {
+            let file = format!("zoom-{}.onnx", format.name());
+            write_onnx(
+                models.join(&file),
+                &zoom_onnx_model(zvs, z.crop_side, format)?,
+            )?;
+            manifest.models.push(ModelEntry::for_file(
+                models,
+                &file,
+                variant,
+                ModelGeometry::Crop(z.crop_side),
+            )?);
+        }
     }
     manifest.referral = Some(cfg.clone());
     manifest.version = version.to_string();
