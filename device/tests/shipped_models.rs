@@ -64,11 +64,16 @@ fn shipped_manifest_describes_the_shipped_files() {
         .expect("manifest signed by the release key");
     assert_eq!(
         m.models.len(),
-        6,
-        "stage 1, stage 2 and referral, float and int8"
+        8,
+        "stage 1, stage 2, referral and zoom, float and int8"
     );
     let referral = m.referral.as_ref().expect("a [referral] section");
     assert!(referral.cv_auc > 0.5 && referral.cv_auc < 1.0);
+    let zoom = referral.zoom.as_ref().expect("a [referral.zoom] section");
+    assert_eq!(
+        zoom.crops, referral.boxes,
+        "the crops are the reported boxes"
+    );
     for entry in &m.models {
         m.verify_file(entry).expect("sha256 matches");
         // The target: every shipped file under 1 MB.
@@ -113,7 +118,7 @@ fn shipped_referral_network_scores_every_photo_and_int8_follows_float() {
         }
         worst = worst.max((a.score - b.score).abs());
     }
-    // Measured on models 0.5.0: see the model card ("Referral network", int8 vs float).
+    // Measured on the shipped set: see the model card ("Referral network", int8 vs float).
     assert!(
         worst <= 0.05,
         "int8 refer_score differs from float by {worst}"
