@@ -372,6 +372,12 @@ struct ReferralArgs {
     /// Seed of everything random.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Weight of the S1 sparsity cost in the loss (0: none): how spread out each photo's
+    /// S1 heatmap is (mean / rms of |d margin / d pixel|, scale-free), trained by double
+    /// backpropagation (about 3x slower), after Quellec et al.'s training for sharp,
+    /// lesion-like heatmaps.
+    #[arg(long, default_value_t = 0.0)]
+    s1_penalty: f64,
 }
 
 impl ReferralArgs {
@@ -385,6 +391,7 @@ impl ReferralArgs {
                 batch_size: self.batch,
                 learning_rate: self.lr,
                 seed: self.seed,
+                s1_penalty: self.s1_penalty,
                 ..Default::default()
             },
         }
