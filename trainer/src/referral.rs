@@ -316,7 +316,7 @@ pub fn fit_binary(
                     .into_iter()
                     .next()
                     .context("no input gradient for the S1 cost")?;
-                loss = loss + s1_sparsity(&g) * cfg.s1_penalty;
+                loss += s1_sparsity(&g) * cfg.s1_penalty;
             }
             opt.backward_step(&loss);
             let l = loss.double_value(&[]);
