@@ -331,6 +331,17 @@ pub fn zoom_cv(
         z.train_crops,
         z.crops
     );
+    // OUT gets fold-K.csv files of the merged score: in the network's CV folder they would
+    // replace its own.
+    let same = |a: &Path, b: &Path| {
+        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    };
+    ensure!(
+        !same(cv_dir, out),
+        "--out {} is the network's CV folder (--cv): its fold scores would be replaced; \
+         choose another folder",
+        out.display()
+    );
     let (photos, labels, manifest) = load_set(d)?;
     let fold_of = grading::patient_folds(&photos, folds)?;
     let weights: Vec<PathBuf> = (1..=folds)
@@ -877,4 +888,40 @@ pub fn heatmap_froc(
         found,
         lesions,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zoom_cv_refuses_to_write_into_the_networks_cv_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = ReferralData {
+            data: dir.path().join("no-graded-set"),
+            models: dir.path().join("no-models"),
+            side: 320,
+            training: ReferralTraining::default(),
+        };
+        let cv = dir.path().join("cv");
+        std::fs::create_dir_all(&cv).unwrap();
+        let z = ZoomSettings::default();
+        for out in [cv.clone(), cv.join(".")] {
+            let e = format!(
+                "{:#}",
+                zoom_cv(&d, &cv, &out, 5, &z, &d.training, None).unwrap_err()
+            );
+            assert!(e.contains("the network's CV folder"), "{e}");
+        }
+        let bad = ZoomSettings {
+            crops: 4,
+            train_crops: 2,
+            ..ZoomSettings::default()
+        };
+        let e = format!(
+            "{:#}",
+            zoom_cv(&d, &cv, &dir.path().join("out"), 5, &bad, &d.training, None).unwrap_err()
+        );
+        assert!(e.contains("--train-crops (2)"), "{e}");
+    }
 }
