@@ -987,17 +987,7 @@ fn export(
         summary.mean_cpm,
         summary.folds_run
     );
-    match &secret {
-        Some(key) => println!(
-            "wrote {} (signed by key {})",
-            signing::sign_manifest(out, key)?.display(),
-            key.public().fingerprint()
-        ),
-        None => println!(
-            "not signed: devices whose board config sets inference.public_key will refuse \
-             this bundle (sign with --sign KEY)"
-        ),
-    }
+    sign_or_say(out, secret.as_ref())?;
     Ok(())
 }
 
@@ -1038,13 +1028,21 @@ fn referral_export(
         cfg.cv_auc,
         cfg.rule
     );
-    match &secret {
+    sign_or_say(models, secret.as_ref())
+}
+
+/// Signs the exported set in `dir` with `key`, or says that it is not signed.
+fn sign_or_say(dir: &Path, key: Option<&SecretKey>) -> Result<()> {
+    match key {
         Some(key) => println!(
             "wrote {} (signed by key {})",
-            signing::sign_manifest(models, key)?.display(),
+            signing::sign_manifest(dir, key)?.display(),
             key.public().fingerprint()
         ),
-        None => println!("not signed: sign the set again with `ma-trainer sign`"),
+        None => println!(
+            "not signed: devices whose board config sets inference.public_key will refuse \
+             this bundle (sign it with --sign KEY or `ma-trainer sign`)"
+        ),
     }
     Ok(())
 }
