@@ -69,10 +69,7 @@ impl Evaluation {
             .iter()
             .map(|o| o.best_score().unwrap_or(0.0))
             .collect();
-        let auc = |s: &[f64]| {
-            let s: Vec<f32> = s.iter().map(|&v| v as f32).collect();
-            crate::train::auc(&s, &labels)
-        };
+        let auc = |s: &[f64]| crate::train::auc_f64(s, &labels);
         Some((
             auc(refer),
             auc(&crate::referral_cv::rank_average(refer, &best)),

@@ -14,7 +14,7 @@ use ma_core::manifest::{OperatingPoint, OperatingPoints};
 use ma_core::referral::{ReferRule, refer_score};
 
 use crate::grading::GradedPhoto;
-use crate::train::auc;
+use crate::train::{auc_f64, mid_ranks};
 
 /// The operating points a rule may count MAs at.
 const POINTS: [OperatingPoint; 3] = [
@@ -38,8 +38,6 @@ pub struct BinaryFigures {
 /// `(threshold, sensitivity, specificity)` for "refer if score >= threshold", at every
 /// distinct score (and one above all, referring nobody).
 pub fn roc(scores: &[f64], labels: &[bool]) -> Vec<(f64, f64, f64)> {
-    let pos = labels.iter().filter(|&&l| l).count().max(1) as f64;
-    let neg = labels.iter().filter(|&&l| !l).count().max(1) as f64;
     let mut thresholds: Vec<f64> = scores.to_vec();
     thresholds.sort_by(f64::total_cmp);
     thresholds.dedup();
@@ -47,17 +45,27 @@ pub fn roc(scores: &[f64], labels: &[bool]) -> Vec<(f64, f64, f64)> {
     thresholds
         .into_iter()
         .map(|t| {
-            let (mut tp, mut tn) = (0.0, 0.0);
-            for (&s, &l) in scores.iter().zip(labels) {
-                match (s >= t, l) {
-                    (true, true) => tp += 1.0,
-                    (false, false) => tn += 1.0,
-                    _ => {}
-                }
-            }
-            (t, tp / pos, tn / neg)
+            let (sens, spec) =
+                sensitivity_specificity(scores.iter().map(|&s| s >= t).zip(labels.iter().copied()));
+            (t, sens, spec)
         })
         .collect()
+}
+
+/// Sensitivity and specificity of `(referred, referable)` decisions (0 for a class with no
+/// member).
+pub fn sensitivity_specificity(decisions: impl IntoIterator<Item = (bool, bool)>) -> (f64, f64) {
+    let (mut tp, mut tn, mut pos, mut neg) = (0usize, 0usize, 0usize, 0usize);
+    for (refer, referable) in decisions {
+        if referable {
+            pos += 1;
+            tp += usize::from(refer);
+        } else {
+            neg += 1;
+            tn += usize::from(!refer);
+        }
+    }
+    (tp as f64 / pos.max(1) as f64, tn as f64 / neg.max(1) as f64)
 }
 
 /// The best sensitivity among thresholds with specificity >= `min_spec`: (threshold,
@@ -71,11 +79,10 @@ pub fn at_specificity(scores: &[f64], labels: &[bool], min_spec: f64) -> (f64, f
 }
 
 pub fn figures(scores: &[f64], labels: &[bool]) -> BinaryFigures {
-    let f32s: Vec<f32> = scores.iter().map(|&s| s as f32).collect();
     let (_, s85, p85) = at_specificity(scores, labels, 0.85);
     let (_, s90, p90) = at_specificity(scores, labels, 0.90);
     BinaryFigures {
-        auc: auc(&f32s, labels),
+        auc: auc_f64(scores, labels),
         sensitivity_at_specificity_85: s85,
         specificity_85: p85,
         sensitivity_at_specificity_90: s90,
@@ -193,41 +200,19 @@ pub fn rule_figures(
     findings: &[MaFindings],
     labels: &[bool],
 ) -> (f64, f64) {
-    let (mut tp, mut tn, mut pos, mut neg) = (0.0, 0.0, 0.0, 0.0);
-    for ((&s, f), &l) in scores.iter().zip(findings).zip(labels) {
-        let refer = rule.refers(s, |op| f.count_at(op));
-        if l {
-            pos += 1.0;
-            tp += refer as u8 as f64;
-        } else {
-            neg += 1.0;
-            tn += (!refer) as u8 as f64;
-        }
-    }
-    (tp / f64::max(pos, 1.0), tn / f64::max(neg, 1.0))
+    sensitivity_specificity(
+        scores
+            .iter()
+            .zip(findings)
+            .zip(labels)
+            .map(|((&s, f), &l)| (rule.refers(s, |op| f.count_at(op)), l)),
+    )
 }
 
 /// The average of the two scores' ranks (ties share their mean rank): a combination with
 /// nothing fitted, for the AUC of "referral score and MA count together".
 pub fn rank_average(a: &[f64], b: &[f64]) -> Vec<f64> {
-    let ranks = |v: &[f64]| -> Vec<f64> {
-        let mut idx: Vec<usize> = (0..v.len()).collect();
-        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
-        let mut r = vec![0.0; v.len()];
-        let mut i = 0;
-        while i < idx.len() {
-            let mut j = i;
-            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
-                j += 1;
-            }
-            for &k in &idx[i..=j] {
-                r[k] = (i + j) as f64 / 2.0;
-            }
-            i = j + 1;
-        }
-        r
-    };
-    let (ra, rb) = (ranks(a), ranks(b));
+    let (ra, rb) = (mid_ranks(a), mid_ranks(b));
     ra.iter()
         .zip(&rb)
         .map(|(x, y)| (x + y) / 2.0 / a.len() as f64)

@@ -18,7 +18,7 @@ use crate::nets::REFERRAL_STRIDE;
 use crate::referral::{self, ReferralTraining};
 use crate::referral_cv::{
     BinaryFigures, MaFindings, OutOfFold, choose_rule, figures, ma_findings, rank_average,
-    read_csv, rule_figures, write_csv,
+    read_csv, rule_figures, sensitivity_specificity, write_csv,
 };
 use crate::zoom::{self, ZoomSettings};
 
@@ -502,7 +502,8 @@ fn nested_rule_figures(
     labels: &[bool],
     folds: usize,
 ) -> (f64, f64) {
-    let (mut tp, mut tn, mut pos, mut neg) = (0.0, 0.0, 0.0, 0.0);
+    // Each photo's decision by the rule chosen without its fold.
+    let mut decisions = Vec::with_capacity(rows.len());
     for k in 1..=folds {
         let pick = |inside: bool| -> Vec<usize> {
             (0..rows.len())
@@ -522,16 +523,10 @@ fn nested_rule_figures(
         let (s, f, l) = take(&held);
         for (i, &label) in l.iter().enumerate() {
             let refer = rule.refers(s[i], |op| f.as_ref().map_or(0, |f| f[i].count_at(op)));
-            if label {
-                pos += 1.0;
-                tp += f64::from(u8::from(refer));
-            } else {
-                neg += 1.0;
-                tn += f64::from(u8::from(!refer));
-            }
+            decisions.push((refer, label));
         }
     }
-    (tp / f64::max(pos, 1.0), tn / f64::max(neg, 1.0))
+    sensitivity_specificity(decisions)
 }
 
 fn print_summary(s: &ReferralCvSummary) {

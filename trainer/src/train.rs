@@ -220,29 +220,47 @@ pub fn validate(
 
 /// Mann-Whitney AUC, ties counting one half; 0.5 when a class is missing.
 pub fn auc(scores: &[f32], labels: &[bool]) -> f64 {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    // f32 -> f64 is exact: the same ties, the same AUC.
+    auc_f64(
+        &scores.iter().map(|&s| f64::from(s)).collect::<Vec<_>>(),
+        labels,
+    )
+}
+
+/// [`auc`] of f64 scores (referral scores), without narrowing them first.
+pub fn auc_f64(scores: &[f64], labels: &[bool]) -> f64 {
+    let ranks = mid_ranks(scores);
     let (mut rank_sum, mut pos) = (0.0, 0usize);
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
-            j += 1;
+    for (r, &l) in ranks.iter().zip(labels) {
+        if l {
+            rank_sum += r + 1.0;
+            pos += 1;
         }
-        let mid_rank = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &idx[i..=j] {
-            if labels[k] {
-                rank_sum += mid_rank;
-                pos += 1;
-            }
-        }
-        i = j + 1;
     }
     let neg = scores.len() - pos;
     if pos == 0 || neg == 0 {
         return 0.5;
     }
     (rank_sum - (pos * (pos + 1)) as f64 / 2.0) / (pos * neg) as f64
+}
+
+/// The 0-based rank of each value in increasing order; tied values share their mean rank.
+pub fn mid_ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut ranks = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        for &k in &idx[i..=j] {
+            ranks[k] = (i + j) as f64 / 2.0;
+        }
+        i = j + 1;
+    }
+    ranks
 }
 
 pub fn checkpoint_path(dir: &Path, stage: Stage, epoch: usize) -> PathBuf {
