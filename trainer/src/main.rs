@@ -161,7 +161,7 @@ enum Command {
     },
     /// The image-level referral network (refer the eye or not, moderate DR or worse),
     /// trained on the graded photos: `referral cv`, `referral train`, `referral export`,
-    /// `referral coverage`.
+    /// `referral coverage`, and its zoom-in step: `referral zoom-cv`, `referral zoom-train`.
     #[command(subcommand)]
     Referral(ReferralCommand),
     /// Heatmaps of the referral network for the workstation: for each photo, the S1 map
@@ -173,6 +173,11 @@ enum Command {
         /// Referral weights (`referral train`'s OUT/referral.safetensors).
         #[arg(long)]
         weights: PathBuf,
+        /// The crop classifier's weights (`referral zoom-train`): the printed score is then
+        /// the device's refer_score for a set with a zoom-in step; without them, the
+        /// network's own score, labelled so.
+        #[arg(long)]
+        zoom_weights: Option<PathBuf>,
         /// Model set with a [referral] section (input side, boxes) and the preprocessing.
         #[arg(long, default_value = "models")]
         models: PathBuf,
@@ -1236,10 +1241,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Heatmap {
             weights,
+            zoom_weights,
             models,
             input,
             out,
-        } => referral_run::heatmaps(&weights, &models, &input, &out),
+        } => referral_run::heatmaps(&weights, zoom_weights.as_deref(), &models, &input, &out),
         Command::Keygen { out } => keygen(&out),
         Command::Sign { models, key } => sign(&models, &key),
         Command::Info { data, paths: true } => data.print_paths(),

@@ -374,6 +374,20 @@ pub fn predict(
 /// referral margin with respect to each input pixel, the largest over the three channels
 /// (`side * side` values, row-major). Pixels that move the decision most are hot.
 pub fn s1_heatmap(net: &ReferralNet, input: &Tensor) -> Result<Vec<f32>> {
+    Ok(explain(net, input)?.s1)
+}
+
+/// What the network says about one input and why, from one forward pass.
+pub struct Explained {
+    pub margin: f64,
+    /// Row-major, `side / 16` squared values.
+    pub attention: Vec<f32>,
+    /// The S1 heatmap ([`s1_heatmap`]), `side * side` values.
+    pub s1: Vec<f32>,
+}
+
+/// Margin, attention and S1 heatmap of one input `[3, side, side]`.
+pub fn explain(net: &ReferralNet, input: &Tensor) -> Result<Explained> {
     let device = Device::cuda_if_available();
     let x = input
         .unsqueeze(0)
@@ -390,7 +404,14 @@ pub fn s1_heatmap(net: &ReferralNet, input: &Tensor) -> Result<Vec<f32>> {
         .amax([1i64].as_slice(), false)
         .flatten(0, -1)
         .to_device(Device::Cpu);
-    Vec::<f32>::try_from(&g).context("reading the heatmap")
+    Ok(Explained {
+        margin: out.margin.double_value(&[0]),
+        attention: Vec::<f32>::try_from(
+            &out.attention.detach().flatten(0, -1).to_device(Device::Cpu),
+        )
+        .context("reading attention")?,
+        s1: Vec::<f32>::try_from(&g).context("reading the heatmap")?,
+    })
 }
 
 /// Load trained referral weights.

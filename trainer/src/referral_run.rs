@@ -708,8 +708,23 @@ fn load_network(
 /// S1 and attention heatmaps of every photo under `input` (a file or a folder) into `out`:
 /// `<stem>-s1.png` and `<stem>-attention.png` (photo with the map blended in and the top
 /// attention boxes outlined), and one line per photo with its referral score.
-pub fn heatmaps(weights: &Path, models: &Path, input: &Path, out: &Path) -> Result<()> {
+pub fn heatmaps(
+    weights: &Path,
+    zoom_weights: Option<&Path>,
+    models: &Path,
+    input: &Path,
+    out: &Path,
+) -> Result<()> {
     let (manifest, cfg, net) = load_network(weights, models)?;
+    // With the set's zoom-in step, the printed score is the device's `refer_score`.
+    let zoom = match (zoom_weights, &cfg.zoom) {
+        (Some(w), Some(z)) => Some((zoom::load(w)?.1, z.clone())),
+        (Some(_), None) => anyhow::bail!(
+            "--zoom-weights given, but {} has no [referral.zoom] section (how to crop)",
+            models.display()
+        ),
+        (None, _) => None,
+    };
     let files = if input.is_dir() {
         find_images(input)?
     } else {
@@ -718,15 +733,26 @@ pub fn heatmaps(weights: &Path, models: &Path, input: &Path, out: &Path) -> Resu
     ensure!(!files.is_empty(), "no photos under {}", input.display());
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let side = cfg.input_side;
+    let what = match (&zoom, &cfg.zoom) {
+        (Some(_), _) => "refer_score",
+        (None, Some(_)) => "network_score (without the zoom-in step: not the device's score)",
+        (None, None) => "refer_score",
+    };
     for file in files {
-        let referral::PhotoView { rgb, view, .. } =
+        let referral::PhotoView { rgb, pre, view } =
             referral::photo_view(&file, &manifest.preprocess, side)?;
-        let x = referral::input_tensor(&view);
-        let s1 = referral::s1_heatmap(&net, &x)?;
-        let batch = x.unsqueeze(0);
-        let (margin, attention) = referral::predict(&net, &batch, &[0])?
-            .pop()
-            .context("no prediction")?;
+        let referral::Explained {
+            margin,
+            attention,
+            s1,
+        } = referral::explain(&net, &referral::input_tensor(&view))?;
+        let margin = match &zoom {
+            Some((znet, z)) => ma_core::referral::merged_margin(
+                margin,
+                zoom::photo_margin(znet, &pre, &view, &attention, cfg.attention_side(), z)?,
+            ),
+            None => margin,
+        };
         let stem = file
             .file_stem()
             .unwrap_or_default()
@@ -744,7 +770,7 @@ pub fn heatmaps(weights: &Path, models: &Path, input: &Path, out: &Path) -> Resu
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         println!(
-            "{}\trefer_score {:.3}\t{}",
+            "{}\t{what} {:.4}\t{}",
             file.display(),
             refer_score(margin),
             out.join(format!("{stem}-{{s1,attention}}.png")).display()

@@ -184,6 +184,33 @@ pub fn predict(
     Ok(out)
 }
 
+/// The zoom margin of one photo, as the device computes it: the mean margin of the crops
+/// of its `z.crops` strongest cells of `attention` (`map_side` a side over `view`).
+pub fn photo_margin(
+    net: &ZoomNet,
+    pre: &ma_core::preprocess::Preprocessed,
+    view: &ma_core::referral::ReferralView,
+    attention: &[f32],
+    map_side: usize,
+    z: &ma_core::referral::ZoomConfig,
+) -> Result<f64> {
+    let cells = top_cells(attention, z.crops);
+    let mut flat = Vec::with_capacity(cells.len() * CHANNELS * z.crop_side * z.crop_side);
+    for &cell in &cells {
+        flat.extend_from_slice(
+            &view
+                .zoom_crop(pre, map_side, cell, z.crop_cells, z.crop_side)
+                .data,
+        );
+    }
+    let side = z.crop_side as i64;
+    let crops = Tensor::from_slice(&flat).view([cells.len() as i64, CHANNELS as i64, side, side]);
+    let k = cells.len();
+    predict(net, &crops, k, k, &[0])?
+        .pop()
+        .context("no zoom margin")
+}
+
 /// Load trained crop-classifier weights.
 pub fn load(path: &Path) -> Result<(nn::VarStore, ZoomNet)> {
     let mut vs = nn::VarStore::new(Device::cuda_if_available());
