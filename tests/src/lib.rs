@@ -26,7 +26,9 @@ pub fn export_untrained_models(
 }
 
 /// [`export_untrained_models`] with an untrained referral network of input side `side`
-/// added (its refer rule: `refer_score >= 0.5`), signed the same way.
+/// and its zoom-in crop classifier added (refer rule: `refer_score >= 0.5`), signed the
+/// same way. The two networks' weights are written beside the set too
+/// ([`untrained_referral_weights`]), for workstation commands on the same networks.
 pub fn export_untrained_models_with_referral(
     out: &Path,
     seed: i64,
@@ -93,6 +95,10 @@ fn export_untrained(
         };
         ma_trainer::export::referral::add_to_model_set(&vs, Some(&zoom), out, &cfg, version)
             .expect("adding an untrained referral network");
+        let (referral_weights, zoom_weights) = untrained_referral_weights(out);
+        vs.save(referral_weights)
+            .expect("saving the referral weights");
+        zoom.save(zoom_weights).expect("saving the zoom weights");
     }
     let name = out
         .file_name()
@@ -106,6 +112,20 @@ fn export_untrained(
     let (_, public) = pair.write(&stem).expect("writing the test key pair");
     signing::sign_manifest(out, &pair.secret).expect("signing the test bundle");
     public
+}
+
+/// Where [`export_untrained_models_with_referral`] writes the referral network's and the
+/// crop classifier's weights for the set in `out`: beside it, `<out>-referral.safetensors`
+/// and `<out>-zoom.safetensors`.
+pub fn untrained_referral_weights(out: &Path) -> (PathBuf, PathBuf) {
+    let name = out
+        .file_name()
+        .expect("models folder name")
+        .to_string_lossy();
+    (
+        out.with_file_name(format!("{name}-referral.safetensors")),
+        out.with_file_name(format!("{name}-zoom.safetensors")),
+    )
 }
 
 /// The `ma-device` binary of this checkout and test profile, built if stale (a binary of

@@ -1245,7 +1245,8 @@ fn run(cli: Cli) -> Result<()> {
             models,
             input,
             out,
-        } => referral_run::heatmaps(&weights, zoom_weights.as_deref(), &models, &input, &out),
+        } => referral_run::heatmaps(&weights, zoom_weights.as_deref(), &models, &input, &out)
+            .map(|_| ()),
         Command::Keygen { out } => keygen(&out),
         Command::Sign { models, key } => sign(&models, &key),
         Command::Info { data, paths: true } => data.print_paths(),

@@ -707,14 +707,16 @@ fn load_network(
 
 /// S1 and attention heatmaps of every photo under `input` (a file or a folder) into `out`:
 /// `<stem>-s1.png` and `<stem>-attention.png` (photo with the map blended in and the top
-/// attention boxes outlined), and one line per photo with its referral score.
+/// attention boxes outlined), and one line per photo with its referral score, which is
+/// also returned per photo: the device's `refer_score` with `zoom_weights` (or for a set
+/// without a zoom-in step), else the network's own.
 pub fn heatmaps(
     weights: &Path,
     zoom_weights: Option<&Path>,
     models: &Path,
     input: &Path,
     out: &Path,
-) -> Result<()> {
+) -> Result<Vec<(PathBuf, f64)>> {
     let (manifest, cfg, net) = load_network(weights, models)?;
     // With the set's zoom-in step, the printed score is the device's `refer_score`.
     let zoom = match (zoom_weights, &cfg.zoom) {
@@ -738,6 +740,7 @@ pub fn heatmaps(
         (None, Some(_)) => "network_score (without the zoom-in step: not the device's score)",
         (None, None) => "refer_score",
     };
+    let mut scores = Vec::with_capacity(files.len());
     for file in files {
         let referral::PhotoView { rgb, pre, view } =
             referral::photo_view(&file, &manifest.preprocess, side)?;
@@ -775,8 +778,9 @@ pub fn heatmaps(
             refer_score(margin),
             out.join(format!("{stem}-{{s1,attention}}.png")).display()
         );
+        scores.push((file, refer_score(margin)));
     }
-    Ok(())
+    Ok(scores)
 }
 
 /// Where a lesion set's MAs fall in the attention ranking (Zoom-in-Net's figure): for
