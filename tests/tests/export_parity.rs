@@ -85,6 +85,19 @@ fn temper(stage: Stage, vs: &VarStore, net: &Net, input: &Tensor) {
     });
 }
 
+/// Scales the head layer `head` (weights and bias) so that `margins`, the net's margins
+/// before, get a standard deviation of 1.5 (see [`temper`]).
+fn scale_head(vs: &VarStore, head: &str, margins: &Tensor) {
+    let factor = 1.5 / margins.std(true).double_value(&[]).max(1e-6);
+    let vars = vs.variables();
+    for what in ["weight", "bias"] {
+        let mut v = vars[&format!("{head}.{what}")].shallow_clone();
+        tch::no_grad(|| {
+            let _ = v.f_mul_scalar_(factor).unwrap();
+        });
+    }
+}
+
 /// The margins must vary for a comparison to mean anything.
 fn assert_spread(m: &[f32]) {
     let (lo, hi) = m
@@ -378,16 +391,7 @@ fn referral_export_matches_tch_in_tract_and_onnxruntime() {
     let net = ReferralNet::new(&vs.root());
     randomise_batch_norms(&vs, &referral_trunk());
     let images = Tensor::randn([4, 3, side as i64, side as i64], (Kind::Float, Device::Cpu));
-    // Temper the class head so the margins spread (see `temper`).
-    let m = net.forward_t(&images, false).margin;
-    let factor = 1.5 / m.std(true).double_value(&[]).max(1e-6);
-    let vars = vs.variables();
-    for what in ["weight", "bias"] {
-        let mut v = vars[&format!("classes.{what}")].shallow_clone();
-        tch::no_grad(|| {
-            let _ = v.f_mul_scalar_(factor).unwrap();
-        });
-    }
+    scale_head(&vs, "classes", &net.forward_t(&images, false).margin);
     let want = net.forward_t(&images, false);
     drop(guard);
     let tmp = tempfile::tempdir().unwrap();
@@ -468,16 +472,7 @@ fn zoom_export_matches_tch_in_tract_and_onnxruntime() {
     // spread without much tempering (which would magnify the quantisation error).
     let offsets = Tensor::arange(6, (Kind::Float, Device::Cpu)).view([6, 1, 1, 1]) * 0.4 - 1.0;
     let crops = Tensor::randn([6, 3, s, s], (Kind::Float, Device::Cpu)) + offsets;
-    // Temper the last layer so the margins spread (see `temper`).
-    let m = net.margin(&crops, false);
-    let factor = 1.5 / m.std(true).double_value(&[]).max(1e-6);
-    let vars = vs.variables();
-    for what in ["weight", "bias"] {
-        let mut v = vars[&format!("fc.{what}")].shallow_clone();
-        tch::no_grad(|| {
-            let _ = v.f_mul_scalar_(factor).unwrap();
-        });
-    }
+    scale_head(&vs, "fc", &net.margin(&crops, false));
     let want = net.margin(&crops, false);
     drop(guard);
     let tmp = tempfile::tempdir().unwrap();
