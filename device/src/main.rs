@@ -130,9 +130,10 @@ enum Command {
         /// JSONL output file (never one of the input images: refused).
         #[arg(long)]
         output: PathBuf,
-        /// Threads for the network arithmetic.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
+        /// Threads for the network arithmetic. Default: every core of this machine (the
+        /// summary line says how many were used).
+        #[arg(long)]
+        threads: Option<usize>,
         /// Model variant (float or int8); default: the manifest's.
         #[arg(long)]
         variant: Option<Variant>,
@@ -280,7 +281,7 @@ fn run(cli: Cli) -> Result<()> {
                 models: &models,
                 input: &input,
                 output: &output,
-                threads,
+                threads: threads.unwrap_or_else(every_core),
                 variant,
                 annotate: annotate.as_deref(),
                 heatmaps: heatmaps.as_deref(),
@@ -574,21 +575,33 @@ fn run_detect(a: &DetectArgs) -> Result<usize> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let threads = format!(
+        "{} thread{}",
+        a.threads,
+        if a.threads == 1 { "" } else { "s" }
+    );
     match cascade.referral_config() {
         Some(cfg) => errln!(
-            "{} image(s), {failed} failed, {referred} referred (rule: {}) -> {}",
+            "{} image(s), {failed} failed, {referred} referred (rule: {}) -> {} ({threads})",
             files.len(),
             describe_rule(&cfg.rule),
             a.output.display()
         ),
         None => errln!(
-            "{} image(s), {failed} failed, {referred} with >= 1 MA at {} FP/image (score >= {threshold:.3}) -> {}",
+            "{} image(s), {failed} failed, {referred} with >= 1 MA at {} FP/image (score >= {threshold:.3}) -> {} ({threads})",
             files.len(),
             a.operating_point,
             a.output.display()
         ),
     }
     Ok(failed)
+}
+
+/// `detect`'s default thread count: every core (at most what tract accepts).
+fn every_core() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(onnx::MAX_THREADS)
 }
 
 /// The refer rule in words.

@@ -866,6 +866,12 @@ fn binary_detect_checks_the_bundle_signature() {
     let run = detect(&["--public-key", key]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(!run.stderr.contains("WARNING"), "{}", run.stderr);
+    // Every core by default; --threads overrides.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let plural = |n: usize| format!("({n} thread{})", if n == 1 { "" } else { "s" });
+    assert!(run.stderr.contains(&plural(cores)), "{}", run.stderr);
+    let run = detect(&["--public-key", key, "--threads", "1"]);
+    assert!(run.stderr.contains(&plural(1)), "{}", run.stderr);
     let run = detect(&["--allow-unsigned"]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(
