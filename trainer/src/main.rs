@@ -300,15 +300,9 @@ enum ReferralCommand {
         /// Model set with a [referral] section and the preprocessing.
         #[arg(long, default_value = "models")]
         models: PathBuf,
-        /// Which dataset reader to use for --root (a lesion set: its annotated MAs).
-        #[arg(long, value_enum)]
-        dataset: DatasetKind,
-        /// Dataset root folder, laid out as its publisher ships it.
-        #[arg(long)]
-        root: PathBuf,
-        /// DiaretDB1 and IDRiD: this published split; omit for every image.
-        #[arg(long, value_enum)]
-        split: Option<Split>,
+        /// The lesion set whose annotated MAs to look for.
+        #[command(flatten)]
+        set: LesionSetArgs,
         /// Also score the S1 heatmap as a lesion detector (Quellec et al.'s evaluation):
         /// each photo's 50 strongest local maxima inside the field of view are
         /// detections, scored with the lesion-level FROC rules of `eval` (sensitivity
@@ -403,8 +397,9 @@ impl ReferralArgs {
     }
 }
 
+/// One lesion set and its ground truth: `eval` and `referral coverage` take it.
 #[derive(Args)]
-struct EvalArgs {
+struct LesionSetArgs {
     /// Which dataset reader to use for --root.
     #[arg(long, value_enum)]
     dataset: DatasetKind,
@@ -412,18 +407,40 @@ struct EvalArgs {
     /// ../shared/datasets/diaretdb1).
     #[arg(long)]
     root: PathBuf,
-    /// DiaretDB1 and IDRiD: score this published split; omit for every image the copy has.
+    /// DiaretDB1 and IDRiD: this published split; omit for every image the copy has.
     #[arg(long, value_enum)]
     split: Option<Split>,
-    /// JSONL file written by `ma-device detect` (one line per image, every candidate with
-    /// its score).
-    #[arg(long)]
-    detections: PathBuf,
     /// DiaretDB1 only: a pixel belongs to an MA when its fused expert confidence
     /// (value/252) is at least this; pixels with lower non-zero confidence are uncertain and
     /// ignored.
     #[arg(long, default_value_t = 0.5)]
     threshold: f64,
+}
+
+impl LesionSetArgs {
+    fn load(&self) -> Result<Dataset> {
+        let load = LoadOptions {
+            split: self.split,
+            confidence_threshold: self.threshold,
+        };
+        Dataset::load(self.dataset, &self.root, &load).with_context(|| {
+            format!(
+                "cannot load the {} dataset at {}",
+                self.dataset,
+                self.root.display()
+            )
+        })
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    set: LesionSetArgs,
+    /// JSONL file written by `ma-device detect` (one line per image, every candidate with
+    /// its score).
+    #[arg(long)]
+    detections: PathBuf,
     /// Also write the FROC curve to this PNG file.
     #[arg(long, value_name = "FILE.png")]
     plot: Option<PathBuf>,
@@ -1097,11 +1114,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(a) => {
             let opts = EvalOptions {
-                kind: a.dataset,
-                root: a.root,
-                split: a.split,
+                kind: a.set.dataset,
+                root: a.set.root,
+                split: a.set.split,
                 detections: a.detections,
-                confidence_threshold: a.threshold,
+                confidence_threshold: a.set.threshold,
                 progress: true,
             };
             eval::run(&opts, a.plot.as_deref(), a.per_image)
@@ -1168,18 +1185,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Referral(ReferralCommand::Coverage {
             weights,
             models,
-            dataset,
-            root,
-            split,
+            set,
             heatmap_froc,
         }) => {
-            let load = LoadOptions {
-                split,
-                confidence_threshold: 0.5,
-            };
-            let data = Dataset::load(dataset, &root, &load).with_context(|| {
-                format!("cannot load the {dataset} dataset at {}", root.display())
-            })?;
+            let data = set.load()?;
             let c = referral_run::attention_coverage(&weights, &models, &data)?;
             println!(
                 "{}: {} photos, {} lesions; of {} attention cells, the top {} hold 50% of the \
