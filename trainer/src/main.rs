@@ -252,16 +252,8 @@ enum ReferralCommand {
         /// Number of folds (as `referral cv` ran them).
         #[arg(long, default_value_t = 5)]
         folds: usize,
-        /// Crops a photo is scored on: its strongest attention cells (the boxes the
-        /// device reports).
-        #[arg(long, default_value_t = 4)]
-        crops: usize,
-        /// Crops per training photo (the strongest first; at least --crops).
-        #[arg(long, default_value_t = 8)]
-        train_crops: usize,
-        /// Side of a crop in attention cells (16 input pixels each), centred on its cell.
-        #[arg(long, default_value_t = 1.5)]
-        crop_cells: f64,
+        #[command(flatten)]
+        zoom: ZoomArgs,
         /// `ma-device detect` output on the same graded photos: the MA-count baseline and
         /// the refer rule of the merged score, as `referral cv --ma-detections`.
         #[arg(long, value_name = "FILE.jsonl")]
@@ -279,16 +271,8 @@ enum ReferralCommand {
         /// Output folder (zoom.safetensors).
         #[arg(long)]
         out: PathBuf,
-        /// Crops a photo is scored on (kept in the manifest by `referral export`, from
-        /// zoom-cv.json).
-        #[arg(long, default_value_t = 4)]
-        crops: usize,
-        /// Crops per training photo.
-        #[arg(long, default_value_t = 8)]
-        train_crops: usize,
-        /// Side of a crop in attention cells.
-        #[arg(long, default_value_t = 1.5)]
-        crop_cells: f64,
+        #[command(flatten)]
+        zoom: ZoomArgs,
     },
     /// Where a lesion set's MAs fall in the attention maps (Zoom-in-Net's figure): the
     /// fewest top attention cells per photo that hold 50% and 80% of the annotated
@@ -343,6 +327,33 @@ enum ReferralCommand {
         #[arg(long, value_name = "KEY")]
         sign: Option<PathBuf>,
     },
+}
+
+/// Which crops the zoom-in step takes: `referral zoom-cv` and `zoom-train` share them
+/// (`referral export` keeps zoom-cv's in the manifest).
+#[derive(Args)]
+struct ZoomArgs {
+    /// Crops a photo is scored on: its strongest attention cells (the boxes the device
+    /// reports).
+    #[arg(long, default_value_t = 4)]
+    crops: usize,
+    /// Crops per training photo (the strongest first; at least --crops).
+    #[arg(long, default_value_t = 8)]
+    train_crops: usize,
+    /// Side of a crop in attention cells (16 input pixels each), centred on its cell.
+    #[arg(long, default_value_t = 1.5)]
+    crop_cells: f64,
+}
+
+impl ZoomArgs {
+    fn settings(&self) -> ZoomSettings {
+        ZoomSettings {
+            crops: self.crops,
+            train_crops: self.train_crops,
+            cells: self.crop_cells,
+            ..ZoomSettings::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -1013,15 +1024,6 @@ fn export(
     Ok(())
 }
 
-fn zoom_settings(crops: usize, train_crops: usize, cells: f64) -> ZoomSettings {
-    ZoomSettings {
-        crops,
-        train_crops,
-        cells,
-        ..ZoomSettings::default()
-    }
-}
-
 fn referral_export(
     weights: &Path,
     zoom_weights: Option<&Path>,
@@ -1164,19 +1166,16 @@ fn run(cli: Cli) -> Result<()> {
             cv,
             out,
             folds,
-            crops,
-            train_crops,
-            crop_cells,
+            zoom,
             ma_detections,
         }) => {
             let d = args.data();
-            let z = zoom_settings(crops, train_crops, crop_cells);
             referral_run::zoom_cv(
                 &d,
                 &cv,
                 &out,
                 folds,
-                &z,
+                &zoom.settings(),
                 &d.training,
                 ma_detections.as_deref(),
             )
@@ -1240,13 +1239,10 @@ fn run(cli: Cli) -> Result<()> {
             args,
             weights,
             out,
-            crops,
-            train_crops,
-            crop_cells,
+            zoom,
         }) => {
             let d = args.data();
-            let z = zoom_settings(crops, train_crops, crop_cells);
-            referral_run::zoom_train(&d, &weights, &out, &z).map(|_| ())
+            referral_run::zoom_train(&d, &weights, &out, &zoom.settings()).map(|_| ())
         }
         Command::Heatmap {
             weights,

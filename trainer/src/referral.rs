@@ -416,11 +416,7 @@ pub fn explain(net: &ReferralNet, input: &Tensor) -> Result<Explained> {
 
 /// Load trained referral weights.
 pub fn load(path: &std::path::Path) -> Result<(nn::VarStore, ReferralNet)> {
-    let mut vs = nn::VarStore::new(Device::cuda_if_available());
-    let net = ReferralNet::new(&vs.root());
-    vs.load(path)
-        .with_context(|| format!("cannot load referral weights from {}", path.display()))?;
-    Ok((vs, net))
+    crate::train::load_weights(path, "referral", ReferralNet::new)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use ma_core::heatmap;
 use ma_core::image_io::find_images;
 use ma_core::manifest::Manifest;
-use ma_core::referral::{ReferRule, ReferralConfig, ZoomConfig, refer_score};
+use ma_core::referral::{ReferRule, ReferralConfig, ZoomConfig, refer_score, top_cells};
 
 use crate::export::referral::add_to_model_set;
 use crate::grading::{self, GradedPhoto};
@@ -325,12 +325,7 @@ pub fn zoom_cv(
     zoom_training: &ReferralTraining,
     ma_detections: Option<&Path>,
 ) -> Result<ZoomCvSummary> {
-    ensure!(
-        z.crops >= 1 && z.train_crops >= z.crops,
-        "--train-crops ({}) must be at least --crops ({}), which must be at least 1",
-        z.train_crops,
-        z.crops
-    );
+    z.validate()?;
     // OUT gets fold-K.csv files of the merged score: in the network's CV folder they would
     // replace its own.
     let same = |a: &Path, b: &Path| {
@@ -640,6 +635,7 @@ pub fn zoom_train(
     out: &Path,
     z: &ZoomSettings,
 ) -> Result<PathBuf> {
+    z.validate()?;
     let (photos, labels, manifest) = load_set(d)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let paths: Vec<PathBuf> = photos.iter().map(|p| p.path.clone()).collect();
@@ -665,7 +661,10 @@ pub fn zoom_train(
 type CellsPerNet = Vec<Vec<Vec<usize>>>;
 
 /// For each referral network in `weights`: every photo's margin and its
-/// `z.train_crops` strongest attention cells.
+/// `z.train_crops` strongest attention cells. The photos are preprocessed here and again
+/// by [`zoom::prepare_crops`]: keeping every full-resolution preprocessed photo between
+/// the two (about 20 MB each, 8 GB for the graded set) would cost more than the second
+/// pass (under a minute).
 fn attention_cells(
     d: &ReferralData,
     manifest: &Manifest,
@@ -816,10 +815,9 @@ pub fn attention_coverage(
     for ((image, view), (_, attention)) in
         dataset.images.iter().zip(&inputs.views).zip(&predictions)
     {
-        let mut order: Vec<usize> = (0..attention.len()).collect();
-        order.sort_by(|&a, &b| attention[b].total_cmp(&attention[a]));
+        // Ranked as the device ranks its boxes.
         let mut rank_of = vec![0; attention.len()];
-        for (r, &c) in order.iter().enumerate() {
+        for (r, &c) in top_cells(attention, attention.len()).iter().enumerate() {
             rank_of[c] = r;
         }
         for lesion in image.load_truth()?.lesions {

@@ -295,15 +295,20 @@ pub fn last_checkpoint(dir: &Path, stage: Stage) -> Result<Option<(usize, PathBu
 
 /// Load trained weights into a fresh net (for export and evaluation).
 pub fn load_net(path: &Path, stage: Stage) -> Result<(nn::VarStore, Net)> {
+    load_weights(path, stage.name(), |root| Net::new(root, stage))
+}
+
+/// Build a network with `build` on a fresh var store's root and load the weights at
+/// `path` into it; the error names `what` and the file. Every network loads this way.
+pub fn load_weights<N>(
+    path: &Path,
+    what: &str,
+    build: impl FnOnce(&nn::Path) -> N,
+) -> Result<(nn::VarStore, N)> {
     let mut vs = nn::VarStore::new(Device::cuda_if_available());
-    let net = Net::new(&vs.root(), stage);
-    vs.load(path).with_context(|| {
-        format!(
-            "cannot load {} weights from {}",
-            stage.name(),
-            path.display()
-        )
-    })?;
+    let net = build(&vs.root());
+    vs.load(path)
+        .with_context(|| format!("cannot load {what} weights from {}", path.display()))?;
     Ok((vs, net))
 }
 

@@ -45,6 +45,19 @@ impl Default for ZoomSettings {
     }
 }
 
+impl ZoomSettings {
+    /// At least one crop to score, and at least as many to train on.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.crops >= 1 && self.train_crops >= self.crops,
+            "--train-crops ({}) must be at least --crops ({}), which must be at least 1",
+            self.train_crops,
+            self.crops
+        );
+        Ok(())
+    }
+}
+
 /// The crop classifier.
 pub struct ZoomNet {
     net: Net,
@@ -213,15 +226,7 @@ pub fn photo_margin(
 
 /// Load trained crop-classifier weights.
 pub fn load(path: &Path) -> Result<(nn::VarStore, ZoomNet)> {
-    let mut vs = nn::VarStore::new(Device::cuda_if_available());
-    let net = ZoomNet::new(&vs.root());
-    vs.load(path).with_context(|| {
-        format!(
-            "cannot load crop-classifier weights from {}",
-            path.display()
-        )
-    })?;
-    Ok((vs, net))
+    crate::train::load_weights(path, "crop-classifier", ZoomNet::new)
 }
 
 #[cfg(test)]
