@@ -623,13 +623,23 @@ fn write_heatmap(
     img: &image::RgbImage,
     r: &Referral,
 ) -> Result<()> {
-    let picture = r.picture(img);
+    write_png(inputs, out, &r.picture(img))
+}
+
+/// Writes `picture` as the PNG file `out` (never over an input image); a failed write
+/// leaves no half-written file behind (a full disk, say).
+fn write_png(inputs: &Protected, out: &Path, picture: &image::RgbImage) -> Result<()> {
     let file = inputs.create(out)?;
     let mut writer = std::io::BufWriter::new(file);
-    picture
+    let written = picture
         .write_to(&mut writer, image::ImageFormat::Png)
-        .and_then(|_| writer.flush().map_err(image::ImageError::IoError))
-        .with_context(|| format!("cannot write {}", out.display()))
+        .map_err(anyhow::Error::from)
+        .and_then(|()| writer.flush().map_err(anyhow::Error::from))
+        .with_context(|| format!("cannot write {}", out.display()));
+    if written.is_err() {
+        let _ = std::fs::remove_file(out);
+    }
+    written
 }
 
 /// Writes `img` with its MAs circled and a status bar, as the PNG file `out` (never over
@@ -657,19 +667,7 @@ fn annotate(
     };
     let mut canvas = Canvas::new(img.width(), img.height() + STATUS_BAR_HEIGHT);
     let Ok(()) = draw_overlay(&mut canvas, img, &info);
-    let file = inputs.create(out)?;
-    let mut writer = std::io::BufWriter::new(file);
-    let written = canvas
-        .into_image()
-        .write_to(&mut writer, image::ImageFormat::Png)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| writer.flush().map_err(anyhow::Error::from))
-        .with_context(|| format!("cannot write {}", out.display()));
-    if written.is_err() {
-        // No half-written picture left behind (a full disk, say).
-        let _ = std::fs::remove_file(out);
-    }
-    written
+    write_png(inputs, out, &canvas.into_image())
 }
 
 /// One input frame: a name for the outputs and its pixels (or why it could not be read).
