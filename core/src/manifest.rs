@@ -699,6 +699,10 @@ mod tests {
         });
     }
 
+    fn zoom(m: &mut Manifest) -> &mut crate::referral::ZoomConfig {
+        m.referral.as_mut().unwrap().zoom.as_mut().unwrap()
+    }
+
     #[test]
     fn zoom_section_and_models_round_trip_and_must_agree() {
         let tmp = tempfile::tempdir().unwrap();
@@ -714,35 +718,19 @@ mod tests {
         let text = std::fs::read_to_string(tmp.path().join(FILE_NAME)).unwrap();
         assert!(text.contains("[referral.zoom]"), "{text}");
 
-        let mut no_section = m.clone();
-        no_section.referral.as_mut().unwrap().zoom = None;
-        let e = format!("{:#}", no_section.write(tmp.path()).unwrap_err());
+        // `m` changed by `change`, written: the error.
+        let refused = |change: &dyn Fn(&mut Manifest)| {
+            let mut bad = m.clone();
+            change(&mut bad);
+            format!("{:#}", bad.write(tmp.path()).unwrap_err())
+        };
+        let e = refused(&|m| m.referral.as_mut().unwrap().zoom = None);
         assert!(e.contains("needs a [referral.zoom] section"), "{e}");
-        let mut other_side = m.clone();
-        other_side
-            .referral
-            .as_mut()
-            .unwrap()
-            .zoom
-            .as_mut()
-            .unwrap()
-            .crop_side = 64;
-        let e = format!("{:#}", other_side.write(tmp.path()).unwrap_err());
+        let e = refused(&|m| zoom(m).crop_side = 64);
         assert!(e.contains("patch_size 96 differs"), "{e}");
-        let mut no_models = m.clone();
-        no_models.models.retain(|e| e.role != Role::Zoom);
-        let e = format!("{:#}", no_models.write(tmp.path()).unwrap_err());
+        let e = refused(&|m| m.models.retain(|e| e.role != Role::Zoom));
         assert!(e.contains("without a zoom model"), "{e}");
-        let mut too_many = m;
-        too_many
-            .referral
-            .as_mut()
-            .unwrap()
-            .zoom
-            .as_mut()
-            .unwrap()
-            .crops = 401;
-        let e = format!("{:#}", too_many.write(tmp.path()).unwrap_err());
+        let e = refused(&|m| zoom(m).crops = 401);
         assert!(e.contains("referral.zoom.crops"), "{e}");
     }
 

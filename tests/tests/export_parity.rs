@@ -98,6 +98,28 @@ fn scale_head(vs: &VarStore, head: &str, margins: &Tensor) {
     }
 }
 
+/// The checks every exported network passes: tract's float output (`float`) varies and is
+/// within `d_float` (measured by the caller) of tch's; the int8 file's output (`int8`) is
+/// close to float's; the int8 file is at most 30% of the float file (`sizes`: float, int8).
+fn check_float_and_int8(net: &str, d_float: f32, float: &[f32], int8: &[f32], sizes: [u64; 2]) {
+    assert_spread(float);
+    let d_quant = max_abs_diff(int8, float);
+    let [float_size, int8_size] = sizes;
+    eprintln!(
+        "{net}: tract vs tch float {d_float:.2e}; int8 vs float {d_quant:.2e}; \
+         files {float_size} B float, {int8_size} B int8"
+    );
+    assert!(d_float <= FLOAT_TOLERANCE, "{net} float: {d_float}");
+    assert!(
+        d_quant < INT8_VS_FLOAT_TOLERANCE,
+        "{net} int8 vs float: {d_quant}"
+    );
+    assert!(
+        int8_size * 10 <= float_size * 3,
+        "{net}: int8 file {int8_size} B is over 30% of the float file {float_size} B"
+    );
+}
+
 /// The margins must vary for a comparison to mean anything.
 fn assert_spread(m: &[f32]) {
     let (lo, hi) = m
@@ -284,21 +306,13 @@ fn stage1_export_matches_tch_in_tract_and_onnxruntime() {
     let got = float.run(&planes_of(&image)).unwrap();
     let got8 = int8.run(&planes_of(&image)).unwrap();
     assert_eq!((got.stride, got.offset), (2, 0));
-    assert_spread(&got.data);
     let d_float = map_matches(&got, &want);
-    let d_quant = max_abs_diff(&got8.data, &got.data);
-    eprintln!(
-        "stage 1: tract vs tch float {d_float:.2e}; int8 vs float {d_quant:.2e}; \
-         files {float_size} B float, {int8_size} B int8"
-    );
-    assert!(d_float <= FLOAT_TOLERANCE, "float: {d_float}");
-    assert!(
-        d_quant < INT8_VS_FLOAT_TOLERANCE,
-        "int8 vs float: {d_quant}"
-    );
-    assert!(
-        int8_size * 10 <= float_size * 3,
-        "int8 file {int8_size} B is over 30% of the float file {float_size} B"
+    check_float_and_int8(
+        "stage 1",
+        d_float,
+        &got.data,
+        &got8.data,
+        [float_size, int8_size],
     );
 
     // Same numbers on a thread pool (process-wide; other tests only see a speed change).
@@ -352,23 +366,9 @@ fn stage2_export_matches_tch_in_tract_and_onnxruntime() {
     let got = float.run(&flat, 5).unwrap();
     let got8 = int8.run(&flat, 5).unwrap();
     let got2 = float2.run(&flat, 5).unwrap();
-    assert_spread(&got);
     let d_float = max_abs_diff(&got, &want_v);
-    let d_quant = max_abs_diff(&got8, &got);
-    eprintln!(
-        "stage 2: tract vs tch float {d_float:.2e}; int8 vs float {d_quant:.2e}; \
-         files {float_size} B float, {int8_size} B int8; margins {got:?}"
-    );
-    assert!(d_float <= FLOAT_TOLERANCE, "float: {d_float}");
+    check_float_and_int8("stage 2", d_float, &got, &got8, [float_size, int8_size]);
     assert!(max_abs_diff(&got2, &want_v) <= FLOAT_TOLERANCE, "batch 2");
-    assert!(
-        d_quant < INT8_VS_FLOAT_TOLERANCE,
-        "int8 vs float: {d_quant}"
-    );
-    assert!(
-        int8_size * 10 <= float_size * 3,
-        "int8 file {int8_size} B is over 30% of the float file {float_size} B"
-    );
     assert!(
         float.run(&flat, 4).is_err(),
         "patch count must match the data"
@@ -425,24 +425,13 @@ fn referral_export_matches_tch_in_tract_and_onnxruntime() {
             }
         }
     }
-    assert_spread(&margins[0]);
     let d_float = max_abs_diff(&margins[0], &to_vec(&want.margin));
-    let d_quant = max_abs_diff(&margins[1], &margins[0]);
-    eprintln!(
-        "referral: tract vs tch float {d_float:.2e}; int8 vs float {d_quant:.2e}; files {} B \
-         float, {} B int8",
-        sizes[0], sizes[1]
-    );
-    assert!(d_float <= FLOAT_TOLERANCE, "float: {d_float}");
-    assert!(
-        d_quant < INT8_VS_FLOAT_TOLERANCE,
-        "int8 vs float: {d_quant}"
-    );
-    assert!(
-        sizes[1] * 10 <= sizes[0] * 3,
-        "int8 {} B vs float {} B",
-        sizes[1],
-        sizes[0]
+    check_float_and_int8(
+        "referral",
+        d_float,
+        &margins[0],
+        &margins[1],
+        [sizes[0], sizes[1]],
     );
     let err = format!(
         "{:#}",
@@ -490,20 +479,8 @@ fn zoom_export_matches_tch_in_tract_and_onnxruntime() {
             check_with_onnxruntime(&path, &crops, &want.unsqueeze(1), FLOAT_TOLERANCE);
         }
     }
-    assert_spread(&got[0]);
     let d_float = max_abs_diff(&got[0], &to_vec(&want));
-    let d_quant = max_abs_diff(&got[1], &got[0]);
-    eprintln!(
-        "zoom: tract vs tch float {d_float:.2e}; int8 vs float {d_quant:.2e}; files {} B \
-         float, {} B int8",
-        sizes[0], sizes[1]
-    );
-    assert!(d_float <= FLOAT_TOLERANCE, "float: {d_float}");
-    assert!(
-        d_quant < INT8_VS_FLOAT_TOLERANCE,
-        "int8 vs float: {d_quant}"
-    );
-    assert!(sizes[1] * 10 <= sizes[0] * 3, "int8 {sizes:?}");
+    check_float_and_int8("zoom", d_float, &got[0], &got[1], [sizes[0], sizes[1]]);
 }
 
 #[test]
