@@ -72,6 +72,11 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub referral: Option<ReferralConfig>,
     pub models: Vec<ModelEntry>,
+    /// The training weights (safetensors) the ONNX files were exported from, for the
+    /// workstation's independent reference cascade (`ma-trainer validate`). The device
+    /// never loads them; their hashes are here so the signature covers them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_weights: Vec<WeightsEntry>,
     /// Folder the manifest was loaded from; model files are relative to it. Not stored.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -169,6 +174,18 @@ pub struct ModelEntry {
     /// Stage 2: the batch dimension is symbolic and fixed by the device at load.
     #[serde(default)]
     pub dynamic_batch: bool,
+}
+
+/// One network's training weights (`[[reference_weights]]`): what its float ONNX file
+/// was exported from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsEntry {
+    pub role: Role,
+    /// Relative to the manifest's folder.
+    pub file: String,
+    /// SHA-256 of the file, lower-case hex.
+    pub sha256: String,
 }
 
 /// The input geometry of a model, as its manifest entry records it.
@@ -451,16 +468,37 @@ impl Manifest {
 
     /// The bytes of `entry`'s file, refused unless their SHA-256 is the manifest's.
     pub fn verify_file(&self, entry: &ModelEntry) -> Result<Vec<u8>> {
-        let path = self.path_of(entry);
-        let bytes = std::fs::read(&path)
-            .with_context(|| format!("reading model file {}", path.display()))?;
+        self.verified_bytes(&entry.file, &entry.sha256, "model file")
+    }
+
+    /// The path of the training weights of `role` (`[[reference_weights]]`), once their
+    /// SHA-256 is checked to be the manifest's.
+    pub fn reference_weights(&self, role: Role) -> Result<PathBuf> {
+        let entry = self
+            .reference_weights
+            .iter()
+            .find(|e| e.role == role)
+            .with_context(|| {
+                format!(
+                    "model manifest {} lists no reference weights for {role} (model sets \
+                     before 0.6.1 do not ship them; see models/MODEL_CARD.md)",
+                    self.dir.join(FILE_NAME).display()
+                )
+            })?;
+        self.verified_bytes(&entry.file, &entry.sha256, "reference weights")?;
+        Ok(self.dir.join(&entry.file))
+    }
+
+    fn verified_bytes(&self, file: &str, sha256: &str, what: &str) -> Result<Vec<u8>> {
+        let path = self.dir.join(file);
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("reading {what} {}", path.display()))?;
         let actual = sha256_hex(&bytes);
-        if !actual.eq_ignore_ascii_case(&entry.sha256) {
+        if !actual.eq_ignore_ascii_case(sha256) {
             bail!(
-                "model file {} is corrupt or was replaced: its SHA-256 is {actual}, the \
-                 manifest says {}",
+                "{what} {} is corrupt or was replaced: its SHA-256 is {actual}, the manifest \
+                 says {sha256}",
                 path.display(),
-                entry.sha256
             );
         }
         Ok(bytes)
@@ -544,6 +582,29 @@ impl Manifest {
                 .any(|o| o.role == e.role && o.variant == e.variant)
             {
                 bail!("{what}: a second {} {} model", e.role, e.variant);
+            }
+        }
+        for (i, e) in self.reference_weights.iter().enumerate() {
+            let what = format!("reference_weights[{i}] ({}, {})", e.role, e.file);
+            ensure!(
+                !e.file.is_empty()
+                    && Path::new(&e.file)
+                        .components()
+                        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir)),
+                "{what}: file must be a relative path inside the models folder"
+            );
+            ensure!(
+                e.sha256.len() == 64 && e.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{what}: sha256 must be 64 hex digits, got `{}`",
+                e.sha256
+            );
+            ensure!(
+                self.models.iter().any(|m| m.role == e.role),
+                "{what}: no {} model in the set",
+                e.role
+            );
+            if self.reference_weights[..i].iter().any(|o| o.role == e.role) {
+                bail!("{what}: second reference weights for {}", e.role);
             }
         }
         // A missing role is reported when its model is loaded; a role without the
@@ -640,6 +701,7 @@ mod tests {
             },
             referral: None,
             models,
+            reference_weights: Vec::new(),
             dir: dir.to_path_buf(),
         }
     }

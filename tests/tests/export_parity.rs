@@ -254,6 +254,7 @@ fn manifest(dir: &Path, entries: &[(Stage, Variant, &str)]) -> Manifest {
         },
         referral: None,
         models,
+        reference_weights: Vec::new(),
         dir: dir.to_path_buf(),
     };
     m.write(dir).unwrap();

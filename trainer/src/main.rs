@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ma_core::preprocess::PreprocessConfig;
 
-use ma_core::manifest::{Training, Variant};
+use ma_core::manifest::{Role, Training, Variant};
 use ma_core::signing::{self, KeyPair, SecretKey};
 use ma_trainer::camera_aug::CameraAugment;
 use ma_trainer::cv::{
@@ -21,7 +21,7 @@ use ma_trainer::dataset_stats::dataset_stats;
 use ma_trainer::datasets::{Dataset, LoadOptions};
 use ma_trainer::datasets::{DatasetKind, Split};
 use ma_trainer::eval::{self, EvalOptions};
-use ma_trainer::export::{Release, export_model_set};
+use ma_trainer::export::{Release, export_model_set, weights, write_unsigned};
 use ma_trainer::nets::Stage;
 use ma_trainer::pipeline::{Cascade, PipelineConfig, train_cascade};
 use ma_trainer::prepare::{PreparedImage, prepare_all};
@@ -133,6 +133,36 @@ enum Command {
         /// Sign the bundle with this secret key (from `ma-trainer keygen`): writes
         /// manifest.toml.sig. Devices whose board config names the matching public key
         /// (inference.public_key) refuse bundles that are unsigned or signed otherwise.
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
+    },
+    /// Attach to a released model set the training weights its networks were exported
+    /// from (its reference weights, which `validate` runs with libtorch): each file must
+    /// export to the set's float ONNX file of its network byte for byte, or nothing is
+    /// changed. Copies them beside the models as <role>.safetensors, lists their SHA-256
+    /// in the manifest ([[reference_weights]]) under the new release name, and signs it
+    /// again with --sign. `export` and `referral export` attach them themselves.
+    AttachWeights {
+        /// The model set (manifest.toml and its ONNX files).
+        #[arg(long, default_value = "models")]
+        models: PathBuf,
+        /// Stage-1 weights (`train`'s OUT/stage1.safetensors).
+        #[arg(long)]
+        stage1: Option<PathBuf>,
+        /// Stage-2 weights (`train`'s OUT/stage2.safetensors).
+        #[arg(long)]
+        stage2: Option<PathBuf>,
+        /// Referral network weights (`referral train`'s OUT/referral.safetensors).
+        #[arg(long)]
+        referral: Option<PathBuf>,
+        /// Crop classifier weights (`referral zoom-train`'s OUT/zoom.safetensors).
+        #[arg(long)]
+        zoom: Option<PathBuf>,
+        /// New release name for the manifest (the manifest changes, so devices and
+        /// records must tell it from the old one).
+        #[arg(long)]
+        version: String,
+        /// Sign the changed manifest with this secret key.
         #[arg(long, value_name = "KEY")]
         sign: Option<PathBuf>,
     },
@@ -1010,7 +1040,11 @@ fn export(
         training,
         settings: data.settings,
     };
-    let manifest = export_model_set(&vs1, &vs2, out, &release)?;
+    let mut manifest = export_model_set(&vs1, &vs2, out, &release)?;
+    for role in [Role::Stage1, Role::Stage2] {
+        weights::attach(&mut manifest, role, &weights.join(weights::file_name(role)))?;
+    }
+    write_unsigned(&manifest, out)?;
     for m in &manifest.models {
         println!("wrote {}", out.join(&m.file).display());
     }
@@ -1051,6 +1085,41 @@ fn referral_export(
         manifest.version,
         cfg.cv_auc,
         cfg.rule
+    );
+    sign_or_say(models, secret.as_ref())
+}
+
+fn attach_weights(
+    models: &Path,
+    files: [(Role, Option<PathBuf>); 4],
+    version: &str,
+    sign: Option<&Path>,
+) -> Result<()> {
+    let secret = sign
+        .map(|k| SecretKey::read(k).context("attach-weights --sign"))
+        .transpose()?;
+    let mut manifest = ma_core::manifest::Manifest::load(models)?;
+    let mut attached = 0;
+    for (role, file) in files {
+        if let Some(file) = file {
+            weights::attach(&mut manifest, role, &file)?;
+            println!(
+                "{role}: {} exports to the shipped float ONNX file",
+                file.display()
+            );
+            attached += 1;
+        }
+    }
+    anyhow::ensure!(
+        attached > 0,
+        "no weights given (--stage1, --stage2, --referral, --zoom)"
+    );
+    manifest.version = version.to_string();
+    write_unsigned(&manifest, models)?;
+    println!(
+        "wrote {} (release {version}, {} reference weights)",
+        models.join(ma_core::manifest::FILE_NAME).display(),
+        manifest.reference_weights.len()
     );
     sign_or_say(models, secret.as_ref())
 }
@@ -1139,6 +1208,25 @@ fn run(cli: Cli) -> Result<()> {
             folds,
             stage1_weights,
         } => score_sweep(&train, folds, &stage1_weights),
+        Command::AttachWeights {
+            models,
+            stage1,
+            stage2,
+            referral,
+            zoom,
+            version,
+            sign,
+        } => attach_weights(
+            &models,
+            [
+                (Role::Stage1, stage1),
+                (Role::Stage2, stage2),
+                (Role::Referral, referral),
+                (Role::Zoom, zoom),
+            ],
+            &version,
+            sign.as_deref(),
+        ),
         Command::Export {
             weights,
             cv,

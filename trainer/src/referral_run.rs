@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use ma_core::heatmap;
 use ma_core::image_io::find_images;
-use ma_core::manifest::Manifest;
+use ma_core::manifest::{Manifest, Role};
 use ma_core::referral::{ReferRule, ReferralConfig, ZoomConfig, refer_score, top_cells};
 
 use crate::export::referral::add_to_model_set;
@@ -592,6 +592,7 @@ pub fn export(
 ) -> Result<Manifest> {
     let summary = ReferralCvSummary::load(cv_dir)?;
     let (vs, _) = referral::load(weights)?;
+    let zoom_path = zoom;
     let zoom = match zoom {
         Some(path) => {
             let file = cv_dir.join(ZoomCvSummary::FILE);
@@ -623,7 +624,13 @@ pub fn export(
         cv_auc: summary.referral.auc,
         zoom: zoom.as_ref().map(|z| z.1.clone()),
     };
-    add_to_model_set(&vs, zoom.as_ref().map(|z| &z.0), models, &cfg, version)
+    let mut manifest = add_to_model_set(&vs, zoom.as_ref().map(|z| &z.0), models, &cfg, version)?;
+    crate::export::weights::attach(&mut manifest, Role::Referral, weights)?;
+    if let Some(path) = zoom_path {
+        crate::export::weights::attach(&mut manifest, Role::Zoom, path)?;
+    }
+    crate::export::write_unsigned(&manifest, models)?;
+    Ok(manifest)
 }
 
 /// Train the crop classifier on every graded photo, with the crops the referral network

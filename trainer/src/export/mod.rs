@@ -33,6 +33,7 @@ use ma_core::manifest::{
 };
 
 pub mod referral;
+pub mod weights;
 
 use crate::nets::{Layer, Stage};
 use crate::training_data::DeviceSettings;
@@ -729,6 +730,7 @@ pub fn export_model_set(
         training: release.training.clone(),
         referral: None,
         models,
+        reference_weights: Vec::new(),
         dir: out.to_path_buf(),
     };
     write_unsigned(&manifest, out)?;
@@ -737,7 +739,7 @@ pub fn export_model_set(
 
 /// Write `manifest` into `dir` and remove the signature of the previous one, which would
 /// now be invalid: the bundle is plainly unsigned until `signing::sign_manifest` signs it.
-fn write_unsigned(manifest: &Manifest, dir: &Path) -> Result<()> {
+pub fn write_unsigned(manifest: &Manifest, dir: &Path) -> Result<()> {
     manifest.write(dir)?;
     let stale = dir.join(ma_core::signing::SIGNATURE_FILE);
     if stale.exists() {
