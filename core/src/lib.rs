@@ -11,9 +11,11 @@
 //! No network runtime lives here: the device crate runs the ONNX graphs with tract, the
 //! trainer trains them with libtorch.
 
+pub mod bundle;
 pub mod candidates;
 pub mod detection;
 pub mod digest;
+pub mod durable;
 pub mod fov;
 pub mod geometry;
 pub mod heatmap;

@@ -210,6 +210,10 @@ pub struct InferenceConfig {
     pub models: PathBuf,
     /// Which of the manifest's FROC operating points sets the score threshold.
     pub operating_point: OperatingPoint,
+    /// Which model files run: `"float"` or `"int8"` (int8 weights, 4x smaller files);
+    /// default: the manifest's `default_variant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<ma_core::manifest::Variant>,
     /// Ed25519 public key file (`ma-trainer keygen`) the model bundle must be signed
     /// with. Required to run, unless `run --allow-unsigned` (development).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -228,6 +232,29 @@ pub use ma_core::manifest::OperatingPoint;
 pub struct RecordsConfig {
     /// The append-only results log (`crate::records`); created with its folder if missing.
     pub log: PathBuf,
+    /// The frames archive (`crate::archive`): every analysed frame is kept here, lossless,
+    /// named by its SHA-256, before its record is written. Optional: without it no frame
+    /// is kept and `records export --bundle` has no frames to export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<PathBuf>,
+    /// The most the frames archive may hold, in MiB (required with `frames`): the oldest
+    /// frames are deleted to stay within it, and the panel and log say so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames_budget_mb: Option<u64>,
+}
+
+/// Smallest frames budget accepted: a few photos.
+pub const MIN_FRAMES_BUDGET_MB: u64 = 16;
+
+impl RecordsConfig {
+    /// The frames folder and its budget in bytes, when the board keeps frames (checked by
+    /// [`BoardConfig::validate`]).
+    pub fn archive(&self) -> Option<(&Path, u64)> {
+        match (&self.frames, self.frames_budget_mb) {
+            (Some(dir), Some(mb)) => Some((dir.as_path(), mb.saturating_mul(1 << 20))),
+            _ => None,
+        }
+    }
 }
 
 impl BoardConfig {
@@ -324,6 +351,25 @@ impl BoardConfig {
             non_empty_path(k, "inference.public_key")?;
         }
         non_empty_path(&self.records.log, "records.log")?;
+        match (&self.records.frames, self.records.frames_budget_mb) {
+            (Some(dir), Some(mb)) => {
+                non_empty_path(dir, "records.frames")?;
+                if mb < MIN_FRAMES_BUDGET_MB {
+                    bail!(
+                        "records.frames_budget_mb must be at least {MIN_FRAMES_BUDGET_MB} \
+                         (got {mb})"
+                    );
+                }
+            }
+            (Some(_), None) => bail!(
+                "records.frames_budget_mb is required with records.frames: how many MiB the \
+                 frames may take before the oldest are deleted (e.g. 4096)"
+            ),
+            (None, Some(_)) => {
+                bail!("records.frames_budget_mb is set but records.frames (the folder) is not")
+            }
+            (None, None) => {}
+        }
         Ok(())
     }
 }

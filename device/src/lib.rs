@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: a frame from [`capture`] -> the tract [`cascade`] (which runs
 //! `ma-core`'s preprocessing, candidates and scoring around the two networks) ->
-//! detections -> the panel ([`display`]) and the crash-safe [`records`]. [`board`] reads
+//! detections -> the panel ([`display`]) and the crash-safe [`records`] (with the frame
+//! itself kept in the [`archive`]). [`board`] reads
 //! the board config, [`station`] builds the loop's parts from it, [`run_loop`] drives
 //! the loop.
 //!
@@ -10,7 +11,9 @@
 //! detections, the manifest and its signature) is not here but in `ma-core`, which both
 //! depend on.
 
+pub mod archive;
 pub mod board;
+pub mod bundle;
 pub mod capture;
 pub mod cascade;
 pub mod console;

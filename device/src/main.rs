@@ -227,16 +227,43 @@ enum RecordsCommand {
     /// time_unix_ms in milliseconds since 1970 UTC, every candidate with full precision).
     /// csv: a header row, then one row per record (RFC 4180, CRLF line ends); time is
     /// ISO-8601 UTC, detections are "x:y:score" joined by ";".
+    ///
+    /// With --bundle DIR --board CONFIG: a bundle for the workstation (`ma-trainer
+    /// validate --bundle DIR`) instead: the board's records (from --since, before --until)
+    /// as DIR/records.jsonl, the frames they name from its frames archive
+    /// (records.frames) in DIR/frames/, the model manifest and signature it runs
+    /// (inference.models) in DIR/models/, and DIR/bundle.toml (board, model version,
+    /// every file's SHA-256), written last. Records of another model version than the
+    /// board's current set are left out (and counted). Running it again is idempotent;
+    /// an export cut short has no bundle.toml and is refused on import.
+    #[command(verbatim_doc_comment)]
     Export {
-        /// The records log.
-        #[arg(long)]
-        log: PathBuf,
-        /// Output format.
-        #[arg(long, value_enum)]
-        format: ExportFormat,
+        /// The records log (jsonl and csv).
+        #[arg(long, required_unless_present = "bundle", conflicts_with = "bundle")]
+        log: Option<PathBuf>,
+        /// Output format (jsonl and csv).
+        #[arg(
+            long,
+            value_enum,
+            required_unless_present = "bundle",
+            conflicts_with = "bundle"
+        )]
+        format: Option<ExportFormat>,
         /// Output file; default: standard output.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "bundle")]
         output: Option<PathBuf>,
+        /// Write a validation bundle into this folder (new, empty, or an earlier bundle).
+        #[arg(long, value_name = "DIR", requires = "board")]
+        bundle: Option<PathBuf>,
+        /// The board config whose records, frames and models go into the bundle.
+        #[arg(long, value_name = "CONFIG")]
+        board: Option<PathBuf>,
+        /// Only records from this UTC time on: YYYY-MM-DD[THH:MM[:SS]].
+        #[arg(long, requires = "bundle")]
+        since: Option<String>,
+        /// Only records before this UTC time: YYYY-MM-DD[THH:MM[:SS]].
+        #[arg(long, requires = "bundle")]
+        until: Option<String>,
     },
 }
 
@@ -335,7 +362,21 @@ fn run(cli: Cli) -> Result<()> {
                 log,
                 format,
                 output,
-            } => records_export(&log, format, output.as_deref()),
+                bundle,
+                board,
+                since,
+                until,
+            } => match (bundle, board, log, format) {
+                (Some(dir), Some(board), _, _) => {
+                    export_bundle(&board, &dir, since.as_deref(), until.as_deref())
+                }
+                (None, _, Some(log), Some(format)) => {
+                    records_export(&log, format, output.as_deref())
+                }
+                _ => anyhow::bail!(
+                    "records export needs --log and --format, or --bundle and --board"
+                ),
+            },
         },
     }
 }
@@ -377,6 +418,66 @@ fn records_list(log: &Path) -> Result<()> {
         .and_then(|()| out.flush());
     ignore_broken_pipe(written.map_err(anyhow::Error::from))?;
     errln!("{} record(s) in {}", list.len(), log.display());
+    Ok(())
+}
+
+fn export_bundle(board: &Path, dir: &Path, since: Option<&str>, until: Option<&str>) -> Result<()> {
+    let config = BoardConfig::load(board)?;
+    let time = |t: Option<&str>, flag: &str| -> Result<Option<(i64, String)>> {
+        t.map(|t| {
+            records::parse_time_utc(t)
+                .with_context(|| flag.to_string())
+                .map(|ms| (ms, t.to_string()))
+        })
+        .transpose()
+    };
+    let request = ma_device::bundle::ExportRequest {
+        board: &config,
+        out: dir,
+        since: time(since, "--since")?,
+        until: time(until, "--until")?,
+    };
+    let done = ma_device::bundle::export(&request).with_context(|| {
+        format!(
+            "exporting the bundle of board {} into {}",
+            config.name,
+            dir.display()
+        )
+    })?;
+    let index = &done.index;
+    outln!(
+        "bundle {}: {} records of model {} (board {}), {} frames ({} copied now, {} stale \
+         removed), {:.1} MiB{}",
+        dir.display(),
+        index.records,
+        index.model_version,
+        index.board,
+        index.frames.len(),
+        done.copied,
+        done.removed,
+        done.bytes as f64 / f64::from(1 << 20),
+        if index.signature_sha256.is_none() {
+            "; the model set is UNSIGNED"
+        } else {
+            ""
+        }
+    )?;
+    if !index.missing_frames.is_empty() {
+        errln!(
+            "warning: {} record(s) name a frame the device no longer holds or never kept \
+             (listed in bundle.toml as missing_frames): they are validated from their hashes \
+             only",
+            index.missing_frames.len()
+        );
+    }
+    if index.other_model_records > 0 {
+        errln!(
+            "warning: {} record(s) in range were made with another model version than {} and \
+             are not in the bundle",
+            index.other_model_records,
+            index.model_version
+        );
+    }
     Ok(())
 }
 

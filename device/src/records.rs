@@ -24,9 +24,10 @@
 //! layout change must bump [`FORMAT_VERSION`] and keep a decoder for the previous layouts, so
 //! old logs stay readable.
 //!
-//! **Older logs**: version 1 (no referral fields) is read by [`read_all`] and [`read_each`]
-//! (the missing fields empty). [`RecordLog::open`] never appends to it, since one file has one
-//! layout: it renames the old log aside (`records.log` -> `records.log.v1`, said in the
+//! **Older logs**: version 1 (no referral fields) and version 2 (no `frame_file`) are read by
+//! [`read_all`] and [`read_each`] (the missing fields empty). [`RecordLog::open`] never appends
+//! to them, since one file has one layout: it renames the old log aside (`records.log` ->
+//! `records.log.v1` or `.v2`, said in the
 //! [`OpenReport`]) and starts a new one, so a device updated in the field keeps running and
 //! keeps every old record. A version newer than this build's is refused, with the file's name.
 
@@ -48,10 +49,10 @@ use ma_core::referral::AttentionBox;
 /// First bytes of every records log.
 pub const MAGIC: &[u8; 5] = b"MAREC";
 /// Layout version of [`Record`] in this build; bump it whenever a field is appended.
-/// Version 2 appended `refer_score` and `attention_boxes`.
-pub const FORMAT_VERSION: u8 = 2;
-/// Older layouts this build still reads (see [`RecordV1`]).
-pub const READABLE_VERSIONS: [u8; 2] = [1, 2];
+/// Version 2 appended `refer_score` and `attention_boxes`, version 3 `frame_file`.
+pub const FORMAT_VERSION: u8 = 3;
+/// Older layouts this build still reads (see [`RecordV1`], [`RecordV2`]).
+pub const READABLE_VERSIONS: [u8; 3] = [1, 2, 3];
 /// Length of the file header: [`MAGIC`] then the version byte.
 pub const HEADER_LEN: usize = MAGIC.len() + 1;
 /// Largest encoded frame accepted (writer) or decoded (reader): bounds the memory a damaged
@@ -101,6 +102,54 @@ pub struct Record {
     /// The referral network's strongest attention cells, strongest first, in original-image
     /// pixel coordinates (what made the score); empty when `refer_score` is `None`.
     pub attention_boxes: Vec<RecordBox>,
+    /// The frame's file in the board's frames archive (`<image_sha256>.<ext>`, see
+    /// [`crate::archive`]), on disk before this record was written; `None` without an
+    /// archive, when keeping it failed, for a source error and in version 1 and 2 logs.
+    /// It may have been evicted since (frames budget).
+    pub frame_file: Option<String>,
+}
+
+/// The layout of version 2 logs: [`Record`] without `frame_file`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct RecordV2 {
+    time_unix_ms: i64,
+    frame: u64,
+    source: String,
+    image_sha256: ImageHash,
+    width: u32,
+    height: u32,
+    detections: Vec<RecordDetection>,
+    refer: bool,
+    ma_count: u32,
+    model_version: String,
+    board: String,
+    elapsed_ms: f32,
+    error: Option<String>,
+    refer_score: Option<f64>,
+    attention_boxes: Vec<RecordBox>,
+}
+
+impl From<RecordV2> for Record {
+    fn from(r: RecordV2) -> Self {
+        Record {
+            time_unix_ms: r.time_unix_ms,
+            frame: r.frame,
+            source: r.source,
+            image_sha256: r.image_sha256,
+            width: r.width,
+            height: r.height,
+            detections: r.detections,
+            refer: r.refer,
+            ma_count: r.ma_count,
+            model_version: r.model_version,
+            board: r.board,
+            elapsed_ms: r.elapsed_ms,
+            error: r.error,
+            refer_score: r.refer_score,
+            attention_boxes: r.attention_boxes,
+            frame_file: None,
+        }
+    }
 }
 
 /// The layout of version 1 logs: [`Record`] without the referral fields.
@@ -123,7 +172,7 @@ struct RecordV1 {
 
 impl From<RecordV1> for Record {
     fn from(r: RecordV1) -> Self {
-        Record {
+        RecordV2 {
             time_unix_ms: r.time_unix_ms,
             frame: r.frame,
             source: r.source,
@@ -140,6 +189,7 @@ impl From<RecordV1> for Record {
             refer_score: None,
             attention_boxes: Vec::new(),
         }
+        .into()
     }
 }
 
@@ -581,6 +631,8 @@ pub fn decode_frame_version(frame: &[u8], version: u8) -> std::result::Result<Re
     let taken = match version {
         1 => postcard::take_from_bytes_crc32::<RecordV1>(&decoded, CRC32.digest())
             .map(|(r, rest)| (Record::from(r), rest)),
+        2 => postcard::take_from_bytes_crc32::<RecordV2>(&decoded, CRC32.digest())
+            .map(|(r, rest)| (Record::from(r), rest)),
         FORMAT_VERSION => postcard::take_from_bytes_crc32::<Record>(&decoded, CRC32.digest()),
         other => return Err(format!("format version {other} is not readable")),
     };
@@ -720,22 +772,8 @@ fn sync_parent_dir(path: &Path) -> Result<()> {
         Some(p) => p,
         None => Path::new("."),
     };
-    let result = File::open(parent).and_then(|d| d.sync_all());
-    match result {
-        Ok(()) => Ok(()),
-        // Some filesystems cannot fsync a folder; the file itself is synced, so go on.
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
-            ) =>
-        {
-            Ok(())
-        }
-        Err(e) => {
-            Err(e).with_context(|| format!("syncing the folder of records log {}", path.display()))
-        }
-    }
+    ma_core::durable::sync_dir(parent)
+        .with_context(|| format!("syncing the folder of records log {}", path.display()))
 }
 
 /// Reads frames from `reader` (positioned just after the header) to the end. Valid records go
@@ -901,12 +939,13 @@ pub fn to_jsonl(records: &[Record], mut writer: impl Write) -> Result<()> {
 
 /// The CSV header row of [`to_csv`] (with its line end). Columns are only ever appended.
 pub const CSV_HEADER: &str = "time,frame,source,sha256,width,height,ma_count,refer,\
-model_version,board,elapsed_ms,error,detections,refer_score,attention_boxes\r\n";
+model_version,board,elapsed_ms,error,detections,refer_score,attention_boxes,frame_file\r\n";
 
 /// Writes a header row then one row per record (RFC 4180: CRLF line ends, fields with a comma,
 /// quote or line break quoted, quotes doubled). `time` is ISO-8601 UTC; `detections` is
 /// `x:y:score;...` (2, 2 and 4 decimals); `refer_score` has 4 decimals (empty without one);
-/// `attention_boxes` is `x0:y0:x1:y1:weight;...` (1 and 4 decimals); JSONL has full precision.
+/// `attention_boxes` is `x0:y0:x1:y1:weight;...` (1 and 4 decimals); `frame_file` is the
+/// frame's file in the archive (empty without one); JSONL has full precision.
 pub fn to_csv(records: &[Record], mut writer: impl Write) -> Result<()> {
     writer
         .write_all(CSV_HEADER.as_bytes())
@@ -954,6 +993,7 @@ pub fn csv_row(r: &Record) -> String {
         detections,
         r.refer_score.map(|s| format!("{s:.4}")).unwrap_or_default(),
         boxes,
+        r.frame_file.clone().unwrap_or_default(),
     ];
     let mut row = fields
         .iter()
@@ -1032,6 +1072,65 @@ pub fn format_time_utc(unix_ms: i64) -> String {
     )
 }
 
+/// Milliseconds since the Unix epoch of a UTC time written `YYYY-MM-DD`,
+/// `YYYY-MM-DDTHH:MM`, `YYYY-MM-DDTHH:MM:SS` (a space may replace the `T`, a final `Z` is
+/// accepted), as `records export --since/--until` take it.
+pub fn parse_time_utc(text: &str) -> Result<i64> {
+    let bad = || {
+        anyhow!(
+            "cannot read the time {text:?}: expected YYYY-MM-DD, YYYY-MM-DDTHH:MM or \
+             YYYY-MM-DDTHH:MM:SS (UTC)"
+        )
+    };
+    let t = text.trim().trim_end_matches('Z');
+    let (date, time) = match t.split_once(['T', ' ']) {
+        Some((d, t)) => (d, Some(t)),
+        None => (t, None),
+    };
+    let num = |s: &str| -> Result<i64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        s.parse::<i64>().map_err(|_| bad())
+    };
+    let d: Vec<&str> = date.split('-').collect();
+    let [y, m, day] = d[..] else {
+        return Err(bad());
+    };
+    let (y, m, day) = (num(y)?, num(m)?, num(day)?);
+    let (hh, mm, ss) = match time {
+        None => (0, 0, 0),
+        Some(t) => match t.split(':').collect::<Vec<_>>()[..] {
+            [h, mi] => (num(h)?, num(mi)?, 0),
+            [h, mi, s] => (num(h)?, num(mi)?, num(s)?),
+            _ => return Err(bad()),
+        },
+    };
+    let days_in_month = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        _ => return Err(bad()),
+    };
+    if !(1..=days_in_month).contains(&day) || hh > 23 || mm > 59 || ss > 59 {
+        return Err(bad());
+    }
+    let days = days_from_civil(y, m as u32, day as u32);
+    Ok(((days * 86_400) + hh * 3600 + mm * 60 + ss) * 1000)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Year, month (1-12), day (1-31) of a day count since 1970-01-01 (H. Hinnant's
 /// `civil_from_days`).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -1082,6 +1181,9 @@ mod tests {
                     weight: 0.25,
                 })
                 .collect(),
+            frame_file: i
+                .is_multiple_of(3)
+                .then(|| format!("{}.png", ImageHash::of(&i.to_le_bytes()))),
         }
     }
 
@@ -1308,14 +1410,60 @@ mod tests {
         }
     }
 
-    /// A version 1 log of `records`, as a 0.4 device wrote it.
-    fn write_v1_log(path: &Path, records: &[Record]) {
+    fn v2(r: &Record) -> RecordV2 {
+        RecordV2 {
+            time_unix_ms: r.time_unix_ms,
+            frame: r.frame,
+            source: r.source.clone(),
+            image_sha256: r.image_sha256,
+            width: r.width,
+            height: r.height,
+            detections: r.detections.clone(),
+            refer: r.refer,
+            ma_count: r.ma_count,
+            model_version: r.model_version.clone(),
+            board: r.board.clone(),
+            elapsed_ms: r.elapsed_ms,
+            error: r.error.clone(),
+            refer_score: r.refer_score,
+            attention_boxes: r.attention_boxes.clone(),
+        }
+    }
+
+    /// A log of `records` in an older layout, as an earlier device wrote it (version 1:
+    /// 0.4 devices; version 2: 0.6.0 devices).
+    fn write_old_log(path: &Path, version: u8, records: &[Record]) {
         let mut bytes = MAGIC.to_vec();
-        bytes.push(1);
+        bytes.push(version);
         for r in records {
-            bytes.extend(encode_any(&v1(r)).unwrap());
+            bytes.extend(match version {
+                1 => encode_any(&v1(r)).unwrap(),
+                2 => encode_any(&v2(r)).unwrap(),
+                _ => unreachable!("not an older layout"),
+            });
         }
         fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn version_2_logs_are_read_and_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.log");
+        let old: Vec<Record> = (0..4).map(record).collect();
+        write_old_log(&path, 2, &old);
+        let (read, report) = read_all(&path).unwrap();
+        assert!(report.is_clean(), "{report}");
+        let without_frames: Vec<Record> = old.iter().map(|r| Record::from(v2(r))).collect();
+        assert_eq!(read, without_frames);
+        assert!(read.iter().all(|r| r.frame_file.is_none()));
+        assert!(read.iter().any(|r| r.refer_score.is_some()));
+        let (mut log, report) = RecordLog::open(&path).unwrap();
+        let aside = dir.path().join("records.log.v2");
+        assert_eq!(report.moved_aside, Some((2, aside.clone())));
+        log.append(&record(3)).unwrap();
+        drop(log);
+        assert_eq!(read_all(&path).unwrap().0, vec![record(3)]);
+        assert_eq!(read_all(&aside).unwrap().0, without_frames);
     }
 
     #[test]
@@ -1324,14 +1472,14 @@ mod tests {
         let path = dir.path().join("records.log");
         let old: Vec<Record> = (0..3).map(record).collect();
         let as_v1 = |r: &Record| Record::from(v1(r));
-        write_v1_log(&path, &old);
+        write_old_log(&path, 1, &old);
 
         // Read: every record, without the referral fields.
         let (read, report) = read_all(&path).unwrap();
         assert!(report.is_clean(), "{report}");
         assert_eq!(read, old.iter().map(as_v1).collect::<Vec<_>>());
         assert!(read.iter().all(|r| r.refer_score.is_none()));
-        // A v1 frame is not a v2 frame: decoding it as the current layout fails.
+        // A v1 frame is not a current frame: decoding it as the current layout fails.
         let frame = encode_any(&v1(&old[0])).unwrap();
         assert!(decode_frame(&frame[..frame.len() - 1]).is_err());
 
@@ -1351,7 +1499,7 @@ mod tests {
         assert_eq!(read_all(&aside).unwrap().0.len(), 3);
 
         // A second old log never overwrites the first one moved aside.
-        write_v1_log(&path, &old[..1]);
+        write_old_log(&path, 1, &old[..1]);
         let (_, report) = RecordLog::open(&path).unwrap();
         let second = dir.path().join("records.log.v1.2");
         assert_eq!(report.moved_aside, Some((1, second.clone())));
@@ -1364,7 +1512,7 @@ mod tests {
         let r = record(4);
         let row = csv_row(&r);
         assert!(
-            row.ends_with(",0.4000,0.0:2.0:64.0:66.0:0.2500\r\n"),
+            row.ends_with(",0.4000,0.0:2.0:64.0:66.0:0.2500,\r\n"),
             "{row}"
         );
         assert_eq!(
@@ -1377,11 +1525,39 @@ mod tests {
             attention_boxes: Vec::new(),
             ..record(4)
         };
-        assert!(csv_row(&none).ends_with(",,\r\n"));
+        assert!(csv_row(&none).ends_with(",,,\r\n"));
+        assert!(csv_row(&record(3)).ends_with(&format!(",{}.png\r\n", record(3).image_sha256)));
         let summary = list_summary(&[r, none]);
         let lines: Vec<&str> = summary.lines().collect();
         assert!(lines[0].contains("refer_score 0.40 (1 boxes)"), "{summary}");
         assert!(!lines[1].contains("refer_score"), "{summary}");
+    }
+
+    #[test]
+    fn times_parse_back_to_what_is_printed() {
+        for ms in [0, 951_782_400_000, 1_714_566_896_000, 4_107_542_400_000] {
+            let text = format_time_utc(ms);
+            assert_eq!(parse_time_utc(&text[..19]).unwrap(), ms, "{text}");
+        }
+        assert_eq!(
+            parse_time_utc("2024-05-01").unwrap(),
+            parse_time_utc("2024-05-01T00:00:00Z").unwrap()
+        );
+        assert_eq!(
+            parse_time_utc("2024-05-01 12:34").unwrap(),
+            1_714_566_840_000
+        );
+        for bad in [
+            "",
+            "2024-13-01",
+            "2023-02-29",
+            "2024-05-01T24:00",
+            "yesterday",
+            "2024-5",
+        ] {
+            assert!(parse_time_utc(bad).is_err(), "{bad}");
+        }
+        assert!(parse_time_utc("2024-02-29").is_ok());
     }
 
     #[test]

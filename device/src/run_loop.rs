@@ -38,6 +38,7 @@ use anyhow::{Context, Result};
 use image::RgbImage;
 use ma_core::image_io::one_line;
 
+use crate::archive::{FrameArchive, FrameContent};
 use crate::board::OperatingPoint;
 use crate::capture::{Frame, FrameEvent, FrameSource, SourceError, SourceState};
 use crate::cascade::{Cascade, ImageResult};
@@ -131,6 +132,9 @@ pub struct Station {
     /// The key or button that turns the heatmap overlay on and off, looked at between
     /// frames and on idle ticks (`controls.heatmap_toggle`).
     pub heatmap_toggle: Option<Toggle>,
+    /// Where every decoded frame is kept before its record is written
+    /// (`records.frames`); `None`: frames are not kept.
+    pub archive: Option<FrameArchive>,
 }
 
 /// What a run did.
@@ -150,6 +154,11 @@ pub struct RunSummary {
     pub records_saved: u64,
     /// Records that could not be saved (disk full, I/O error).
     pub records_unsaved: u64,
+    /// Frames kept in the archive, frames that could not be kept, and old frames deleted
+    /// to stay within its budget.
+    pub frames_kept: u64,
+    pub frames_not_kept: u64,
+    pub frames_evicted: u64,
     /// Screens presented, and screens the panel refused.
     pub screens: u64,
     pub screen_failures: u64,
@@ -186,6 +195,16 @@ impl fmt::Display for RunSummary {
             write!(f, ", {} NOT SAVED", self.records_unsaved)?;
         }
         writeln!(f, ")")?;
+        if self.frames_kept + self.frames_not_kept > 0 {
+            write!(f, "frames archive: {} kept", self.frames_kept)?;
+            if self.frames_not_kept > 0 {
+                write!(f, ", {} NOT KEPT", self.frames_not_kept)?;
+            }
+            if self.frames_evicted > 0 {
+                write!(f, ", {} old frames deleted (budget)", self.frames_evicted)?;
+            }
+            writeln!(f)?;
+        }
         write!(f, "display: {} ({} screens", self.display, self.screens)?;
         if self.screen_failures > 0 {
             write!(f, ", {} failed", self.screen_failures)?;
@@ -301,8 +320,9 @@ impl Station {
             frame: frame.id,
             source: name.clone(),
             image_sha256: frame
-                .file_sha256
-                .map(ImageHash)
+                .file
+                .as_ref()
+                .map(|f| ImageHash(f.sha256))
                 .unwrap_or_else(|| pixel_hash(&frame.image)),
             width: frame.image.width(),
             height: frame.image.height(),
@@ -315,6 +335,7 @@ impl Station {
             error: None,
             refer_score: None,
             attention_boxes: Vec::new(),
+            frame_file: None,
         };
         let detections = match &outcome {
             Ok(result) => {
@@ -339,12 +360,25 @@ impl Station {
                 None
             }
         };
+        // The frame is on disk before the record that names it.
+        let kept = self.keep_frame(&frame, &record.image_sha256, summary);
+        if let Some(Ok(k)) = &kept {
+            record.frame_file = Some(k.file.clone());
+        }
         let saved = self.append(&record, summary);
         let state = self.source.state();
-        let saved_text = match &saved {
+        let mut saved_text = match &saved {
             Ok(index) => format!("saved #{index}"),
             Err(_) => "NOT SAVED".to_string(),
         };
+        match &kept {
+            Some(Err(_)) => saved_text.push_str(", frame NOT KEPT"),
+            Some(Ok(KeptFrame {
+                evicted_note: Some(note),
+                ..
+            })) => saved_text.push_str(&format!(", {note}")),
+            _ => {}
+        }
         match &record.error {
             None => errln!(
                 "frame {} {name}: {} MA{} at {} ({} candidates), {elapsed_ms:.0} ms, {saved_text}",
@@ -360,7 +394,7 @@ impl Station {
             ),
             Some(e) => errln!("frame {} {name}: FAILED: {e}; {saved_text}", frame.id),
         }
-        let ok = saved.is_ok() && state.is_ok();
+        let ok = saved.is_ok() && state.is_ok() && !matches!(kept, Some(Err(_)));
         let status = format!("{saved_text}, {state}");
         screen.screen.shown = match detections {
             Some((detections, referral)) => Shown::Result {
@@ -389,9 +423,13 @@ impl Station {
                 ),
             },
         };
-        let banner = saved
-            .err()
-            .map(|e| format!("result NOT SAVED: {}", one_line(&format!("{e:#}"))));
+        let banner = match (saved, kept) {
+            (Err(e), _) => Some(format!("result NOT SAVED: {}", one_line(&format!("{e:#}")))),
+            (Ok(_), Some(Err(e))) => {
+                Some(format!("frame NOT KEPT: {}", one_line(&format!("{e:#}"))))
+            }
+            _ => None,
+        };
         screen.screen.render(&status, ok, banner.as_deref());
         self.present(screen, &state, summary);
     }
@@ -422,6 +460,7 @@ impl Station {
             error: Some(message.clone()),
             refer_score: None,
             attention_boxes: Vec::new(),
+            frame_file: None,
         };
         let saved = self.append(&record, summary);
         errln!(
@@ -437,6 +476,59 @@ impl Station {
         };
         screen.screen.render(&status, false, Some(&message));
         self.present(screen, &state, summary);
+    }
+
+    /// Keeps the frame in the archive (if the board has one): `Some(Ok(..))` once
+    /// it is on disk, `Some(Err)` if it could not be kept (printed and counted, never
+    /// fatal: the record is still written, without a frame file). Old frames deleted for
+    /// the budget are printed, and noted for the status bar.
+    fn keep_frame(
+        &mut self,
+        frame: &Frame,
+        hash: &ImageHash,
+        summary: &mut RunSummary,
+    ) -> Option<Result<KeptFrame>> {
+        let archive = self.archive.as_mut()?;
+        let content = match &frame.file {
+            Some(file) => FrameContent::File {
+                bytes: &file.bytes,
+                extension: &file.extension,
+            },
+            None => FrameContent::Pixels(&frame.image),
+        };
+        Some(match archive.keep(hash, content) {
+            Ok(kept) => {
+                summary.frames_kept += 1;
+                if !kept.evicted.is_empty() {
+                    summary.frames_evicted += kept.evicted.len() as u64;
+                    let note = format!(
+                        "{} oldest frame{} deleted",
+                        kept.evicted.len(),
+                        if kept.evicted.len() == 1 { "" } else { "s" }
+                    );
+                    errln!(
+                        "frames archive {}: {note} to stay within the budget of {:.1} MiB \
+                         ({}; their records keep the hashes)",
+                        archive.dir().display(),
+                        archive.budget_bytes() as f64 / f64::from(1 << 20),
+                        kept.evicted.join(", ")
+                    );
+                    return Some(Ok(KeptFrame {
+                        file: kept.file,
+                        evicted_note: Some(note),
+                    }));
+                }
+                Ok(KeptFrame {
+                    file: kept.file,
+                    evicted_note: None,
+                })
+            }
+            Err(e) => {
+                summary.frames_not_kept += 1;
+                errln!("error: {e:#}");
+                Err(e)
+            }
+        })
     }
 
     /// Appends and syncs; a failure is printed and counted, never fatal.
@@ -493,6 +585,13 @@ impl Station {
             }
         }
     }
+}
+
+/// A frame kept in the archive: its file name, and what was deleted to make room.
+struct KeptFrame {
+    file: String,
+    /// "N oldest frames deleted", for the status bar.
+    evicted_note: Option<String>,
 }
 
 fn on_off(on: bool) -> &'static str {
@@ -656,6 +755,7 @@ mod tests {
                 threshold: 0.5,
                 heatmap: false,
                 heatmap_toggle: None,
+                archive: None,
             }
         }
 
@@ -881,6 +981,75 @@ mod tests {
             .to_rgb8();
         assert_eq!(screen.get_pixel(160, 100).0, [255, 0, 0]);
         assert_eq!(screen.get_pixel(3, 3).0, BANNER_BACKGROUND_RGB);
+    }
+
+    /// With a frames archive: every decoded frame (processed or failed) is on disk under
+    /// the hash its record carries before the record is written; a source error keeps
+    /// none; the budget evicts the oldest and the status bar and summary say so.
+    #[test]
+    fn every_decoded_frame_is_kept_before_its_record() {
+        let fx = Fixture::new();
+        let photos = tempfile::tempdir().unwrap();
+        let good = RgbImage::from_pixel(300, 280, image::Rgb([20, 90, 40]));
+        good.save(photos.path().join("a.png")).unwrap();
+        std::fs::write(photos.path().join("b.png"), b"not a png").unwrap();
+        RgbImage::from_pixel(300, 280, image::Rgb([255, 0, 0]))
+            .save(photos.path().join("c.png"))
+            .unwrap();
+        let frames = fx._dir.path().join("frames");
+        let (archive, _) = FrameArchive::open(&frames, 1 << 20).unwrap();
+        let source = FolderSource::new(photos.path(), false).unwrap();
+        let mut station = fx.station(Box::new(source), FakeDetector::new());
+        station.archive = Some(archive);
+        let summary = station.run(&AtomicBool::new(false));
+        assert_eq!((summary.frames_kept, summary.frames_not_kept), (2, 0));
+        let records = fx.records();
+        assert_eq!(records.len(), 3);
+        for r in [&records[0], &records[2]] {
+            let file = r.frame_file.as_deref().expect("kept");
+            assert_eq!(file, format!("{}.png", r.image_sha256));
+            let bytes = std::fs::read(frames.join(file)).unwrap();
+            assert_eq!(
+                ImageHash::of(&bytes),
+                r.image_sha256,
+                "the original file's bytes"
+            );
+        }
+        assert_eq!(records[1].frame_file, None, "a source error has no frame");
+        assert!(
+            summary.to_string().contains("frames archive: 2 kept"),
+            "{summary}"
+        );
+
+        // Synthetic frames (PNG of the pixels) into a budget of about one frame: each new
+        // frame evicts the one before.
+        let fx = Fixture::new();
+        let frames = fx._dir.path().join("frames");
+        let one = crate::archive::encode_png(&ma_synthetic::generate(&small_params(), 7).image)
+            .unwrap()
+            .len() as u64;
+        let (archive, _) = FrameArchive::open(&frames, one + one / 2).unwrap();
+        let mut station = fx.station(small_synthetic(3), FakeDetector::new());
+        station.archive = Some(archive);
+        let summary = station.run(&AtomicBool::new(false));
+        assert_eq!((summary.frames_kept, summary.frames_evicted), (3, 2));
+        let records = fx.records();
+        let last = records[2].frame_file.as_deref().unwrap();
+        let back = image::open(frames.join(last)).unwrap().to_rgb8();
+        assert_eq!(pixel_hash(&back), records[2].image_sha256);
+        assert!(
+            !frames
+                .join(records[0].frame_file.as_deref().unwrap())
+                .exists()
+        );
+        assert!(
+            records.iter().all(|r| r.frame_file.is_some()),
+            "the hash stays"
+        );
+        assert!(
+            summary.to_string().contains("2 old frames deleted"),
+            "{summary}"
+        );
     }
 
     const BANNER_BACKGROUND_RGB: [u8; 3] = [60, 40, 0];

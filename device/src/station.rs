@@ -6,9 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ma_core::manifest;
+use ma_core::manifest::{self, Variant};
 use ma_core::signing::ModelTrust;
 
+use crate::archive::FrameArchive;
 use crate::board::{self, BoardConfig, DisplayConfig, SourceConfig};
 use crate::capture::trigger::TriggerInput;
 use crate::capture::{
@@ -37,7 +38,12 @@ impl Station {
             SourceConfig::Camera(c) => Some(camera_parts(c)?),
             _ => None,
         };
-        let detector = load_cascade(&config.inference.models, config.inference.threads, &trust)?;
+        let detector = load_cascade(
+            &config.inference.models,
+            config.inference.variant,
+            config.inference.threads,
+            &trust,
+        )?;
         let threshold = detector
             .manifest
             .operating_points
@@ -100,6 +106,28 @@ impl Station {
         };
 
         let heatmap_toggle = heatmap_toggle(&config.controls)?;
+        let archive = match config.records.archive() {
+            Some((dir, budget)) => {
+                let (archive, found) = FrameArchive::open(dir, budget).context("records.frames")?;
+                errln!(
+                    "frames archive {}: {} frames, {:.1} of {} MiB{}",
+                    dir.display(),
+                    found.frames,
+                    found.bytes as f64 / f64::from(1 << 20),
+                    budget >> 20,
+                    if found.removed_incomplete > 0 {
+                        format!(
+                            "; removed {} incomplete frame file(s) of an interrupted write",
+                            found.removed_incomplete
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                Some(archive)
+            }
+            None => None,
+        };
         let (log, report) = RecordLog::open(&config.records.log).context("records.log")?;
         let station = Station {
             source,
@@ -112,6 +140,7 @@ impl Station {
             threshold,
             heatmap: config.controls.heatmap,
             heatmap_toggle,
+            archive,
         };
         Ok((station, report))
     }
@@ -119,7 +148,12 @@ impl Station {
 
 /// Loads the cascade for the device, with an explicit message when the folder holds no
 /// model set (the usual case on a fresh clone before models are shipped).
-pub fn load_cascade(models: &Path, threads: usize, trust: &ModelTrust) -> Result<Cascade> {
+pub fn load_cascade(
+    models: &Path,
+    variant: Option<Variant>,
+    threads: usize,
+    trust: &ModelTrust,
+) -> Result<Cascade> {
     let manifest_path = models.join(manifest::FILE_NAME);
     if !manifest_path.is_file() {
         bail!(
@@ -133,7 +167,7 @@ pub fn load_cascade(models: &Path, threads: usize, trust: &ModelTrust) -> Result
         );
     }
     crate::cascade::onnx::set_threads(threads);
-    Cascade::load(models, None, trust)
+    Cascade::load(models, variant, trust)
         .with_context(|| format!("cannot load the models in {}", models.display()))
 }
 
@@ -240,7 +274,7 @@ mod tests {
         let models = dir.path().join("no-models-here");
         let e = format!(
             "{:#}",
-            load_cascade(&models, 1, &ModelTrust::Unsigned)
+            load_cascade(&models, None, 1, &ModelTrust::Unsigned)
                 .err()
                 .unwrap()
         );

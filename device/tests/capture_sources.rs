@@ -536,7 +536,7 @@ fn folder_frames_carry_the_hash_of_their_file() {
     };
     let bytes = std::fs::read(dir.path().join("a.png")).unwrap();
     let want: [u8; 32] = Sha256::digest(&bytes).into();
-    assert_eq!(frame.file_sha256, Some(want));
+    assert_eq!(frame.file.as_ref().map(|f| f.sha256), Some(want));
 }
 
 #[test]

@@ -65,6 +65,7 @@ fn record(i: u64) -> Record {
                 weight: 0.5,
             })
             .collect(),
+        frame_file: (i % 9 != 4).then(|| format!("{:064x}.png", i)),
     }
 }
 

@@ -48,6 +48,7 @@ fn record(i: u64) -> Record {
                 weight: 1.0 / (k as f64 + 2.0),
             })
             .collect(),
+        frame_file: (i % 11 != 10).then(|| format!("{:064x}.jpg", i)),
     }
 }
 
@@ -399,10 +400,11 @@ fn csv_export_quotes_and_formats() {
             "error",
             "detections",
             "refer_score",
-            "attention_boxes"
+            "attention_boxes",
+            "frame_file"
         ]
     );
-    assert!(rows.iter().all(|r| r.len() == 15), "{rows:?}");
+    assert!(rows.iter().all(|r| r.len() == 16), "{rows:?}");
     let r1 = &rows[1];
     assert_eq!(r1[0], "2024-05-01T12:34:57.000Z");
     assert_eq!(r1[1], "1");

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use ma_core::manifest::{Training, Variant};
+use ma_core::manifest::{Role, Training, Variant};
 use ma_core::signing::{self, KeyPair};
-use ma_trainer::export::{Release, export_model_set};
+use ma_trainer::export::{Release, export_model_set, weights, write_unsigned};
 use ma_trainer::nets::{Net, Stage};
 use ma_trainer::training_data::DeviceSettings;
 
@@ -14,7 +14,8 @@ use ma_trainer::training_data::DeviceSettings;
 /// manifest with hashes, in seconds, for tests of what surrounds the cascade (the loop,
 /// bad inputs) rather than its accuracy. `operating_points`: scores at 1, 2 and 4 FP/image.
 ///
-/// The bundle is signed, as a device requires, with a fresh key pair written beside it
+/// The networks' weights are attached as the set's reference weights (`validate` runs
+/// them). The bundle is signed, as a device requires, with a fresh key pair written beside it
 /// (`<out>-key.key`, `<out>-key.pub`, replaced if present). Returns the public key's path.
 pub fn export_untrained_models(
     out: &Path,
@@ -57,7 +58,7 @@ fn export_untrained(
         licence: "test fixture".into(),
         cv_cpm: 0.0,
     };
-    export_model_set(
+    let mut manifest = export_model_set(
         &stage1,
         &stage2,
         out,
@@ -70,6 +71,13 @@ fn export_untrained(
         },
     )
     .expect("exporting an untrained model set");
+    // The reference weights, as `ma-trainer export` attaches them.
+    for (role, vs) in [(Role::Stage1, &stage1), (Role::Stage2, &stage2)] {
+        let path = out.join(weights::file_name(role));
+        vs.save(&path).expect("saving the weights");
+        weights::attach(&mut manifest, role, &path).expect("attaching the weights");
+    }
+    write_unsigned(&manifest, out).expect("writing the manifest");
     if let Some(side) = referral_side {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let _net = ma_trainer::referral::ReferralNet::new(&vs.root());
@@ -93,12 +101,18 @@ fn export_untrained(
                 crop_side: ma_trainer::nets::ZOOM_CROP,
             }),
         };
-        ma_trainer::export::referral::add_to_model_set(&vs, Some(&zoom), out, &cfg, version)
-            .expect("adding an untrained referral network");
+        let mut manifest =
+            ma_trainer::export::referral::add_to_model_set(&vs, Some(&zoom), out, &cfg, version)
+                .expect("adding an untrained referral network");
         let (referral_weights, zoom_weights) = untrained_referral_weights(out);
-        vs.save(referral_weights)
+        vs.save(&referral_weights)
             .expect("saving the referral weights");
-        zoom.save(zoom_weights).expect("saving the zoom weights");
+        zoom.save(&zoom_weights).expect("saving the zoom weights");
+        weights::attach(&mut manifest, Role::Referral, &referral_weights)
+            .expect("attaching the referral weights");
+        weights::attach(&mut manifest, Role::Zoom, &zoom_weights)
+            .expect("attaching the zoom weights");
+        write_unsigned(&manifest, out).expect("writing the manifest");
     }
     let name = out
         .file_name()

@@ -345,6 +345,7 @@ fn small_station(dir: &Path, count: u64, detector: Box<dyn Detector>) -> Station
         threshold: THRESHOLDS[1],
         heatmap: false,
         heatmap_toggle: None,
+        archive: None,
     }
 }
 
@@ -979,6 +980,7 @@ fn small_log(path: &Path, n: u64) {
             error: None,
             refer_score: None,
             attention_boxes: Vec::new(),
+            frame_file: None,
         })
         .unwrap();
     }

@@ -29,6 +29,7 @@ use ma_trainer::referral::ReferralTraining;
 use ma_trainer::referral_run::{self, ReferralData};
 use ma_trainer::train::load_net;
 use ma_trainer::training_data::{DeviceSettings, TrainingData};
+use ma_trainer::validate;
 use ma_trainer::zoom::ZoomSettings;
 
 #[derive(Parser)]
@@ -165,6 +166,42 @@ enum Command {
         /// Sign the changed manifest with this secret key.
         #[arg(long, value_name = "KEY")]
         sign: Option<PathBuf>,
+    },
+    /// Field validation: re-run a device's bundle (`ma-device records export --bundle`)
+    /// on the workstation and report how well they agree.
+    ///
+    /// Checks the bundle (complete, every file's SHA-256, the model manifest's signature
+    /// with --public-key) and that --models is the model set the device ran (else says
+    /// what differs), then runs every frame through the reference cascade: the device's
+    /// pipeline with the networks in libtorch, float, from the set's reference weights.
+    /// Writes OUT/part-K-of-N.jsonl (one line per frame, resumable) and, for the whole
+    /// bundle (no --shard, or after `validate-merge`), OUT/report.html (self-contained,
+    /// Bland-Altman plots embedded) and OUT/report.json: per frame the refer decisions,
+    /// MAs matched within 2 px and score differences; overall Cohen's kappa and the
+    /// confusion matrix of refer decisions, the MA match rate, the largest and mean score
+    /// differences, the frames that disagree; with --truth, the sensitivity at 1/8..8
+    /// FP/image and CPM of device and workstation side by side. Exit code 2 when an
+    /// agreement limit (--min-kappa, --max-score-diff) is not met, 1 on errors.
+    ///
+    /// Large bundles: run `--shard K/N` for K = 1..N on N machines (e.g. a Slurm array
+    /// job with K = $SLURM_ARRAY_TASK_ID, or a Kubernetes Indexed Job with K =
+    /// $JOB_COMPLETION_INDEX + 1), each writing its part into a shared OUT, then
+    /// `validate-merge` once.
+    #[command(verbatim_doc_comment)]
+    Validate {
+        #[command(flatten)]
+        args: ValidateArgs,
+        /// Compare only records K-1, K-1+N, ... of the bundle (K of N machines).
+        #[arg(long, value_name = "K/N", default_value = "1/1")]
+        shard: ma_trainer::validate::Shard,
+    },
+    /// Join the parts of a sharded `validate` (every shard once) into OUT/report.html and
+    /// OUT/report.json; exit code 2 when an agreement limit is not met.
+    ValidateMerge {
+        #[command(flatten)]
+        args: ValidateArgs,
+        /// The parts (part-K-of-N.jsonl); default: every part in OUT.
+        parts: Vec<PathBuf>,
     },
     /// Make an ed25519 key pair for signing model bundles: <OUT>.key and <OUT>.pub.
     ///
@@ -436,6 +473,197 @@ impl ReferralArgs {
             },
         }
     }
+}
+
+/// What `validate` and `validate-merge` share.
+#[derive(Args)]
+struct ValidateArgs {
+    /// The bundle folder (from `ma-device records export --bundle`).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// The workstation's model set, with its reference weights: the set the device ran.
+    #[arg(long, default_value = "models")]
+    models: PathBuf,
+    /// Key the device's and the workstation's model manifests must be signed with.
+    #[arg(long, value_name = "KEY", default_value = "keys/models.pub")]
+    public_key: PathBuf,
+    /// Accept unsigned model sets (development).
+    #[arg(long)]
+    allow_unsigned: bool,
+    /// Output folder (parts, report.html, report.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Clinicians' marks: a CSV `image,x,y` (image = the record's file name or the image
+    /// SHA-256), or a lesion set's root folder with --truth-dataset (frames matched to its
+    /// photos by the SHA-256 of the files).
+    #[arg(long)]
+    truth: Option<PathBuf>,
+    /// Which dataset reader --truth is (a folder).
+    #[arg(long, value_enum, requires = "truth")]
+    truth_dataset: Option<DatasetKind>,
+    /// DiaretDB1 and IDRiD: the published split of --truth; omit for every image.
+    #[arg(long, value_enum, requires = "truth_dataset")]
+    truth_split: Option<Split>,
+    /// Fail (exit code 2) when Cohen's kappa of the refer decisions is below this.
+    #[arg(long)]
+    min_kappa: Option<f64>,
+    /// Fail (exit code 2) when a detection or refer score differs by more than this.
+    #[arg(long)]
+    max_score_diff: Option<f64>,
+}
+
+impl ValidateArgs {
+    fn trust(&self) -> Result<signing::ModelTrust> {
+        if self.allow_unsigned {
+            Ok(signing::ModelTrust::Unsigned)
+        } else {
+            signing::ModelTrust::key_file(&self.public_key).context("--public-key")
+        }
+    }
+
+    fn truth(&self) -> Result<Option<validate::Truth>> {
+        let Some(path) = &self.truth else {
+            return Ok(None);
+        };
+        Ok(Some(match self.truth_dataset {
+            Some(kind) => {
+                let load = LoadOptions {
+                    split: self.truth_split,
+                    confidence_threshold: 0.5,
+                };
+                let set = Dataset::load(kind, path, &load).with_context(|| {
+                    format!(
+                        "cannot load the {kind} dataset at {} (--truth)",
+                        path.display()
+                    )
+                })?;
+                validate::Truth::dataset(set)?
+            }
+            None if path.is_dir() => anyhow::bail!(
+                "--truth {} is a folder: say which dataset it is with --truth-dataset",
+                path.display()
+            ),
+            None => validate::Truth::csv(path)?,
+        }))
+    }
+
+    fn limits(&self) -> validate::Limits {
+        validate::Limits {
+            min_kappa: self.min_kappa,
+            max_score_diff: self.max_score_diff,
+        }
+    }
+}
+
+/// Agreement limits not met: `validate` exits with code 2.
+#[derive(Debug)]
+struct LimitsNotMet(String);
+
+impl std::fmt::Display for LimitsNotMet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "agreement below the limits: {}", self.0)
+    }
+}
+
+impl std::error::Error for LimitsNotMet {}
+
+fn validate_bundle(a: &ValidateArgs, shard: validate::Shard) -> Result<()> {
+    let started = Instant::now();
+    let truth = a.truth()?;
+    let v = validate::Validation::open(&a.bundle, &a.models, &a.trust()?)?;
+    println!(
+        "bundle {}: {} records of board {}, model {} ({} frames, {} missing); workstation          reference: {} (libtorch, float)",
+        a.bundle.display(),
+        v.index.records,
+        v.index.board,
+        v.index.model_version,
+        v.index.frames.len(),
+        v.index.missing_frames.len(),
+        a.models.display()
+    );
+    let part = validate::run_shard(&v, shard, &a.out)?;
+    println!(
+        "wrote {} ({:.1} s)",
+        part.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if shard.n > 1 {
+        println!(
+            "shard {}/{} done; once every shard is, run `ma-trainer validate-merge` with the              same --bundle and --out",
+            shard.k, shard.n
+        );
+        return Ok(());
+    }
+    report(a, &v.index, &[part], truth.as_ref())
+}
+
+fn validate_merge(a: &ValidateArgs, parts: &[PathBuf]) -> Result<()> {
+    let truth = a.truth()?;
+    let index = ma_core::bundle::verify(&a.bundle)?;
+    let parts = if parts.is_empty() {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&a.out)
+            .with_context(|| format!("reading {}", a.out.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
+            })
+            .collect();
+        found.sort();
+        anyhow::ensure!(
+            !found.is_empty(),
+            "no part-K-of-N.jsonl in {}",
+            a.out.display()
+        );
+        found
+    } else {
+        parts.to_vec()
+    };
+    report(a, &index, &parts, truth.as_ref())
+}
+
+fn report(
+    a: &ValidateArgs,
+    index: &ma_core::bundle::BundleIndex,
+    parts: &[PathBuf],
+    truth: Option<&validate::Truth>,
+) -> Result<()> {
+    let (r, refer_pairs, ma_pairs) =
+        validate::Report::from_parts(&a.bundle, index, parts, truth, a.limits())?;
+    let (json, html) = validate::write_report(&a.out, &r, &refer_pairs, &ma_pairs)?;
+    let c = r.refer_confusion;
+    println!(
+        "{} frames compared ({} not: {:?}); refer agreement {:.4}, kappa {:.4} (device/workstation          no/no {} no/yes {} yes/no {} yes/yes {}); MAs {} / {} matched {} (rate {:.4});          detection score |diff| max {:.2e} mean {:.2e}; refer_score |diff| max {:.2e};          {} frame(s) disagree; {:.0} ms per frame",
+        r.frames_compared,
+        r.not_compared.values().sum::<usize>(),
+        r.not_compared,
+        r.refer_agreement,
+        r.kappa,
+        c[0][0],
+        c[0][1],
+        c[1][0],
+        c[1][1],
+        r.device_mas,
+        r.workstation_mas,
+        r.matched_mas,
+        r.ma_match_rate,
+        r.max_score_diff,
+        r.mean_score_diff,
+        r.refer_score.max_abs,
+        r.disagreeing_frames.len(),
+        r.workstation_ms_per_frame
+    );
+    if let Some(t) = &r.truth {
+        println!(
+            "against --truth ({} frames, {} lesions): CPM device {:.3}, workstation {:.3}",
+            t.frames, t.lesions, t.device.cpm, t.workstation.cpm
+        );
+    }
+    println!("wrote {} and {}", html.display(), json.display());
+    if !r.limit_failures.is_empty() {
+        return Err(LimitsNotMet(r.limit_failures.join("; ")).into());
+    }
+    Ok(())
 }
 
 /// One lesion set and its ground truth: `eval` and `referral coverage` take it.
@@ -1340,6 +1568,8 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => referral_run::heatmaps(&weights, zoom_weights.as_deref(), &models, &input, &out)
             .map(|_| ()),
+        Command::Validate { args, shard } => validate_bundle(&args, shard),
+        Command::ValidateMerge { args, parts } => validate_merge(&args, &parts),
         Command::Keygen { out } => keygen(&out),
         Command::Sign { models, key } => sign(&models, &key),
         Command::Info { data, paths: true } => data.print_paths(),
@@ -1360,7 +1590,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ma-trainer: error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<LimitsNotMet>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

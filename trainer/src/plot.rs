@@ -233,6 +233,132 @@ fn draw_recall(
     Ok(())
 }
 
+/// Agreement of two measurements of the same things (Bland and Altman 1986): for each pair
+/// `(a, b)`, the difference `a - b` against the mean `(a + b) / 2`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Agreement {
+    pub pairs: usize,
+    /// Mean difference (bias) and its standard deviation.
+    pub bias: f64,
+    pub sd: f64,
+    /// 95% limits of agreement: bias -/+ 1.96 sd.
+    pub lower: f64,
+    pub upper: f64,
+    /// Largest and mean absolute difference.
+    pub max_abs: f64,
+    pub mean_abs: f64,
+}
+
+impl Agreement {
+    pub fn of(pairs: &[(f64, f64)]) -> Self {
+        let n = pairs.len();
+        if n == 0 {
+            return Self::default();
+        }
+        let diffs: Vec<f64> = pairs.iter().map(|(a, b)| a - b).collect();
+        let bias = diffs.iter().sum::<f64>() / n as f64;
+        let var = if n > 1 {
+            diffs.iter().map(|d| (d - bias).powi(2)).sum::<f64>() / (n - 1) as f64
+        } else {
+            0.0
+        };
+        let sd = var.sqrt();
+        Self {
+            pairs: n,
+            bias,
+            sd,
+            lower: bias - 1.96 * sd,
+            upper: bias + 1.96 * sd,
+            max_abs: diffs.iter().fold(0.0, |m, d| m.max(d.abs())),
+            mean_abs: diffs.iter().map(|d| d.abs()).sum::<f64>() / n as f64,
+        }
+    }
+}
+
+/// A Bland-Altman plot of `pairs` (`(a, b)`: difference a - b against the mean) with the
+/// bias and 95% limits of agreement drawn, as PNG bytes of [`PLOT_SIZE`]. `what` names the
+/// measure, `a` and `b` the two sides (title and axis).
+pub fn bland_altman_png(pairs: &[(f64, f64)], what: &str, a: &str, b: &str) -> Result<Vec<u8>> {
+    register_fonts()?;
+    let (w, h) = PLOT_SIZE;
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    draw_bland_altman(&mut buf, pairs, what, a, b).map_err(|e| anyhow!("{e}"))?;
+    let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer size")?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .context("encoding the plot as PNG")?;
+    Ok(png)
+}
+
+fn draw_bland_altman(
+    buf: &mut [u8],
+    pairs: &[(f64, f64)],
+    what: &str,
+    a: &str,
+    b: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let stats = Agreement::of(pairs);
+    let root = BitMapBackend::with_buffer(buf, PLOT_SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let span = stats
+        .max_abs
+        .max(stats.upper.abs())
+        .max(stats.lower.abs())
+        .max(1e-6)
+        * 1.25;
+    let title = format!(
+        "{what}: {a} - {b}, {} pairs; bias {:+.2e}, limits {:+.2e} .. {:+.2e}",
+        stats.pairs, stats.bias, stats.lower, stats.upper
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 20).into_font().style(FontStyle::Bold))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..1.0, -span..span)?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("mean of {a} and {b}"))
+        .y_desc(format!("{a} - {b}"))
+        .x_labels(11)
+        .y_labels(9)
+        .x_label_formatter(&|v| format!("{v:.1}"))
+        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.15))
+        .draw()?;
+    let dot = RGBColor(31, 119, 180);
+    chart.draw_series(
+        pairs
+            .iter()
+            .map(|&(x, y)| Circle::new(((x + y) / 2.0, x - y), 3, dot.mix(0.6).filled())),
+    )?;
+    for (level, colour, label) in [
+        (stats.bias, RGBColor(214, 39, 40), "bias"),
+        (stats.lower, RGBColor(120, 120, 120), "lower limit"),
+        (stats.upper, RGBColor(120, 120, 120), "upper limit"),
+    ] {
+        chart
+            .draw_series(LineSeries::new(
+                [(0.0, level), (1.0, level)],
+                colour.stroke_width(2),
+            ))?
+            .label(format!("{label} {level:+.2e}"))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 14))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.4))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

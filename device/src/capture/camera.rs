@@ -236,7 +236,7 @@ impl FrameSource for CameraSource {
                 FrameEvent::Frame(Frame {
                     id,
                     source: self.origin(),
-                    file_sha256: None,
+                    file: None,
                     image,
                     captured_at,
                 })

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use anyhow::{Result, bail};
 
-use super::{Frame, FrameEvent, FrameSource, SourceError, SourceState};
+use super::{Frame, FrameEvent, FrameSource, SourceError, SourceFile, SourceState};
 use ma_core::digest::sha256;
 use ma_core::image_io::{find_images, read_image_and_bytes};
 
@@ -85,7 +85,14 @@ impl FrameSource for FolderSource {
                 FrameEvent::Frame(Frame {
                     id,
                     source: self.name(&path),
-                    file_sha256: Some(sha256(&bytes)),
+                    file: Some(SourceFile {
+                        sha256: sha256(&bytes),
+                        extension: path
+                            .extension()
+                            .map(|e| e.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        bytes,
+                    }),
                     image,
                     captured_at: SystemTime::now(),
                 })

@@ -49,14 +49,24 @@ pub struct Frame {
     /// Where it came from, as records name it: the file name (relative to the replayed
     /// folder), `camera:<device>`, or "synthetic seed N".
     pub source: String,
-    /// SHA-256 of the bytes the frame was decoded from, when the source read them as a
-    /// whole (a file): records identify a photo by its file. `None`: records hash the
-    /// decoded RGB8 pixels (the camera's raw buffer does not leave the source).
-    pub file_sha256: Option<[u8; 32]>,
+    /// The file the frame was decoded from, when the source read one as a whole: records
+    /// identify the photo by the file's SHA-256 and the archive keeps its bytes. `None`:
+    /// records hash the decoded RGB8 pixels and the archive keeps them as PNG (the
+    /// camera's raw buffer does not leave the source).
+    pub file: Option<SourceFile>,
     pub image: RgbImage,
     /// When the frame entered the device: after the camera buffer was dequeued, or when
     /// the file was read or the synthetic image generated.
     pub captured_at: SystemTime,
+}
+
+/// The bytes of the file a frame was decoded from.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub sha256: [u8; 32],
+    pub bytes: Vec<u8>,
+    /// The file's extension as named (e.g. `png`, `JPG`): the archive keeps it.
+    pub extension: String,
 }
 
 /// Without the pixels: a frame in a log line must not print megabytes.
@@ -65,7 +75,7 @@ impl fmt::Debug for Frame {
         f.debug_struct("Frame")
             .field("id", &self.id)
             .field("source", &self.source)
-            .field("file_sha256", &self.file_sha256.is_some())
+            .field("file", &self.file.as_ref().map(|f| f.bytes.len()))
             .field(
                 "image",
                 &format_args!("{}x{}", self.image.width(), self.image.height()),

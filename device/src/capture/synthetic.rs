@@ -46,7 +46,7 @@ impl FrameSource for SyntheticSource {
         FrameEvent::Frame(Frame {
             id,
             source: format!("synthetic seed {seed}"),
-            file_sha256: None,
+            file: None,
             image: generate(&self.params, seed).image,
             captured_at: SystemTime::now(),
         })
