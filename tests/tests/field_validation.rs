@@ -1,0 +1,372 @@
+//! Field validation end to end: the device loop keeps every frame, `records export
+//! --bundle` writes a bundle, and the workstation re-runs it (`ma-trainer validate`:
+//! libtorch reference cascade from the released weights) and reports the agreement.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicBool;
+
+use ma_core::bundle::{self, BundleIndex};
+use ma_core::signing::ModelTrust;
+use ma_device::board::BoardConfig;
+use ma_device::bundle::{ExportRequest, export};
+use ma_device::run_loop::Station;
+use ma_synthetic::{SyntheticParams, generate};
+use ma_trainer::validate::{FrameRow, Limits, Report, Shard, Truth, Validation, run_shard};
+
+/// The repository (tests run from `tests/`).
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// An untrained model set with a referral network and reference weights, signed.
+fn untrained() -> &'static (PathBuf, PathBuf) {
+    static SET: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
+    let (_, models, key) = SET.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        let key = ma_tests::export_untrained_models_with_referral(
+            &models,
+            11,
+            "fv-test-1",
+            [0.6, 0.5, 0.4],
+            64,
+        );
+        (dir, models, key)
+    });
+    // Leaked on purpose: the set lives as long as the test process.
+    Box::leak(Box::new((models.clone(), key.clone())))
+}
+
+/// A board config in `dir`: frames from `photos`, models `models` (key `key`), variant
+/// `variant`, frames archive `dir/frames` with a budget of `budget_mb`.
+fn board(dir: &Path, photos: &Path, models: &Path, key: &Path, variant: &str) -> BoardConfig {
+    let toml = format!(
+        "name = \"fv-board\"\n\
+         [source]\nkind = \"folder\"\npath = \"{}\"\n\
+         [display]\nkind = \"png\"\noutput_dir = \"{}\"\nwidth = 320\nheight = 240\n\
+         [inference]\nthreads = 2\nmodels = \"{}\"\noperating_point = \"2fp\"\n\
+         variant = \"{variant}\"\npublic_key = \"{}\"\n\
+         [records]\nlog = \"{}\"\nframes = \"{}\"\nframes_budget_mb = 64\n",
+        photos.display(),
+        dir.join("screens").display(),
+        models.display(),
+        key.display(),
+        dir.join("records.log").display(),
+        dir.join("frames").display(),
+    );
+    let path = dir.join("board.toml");
+    std::fs::write(&path, toml).unwrap();
+    BoardConfig::load(&path).unwrap()
+}
+
+/// Runs the device loop of `config` to the end of its folder.
+fn run_device(config: &BoardConfig) {
+    let (mut station, _) = Station::from_board(config, false).unwrap();
+    let summary = station.run(&AtomicBool::new(false));
+    assert_eq!(summary.records_unsaved, 0, "{summary}");
+    assert_eq!(summary.frames_not_kept, 0, "{summary}");
+}
+
+fn export_bundle(config: &BoardConfig, out: &Path) -> BundleIndex {
+    export(&ExportRequest {
+        board: config,
+        out,
+        since: None,
+        until: None,
+    })
+    .unwrap()
+    .index
+}
+
+/// Validates the whole bundle in one shard and builds the report.
+fn validate(bundle: &Path, models: &Path, key: &Path, out: &Path) -> Report {
+    let trust = ModelTrust::key_file(key).unwrap();
+    let v = Validation::open(bundle, models, &trust).unwrap();
+    let part = run_shard(&v, Shard::ALL, out).unwrap();
+    Report::from_parts(bundle, &v.index, &[part], None, Limits::default())
+        .unwrap()
+        .0
+}
+
+/// Small synthetic photos (with MAs) as PNG files in `dir`.
+fn synthetic_photos(dir: &Path, seeds: std::ops::Range<u64>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let params = SyntheticParams {
+        width: 320,
+        height: 288,
+        fov_diameter: 300.0,
+        n_microaneurysms: 3,
+        n_lookalikes: 2,
+        ..SyntheticParams::default()
+    };
+    for seed in seeds {
+        generate(&params, seed)
+            .image
+            .save(dir.join(format!("eye-{seed}.png")))
+            .unwrap();
+    }
+}
+
+/// The shipped models on the shared demo photos (IDRiD, CC BY 4.0): the device (tract)
+/// and the workstation (libtorch, float, from the released weights) give the same refer
+/// decisions and the same MAs. Float on the device: every MA matched, scores within
+/// 1e-3. int8 on the device (the default): the same decisions here, scores within the
+/// tolerance the model card documents for int8 weights (0.06).
+#[test]
+fn the_workstation_agrees_with_the_device_on_the_shared_photos() {
+    let photos = repo().join("demo/photos");
+    let models = repo().join("models");
+    let key = repo().join("keys/models.pub");
+    for (variant, tolerance) in [("float", 1e-3), ("int8", 0.06)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = board(dir.path(), &photos, &models, &key, variant);
+        run_device(&config);
+        let bundle = dir.path().join("bundle");
+        let index = export_bundle(&config, &bundle);
+        assert_eq!((index.records, index.frames.len()), (4, 4));
+        let r = validate(&bundle, &models, &key, &dir.path().join("report"));
+        assert_eq!(r.frames_compared, 4, "{variant}");
+        assert_eq!(r.kappa, 1.0, "{variant}: {:?}", r.disagreeing_frames);
+        assert!(r.device_mas > 0, "{variant}: the photos have MAs");
+        assert!(
+            r.max_score_diff <= tolerance && r.refer_score.max_abs <= tolerance,
+            "{variant}: {} {}",
+            r.max_score_diff,
+            r.refer_score.max_abs
+        );
+        if variant == "float" {
+            assert_eq!(r.matched_mas, r.device_mas, "{:?}", r.disagreeing_frames);
+            assert_eq!(r.matched_mas, r.workstation_mas);
+            assert_eq!(r.ma_match_rate, 1.0);
+            assert_eq!(r.unmatched_detections, 0);
+            assert!(
+                r.disagreeing_frames.is_empty(),
+                "{:?}",
+                r.disagreeing_frames
+            );
+        }
+    }
+}
+
+/// Untrained networks on synthetic photos: agreement, the report files, sharding,
+/// resuming, --truth, and the errors for a tampered frame, a missing frame, a partial
+/// bundle and a bundle of another model version.
+#[test]
+fn bundles_validate_in_shards_and_broken_bundles_are_refused() {
+    let (models, key) = untrained();
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    synthetic_photos(&photos, 1..6);
+    let config = board(dir.path(), &photos, models, key, "float");
+    run_device(&config);
+    let bundle = dir.path().join("bundle");
+    let index = export_bundle(&config, &bundle);
+    assert_eq!((index.records, index.frames.len()), (5, 5));
+    // Exporting again changes nothing.
+    let before = std::fs::read(bundle.join(bundle::INDEX)).unwrap();
+    let again = export(&ExportRequest {
+        board: &config,
+        out: &bundle,
+        since: None,
+        until: None,
+    })
+    .unwrap();
+    assert_eq!(again.copied, 0);
+    assert_eq!(std::fs::read(bundle.join(bundle::INDEX)).unwrap(), before);
+
+    // In one go and in three shards (one interrupted and resumed): the same report.
+    let trust = ModelTrust::key_file(key).unwrap();
+    let v = Validation::open(&bundle, models, &trust).unwrap();
+    let whole = dir.path().join("whole");
+    let part = run_shard(&v, Shard::ALL, &whole).unwrap();
+    let (one, refer_pairs, ma_pairs) =
+        Report::from_parts(&bundle, &v.index, &[part], None, Limits::default()).unwrap();
+    assert_eq!(one.frames_compared, 5);
+    assert_eq!(one.kappa, 1.0);
+    assert_eq!(one.ma_match_rate, 1.0);
+    assert!(one.max_score_diff < 1e-3, "{}", one.max_score_diff);
+    let (json, html) =
+        ma_trainer::validate::write_report(&whole, &one, &refer_pairs, &ma_pairs).unwrap();
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert!(text.contains("data:image/png;base64,") && text.contains("kappa"));
+    // JSON keeps every field (floats to the last unit or so of serde_json's parser).
+    let back: Report = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(
+        (back.frames_compared, back.refer_confusion, back.matched_mas),
+        (one.frames_compared, one.refer_confusion, one.matched_mas)
+    );
+    assert!((back.refer_score.upper - one.refer_score.upper).abs() <= 1e-20);
+
+    let sharded = dir.path().join("sharded");
+    let mut parts = Vec::new();
+    for k in 1..=3 {
+        parts.push(run_shard(&v, Shard { k, n: 3 }, &sharded).unwrap());
+    }
+    // Shard 1 cut mid-line, as a killed run leaves it: a rerun completes it.
+    let text = std::fs::read_to_string(&parts[0]).unwrap();
+    std::fs::write(&parts[0], &text[..text.len() - 10]).unwrap();
+    run_shard(&v, Shard { k: 1, n: 3 }, &sharded).unwrap();
+    let rows = |text: &str| -> Vec<FrameRow> {
+        text.lines()
+            .skip(1)
+            .map(|l| FrameRow {
+                elapsed_ms: 0.0,
+                ..serde_json::from_str(l).unwrap()
+            })
+            .collect()
+    };
+    let resumed = std::fs::read_to_string(&parts[0]).unwrap();
+    assert!(rows(&resumed) == rows(&text), "the resumed part differs");
+    assert_eq!(resumed.lines().next(), text.lines().next());
+    let (three, ..) =
+        Report::from_parts(&bundle, &v.index, &parts, None, Limits::default()).unwrap();
+    assert_same_report(&three, &one);
+    let err = Report::from_parts(&bundle, &v.index, &parts[..2], None, Limits::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[3]"), "{err}");
+
+    // Limits: a kappa of 1 passes any --min-kappa; a tiny --max-score-diff does not
+    // unless the scores are identical.
+    let (strict, ..) = Report::from_parts(
+        &bundle,
+        &v.index,
+        &parts,
+        None,
+        Limits {
+            min_kappa: Some(0.99),
+            max_score_diff: Some(0.0),
+        },
+    )
+    .unwrap();
+    assert!(
+        strict
+            .limit_failures
+            .iter()
+            .all(|f| f.contains("score difference"))
+    );
+
+    // --truth as a CSV of marks: the true MAs of the synthetic photos.
+    let csv = dir.path().join("truth.csv");
+    let mut marks = String::from("image,x,y\n");
+    for seed in 1..6 {
+        let params = SyntheticParams {
+            width: 320,
+            height: 288,
+            fov_diameter: 300.0,
+            n_microaneurysms: 3,
+            n_lookalikes: 2,
+            ..SyntheticParams::default()
+        };
+        for ma in generate(&params, seed).microaneurysms {
+            marks.push_str(&format!("eye-{seed}.png,{},{}\n", ma.x, ma.y));
+        }
+    }
+    std::fs::write(&csv, marks).unwrap();
+    let truth = Truth::csv(&csv).unwrap();
+    let (with_truth, ..) =
+        Report::from_parts(&bundle, &v.index, &parts, Some(&truth), Limits::default()).unwrap();
+    let t = with_truth.truth.unwrap();
+    assert_eq!((t.frames, t.lesions), (5, 15));
+    assert!((t.device.cpm - t.workstation.cpm).abs() < 1e-9);
+
+    // Broken bundles, each with a clear error.
+    let broken = |name: &str, damage: &dyn Fn(&Path)| -> String {
+        let copy = dir.path().join(name);
+        copy_dir(&bundle, &copy);
+        damage(&copy);
+        match Validation::open(&copy, models, &trust) {
+            Ok(_) => panic!("{name}: accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let frame = &index.frames[0].file;
+    let err = broken("tampered", &|b| {
+        let path = BundleIndex::frame_path(b, frame);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 1;
+        std::fs::write(path, bytes).unwrap();
+    });
+    assert!(
+        err.contains(frame.as_str()) && err.contains("SHA-256"),
+        "{err}"
+    );
+    let err = broken("missing", &|b| {
+        std::fs::remove_file(BundleIndex::frame_path(b, frame)).unwrap()
+    });
+    assert!(
+        err.contains(frame.as_str()) && err.contains("missing"),
+        "{err}"
+    );
+    let err = broken("partial", &|b| {
+        std::fs::remove_file(b.join(bundle::INDEX)).unwrap()
+    });
+    assert!(err.contains("partial bundle"), "{err}");
+    // A bundle from another model version (the device ran another set).
+    let other = dir.path().join("other-models");
+    let other_key = ma_tests::export_untrained_models_with_referral(
+        &other,
+        12,
+        "fv-test-2",
+        [0.6, 0.5, 0.4],
+        64,
+    );
+    let err = match Validation::open(&bundle, &other, &ModelTrust::Unsigned) {
+        Ok(_) => panic!("another model version accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("fv-test-1") && err.contains("fv-test-2") && err.contains("network file"),
+        "{err}"
+    );
+    // The bundle's manifest must be signed by the key given.
+    let err = match Validation::open(&bundle, models, &ModelTrust::key_file(&other_key).unwrap()) {
+        Ok(_) => panic!("a bundle signed by another key accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("not trusted"), "{err}");
+}
+
+/// Reports of the same frames read in another order: counts equal, sums of floats to
+/// rounding.
+fn assert_same_report(a: &Report, b: &Report) {
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * x.abs().max(1e-9);
+    let counts = |r: &Report| {
+        (
+            r.frames_compared,
+            r.refer_confusion,
+            (r.device_mas, r.workstation_mas, r.matched_mas),
+            (r.matched_detections, r.unmatched_detections),
+            r.disagreeing_frames.len(),
+            r.refer_score.pairs,
+            r.ma_scores.pairs,
+        )
+    };
+    assert_eq!(counts(a), counts(b));
+    for (x, y) in [
+        (a.kappa, b.kappa),
+        (a.max_score_diff, b.max_score_diff),
+        (a.mean_score_diff, b.mean_score_diff),
+        (a.refer_score.bias, b.refer_score.bias),
+        (a.refer_score.upper, b.refer_score.upper),
+        (a.ma_scores.bias, b.ma_scores.bias),
+        (a.ma_scores.sd, b.ma_scores.sd),
+    ] {
+        assert!(close(x, y), "{x} vs {y}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
