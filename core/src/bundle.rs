@@ -253,7 +253,7 @@ mod tests {
             frame_file_hash(&format!("{}.JPG", h.to_uppercase())),
             Some(h.clone())
         );
-        assert_eq!(frame_file_hash(&format!("{h}")), None);
+        assert_eq!(frame_file_hash(&h), None);
         assert_eq!(frame_file_hash(&format!("{h}.")), None);
         assert_eq!(frame_file_hash("x.png"), None);
         assert_eq!(frame_file_hash(&format!("{h}.p/ng")), None);

@@ -180,14 +180,13 @@ fn bundles_validate_in_shards_and_broken_bundles_are_refused() {
     let v = Validation::open(&bundle, models, &trust).unwrap();
     let whole = dir.path().join("whole");
     let part = run_shard(&v, Shard::ALL, &whole).unwrap();
-    let (one, refer_pairs, ma_pairs) =
+    let (one, pairs) =
         Report::from_parts(&bundle, &v.index, &[part], None, Limits::default()).unwrap();
     assert_eq!(one.frames_compared, 5);
     assert_eq!(one.kappa, 1.0);
     assert_eq!(one.ma_match_rate, 1.0);
     assert!(one.max_score_diff < 1e-3, "{}", one.max_score_diff);
-    let (json, html) =
-        ma_trainer::validate::write_report(&whole, &one, &refer_pairs, &ma_pairs).unwrap();
+    let (json, html) = ma_trainer::validate::write_report(&whole, &one, &pairs).unwrap();
     let text = std::fs::read_to_string(&html).unwrap();
     assert!(text.contains("data:image/png;base64,") && text.contains("kappa"));
     // JSON keeps every field (floats to the last unit or so of serde_json's parser).
@@ -369,4 +368,68 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// A full disk while archiving (RLIMIT_FSIZE below one frame, a file size limit as a full
+/// disk is, for the writer) loses no record: each is saved without a frame file, no
+/// partial frame is left, the run says so and the bundle lists the frames as not kept.
+#[test]
+fn binary_disk_full_while_archiving_loses_no_record() {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let (models, key) = untrained();
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    synthetic_photos(&photos, 1..4);
+    let smallest = std::fs::read_dir(&photos)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .min()
+        .unwrap();
+    // Room for the records (a few KiB each), not for one frame.
+    let limit = 48u64 << 10;
+    assert!(smallest > limit, "the photos must be larger than the limit");
+    let config = board(dir.path(), &photos, models, key, "float");
+    let mut command = Command::new(ma_tests::ma_device_binary());
+    command
+        .args(["run", "--board"])
+        .arg(dir.path().join("board.toml"))
+        .stdin(Stdio::null());
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let rl = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr.matches("frame NOT KEPT").count(), 3, "{stderr}");
+    assert!(stdout.contains("3 NOT KEPT"), "{stdout}");
+    let (records, report) = ma_device::records::read_all(&config.records.log).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(records.len(), 3);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.error.is_none() && r.frame_file.is_none())
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("frames"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "no partial frame may stay: {left:?}");
+    let index = export_bundle(&config, &dir.path().join("bundle"));
+    assert_eq!(index.missing_frames.len(), 3);
+    assert!(index.missing_frames.iter().all(|m| m.reason == "not kept"));
 }

@@ -628,9 +628,8 @@ fn report(
     parts: &[PathBuf],
     truth: Option<&validate::Truth>,
 ) -> Result<()> {
-    let (r, refer_pairs, ma_pairs) =
-        validate::Report::from_parts(&a.bundle, index, parts, truth, a.limits())?;
-    let (json, html) = validate::write_report(&a.out, &r, &refer_pairs, &ma_pairs)?;
+    let (r, pairs) = validate::Report::from_parts(&a.bundle, index, parts, truth, a.limits())?;
+    let (json, html) = validate::write_report(&a.out, &r, &pairs)?;
     let c = r.refer_confusion;
     println!(
         "{} frames compared ({} not: {:?}); refer agreement {:.4}, kappa {:.4} (device/workstation          no/no {} no/yes {} yes/no {} yes/yes {}); MAs {} / {} matched {} (rate {:.4});          detection score |diff| max {:.2e} mean {:.2e}; refer_score |diff| max {:.2e};          {} frame(s) disagree; {:.0} ms per frame",

@@ -631,6 +631,14 @@ pub struct Disagreement {
     pub reasons: Vec<String>,
 }
 
+/// The points of the Bland-Altman plots, (device, workstation) scores: of each frame's
+/// referral, and of each matched MA.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ScorePairs {
+    pub refer: Vec<(f64, f64)>,
+    pub ma: Vec<(f64, f64)>,
+}
+
 /// The whole comparison (report.json; report.html shows the same).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -681,7 +689,7 @@ impl Report {
         parts: &[PathBuf],
         truth: Option<&Truth>,
         limits: Limits,
-    ) -> Result<(Report, Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+    ) -> Result<(Report, ScorePairs)> {
         let mut seen: BTreeMap<usize, PathBuf> = BTreeMap::new();
         let mut shards_n = None;
         let mut r = Report {
@@ -900,29 +908,30 @@ impl Report {
                 "{one_sided} frame(s) processed on one side only (see the list)"
             ));
         }
-        Ok((r, refer_pairs, ma_pairs))
+        Ok((
+            r,
+            ScorePairs {
+                refer: refer_pairs,
+                ma: ma_pairs,
+            },
+        ))
     }
 }
 
 /// Writes `out/report.json` and `out/report.html` (self-contained, the Bland-Altman plots
-/// embedded) for `report`; `refer_pairs` and `ma_pairs` are the plots' points.
-pub fn write_report(
-    out: &Path,
-    report: &Report,
-    refer_pairs: &[(f64, f64)],
-    ma_pairs: &[(f64, f64)],
-) -> Result<(PathBuf, PathBuf)> {
+/// embedded) for `report`; `pairs` are the plots' points.
+pub fn write_report(out: &Path, report: &Report, pairs: &ScorePairs) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let json = out.join("report.json");
     std::fs::write(&json, serde_json::to_string_pretty(report)?)
         .with_context(|| format!("writing {}", json.display()))?;
     let html = out.join("report.html");
-    std::fs::write(&html, html_report(report, refer_pairs, ma_pairs)?)
+    std::fs::write(&html, html_report(report, pairs)?)
         .with_context(|| format!("writing {}", html.display()))?;
     Ok((json, html))
 }
 
-fn html_report(r: &Report, refer_pairs: &[(f64, f64)], ma_pairs: &[(f64, f64)]) -> Result<String> {
+fn html_report(r: &Report, pairs: &ScorePairs) -> Result<String> {
     let esc = |s: &str| {
         s.replace('&', "&amp;")
             .replace('<', "&lt;")
@@ -1003,8 +1012,8 @@ fn html_report(r: &Report, refer_pairs: &[(f64, f64)], ma_pairs: &[(f64, f64)]) 
     ));
     h.push_str("<h2>Bland-Altman</h2>");
     for (pairs, what, stats) in [
-        (refer_pairs, "refer_score", &r.refer_score),
-        (ma_pairs, "MA scores (matched MAs)", &r.ma_scores),
+        (&pairs.refer, "refer_score", &r.refer_score),
+        (&pairs.ma, "MA scores (matched MAs)", &r.ma_scores),
     ] {
         if pairs.is_empty() {
             h.push_str(&format!("<p>{what}: no pairs.</p>"));
