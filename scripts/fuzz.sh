@@ -24,6 +24,12 @@ cd "$(dirname "$0")/.."
 
 SECONDS_PER_TARGET="${1:-${MA_FUZZ_SECONDS:-60}}"
 shift || true
+# A target name in the first place (`fuzz.sh records`) would reach libFuzzer as
+# -max_total_time=records, which it reads as 0: fuzzing without end.
+if ! [[ "$SECONDS_PER_TARGET" =~ ^[1-9][0-9]*$ ]]; then
+    echo "fuzz.sh: the first argument is the seconds per target (e.g. \`fuzz.sh 60 records\`), got '$SECONDS_PER_TARGET'" >&2
+    exit 2
+fi
 ALL_TARGETS=(decode_preprocess records)
 if [ "$#" -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL_TARGETS[@]}"); fi
 
