@@ -8,7 +8,7 @@
 //! longer named are removed. The index is removed first and written last, so an export cut
 //! short is recognised as partial.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -82,7 +82,7 @@ pub fn export(req: &ExportRequest<'_>) -> Result<ExportSummary> {
         .with_context(|| format!("creating {}", frames_out.display()))?;
 
     // Frames, each once (the same photo may have several records).
-    let mut wanted: BTreeMap<String, ()> = BTreeMap::new();
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
     let mut missing = Vec::new();
     for (i, r) in chosen.iter().enumerate() {
         if r.error.is_some() && r.width == 0 {
@@ -95,7 +95,7 @@ pub fn export(req: &ExportRequest<'_>) -> Result<ExportSummary> {
         };
         match on_device {
             Some(file) => {
-                wanted.insert(file, ());
+                wanted.insert(file);
             }
             None => missing.push(MissingFrame {
                 record: i,
@@ -115,7 +115,7 @@ pub fn export(req: &ExportRequest<'_>) -> Result<ExportSummary> {
     let archive = board.records.frames.clone().unwrap_or_default();
     let mut frames = Vec::with_capacity(wanted.len());
     let (mut copied, mut bytes) = (0, 0u64);
-    for file in wanted.keys() {
+    for file in &wanted {
         let src = archive.join(file);
         let data = std::fs::read(&src)
             .with_context(|| format!("reading the archived frame {}", src.display()))?;
@@ -223,14 +223,14 @@ fn prepare_folder(out: &Path) -> Result<()> {
 
 /// Removes frame files of an earlier export that this one does not name, and temporary
 /// files of an interrupted one.
-fn remove_stale_frames(dir: &Path, wanted: &BTreeMap<String, ()>) -> Result<usize> {
+fn remove_stale_frames(dir: &Path, wanted: &BTreeSet<String>) -> Result<usize> {
     let mut removed = 0;
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let ours =
             frame_file_hash(&name).is_some() || name.starts_with(ma_core::durable::TEMP_PREFIX);
-        if ours && !wanted.contains_key(&name) {
+        if ours && !wanted.contains(&name) {
             let path: PathBuf = entry.path();
             std::fs::remove_file(&path)
                 .with_context(|| format!("removing the stale frame {}", path.display()))?;

@@ -2,10 +2,10 @@
 //!
 //! Data flows one way: a frame from [`capture`] -> the tract [`cascade`] (which runs
 //! `ma-core`'s preprocessing, candidates and scoring around the two networks) ->
-//! detections -> the panel ([`display`]) and the crash-safe [`records`] (with the frame
-//! itself kept in the [`archive`]). [`board`] reads
-//! the board config, [`station`] builds the loop's parts from it, [`run_loop`] drives
-//! the loop.
+//! detections -> the panel ([`display`]) and the crash-safe [`records`], with the frame
+//! itself kept first in the [`archive`]. [`board`] reads the board config, [`station`]
+//! builds the loop's parts from it, [`run_loop`] drives the loop; [`bundle`] exports
+//! records and frames for the workstation's field validation.
 //!
 //! What the trainer must compute identically (decoding, preprocessing, patch geometry,
 //! detections, the manifest and its signature) is not here but in `ma-core`, which both

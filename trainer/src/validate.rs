@@ -11,7 +11,7 @@
 //! (`validate-merge`) and builds the report, streaming the rows, so neither side holds
 //! more than one frame's data at a time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -296,21 +296,29 @@ pub fn run_shard(v: &Validation, shard: Shard, out: &Path) -> Result<PathBuf> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let done = done.unwrap_or_default();
-    let records = read_records(&v.dir)?;
-    let mine: Vec<(usize, &BundleRecord)> = records
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| shard.holds(*i) && !done.contains_key(i))
-        .collect();
+    let todo = (0..v.index.records)
+        .filter(|&i| shard.holds(i) && !done.contains(&i))
+        .count();
     let missing: HashMap<usize, &str> = v
         .index
         .missing_frames
         .iter()
         .map(|m| (m.record, m.reason.as_str()))
         .collect();
-    let bar = crate::pipeline::progress(mine.len(), "frames");
-    for (i, record) in mine {
-        let row = compare_frame(v, i, record, missing.get(&i).copied())?;
+    let bar = crate::pipeline::progress(todo, "frames");
+    // One record in memory at a time: the records are read line by line.
+    let records_path = v.dir.join(RECORDS);
+    let reader = BufReader::new(
+        File::open(&records_path).with_context(|| format!("reading {}", records_path.display()))?,
+    );
+    for (i, line) in reader.lines().enumerate() {
+        if !shard.holds(i) || done.contains(&i) {
+            continue;
+        }
+        let line = line.with_context(|| format!("reading {}", records_path.display()))?;
+        let record: BundleRecord = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}", records_path.display(), i + 1))?;
+        let row = compare_frame(v, i, &record, missing.get(&i).copied())?;
         writeln!(file, "{}", serde_json::to_string(&row)?)
             .and_then(|()| file.flush())
             .with_context(|| format!("writing {}", path.display()))?;
@@ -325,7 +333,7 @@ pub fn run_shard(v: &Validation, shard: Shard, out: &Path) -> Result<PathBuf> {
 /// The records of an existing part (by record index) when its header is `header`; a torn
 /// last line is cut off. `None` when there is no part yet. A part of another bundle or
 /// shard layout is refused.
-fn resume(path: &Path, header: &PartHeader) -> Result<Option<BTreeMap<usize, ()>>> {
+fn resume(path: &Path, header: &PartHeader) -> Result<Option<BTreeSet<usize>>> {
     if !path.exists() {
         return Ok(None);
     }
@@ -343,7 +351,7 @@ fn resume(path: &Path, header: &PartHeader) -> Result<Option<BTreeMap<usize, ()>
         "{} belongs to another validation ({found:?}); remove it or choose another --out",
         path.display()
     );
-    let mut done = BTreeMap::new();
+    let mut done = BTreeSet::new();
     let mut keep = first.len();
     for line in lines {
         if !line.ends_with('\n') {
@@ -351,7 +359,7 @@ fn resume(path: &Path, header: &PartHeader) -> Result<Option<BTreeMap<usize, ()>
         }
         let row: FrameRow = serde_json::from_str(line.trim_end())
             .with_context(|| format!("{}: a row does not parse", path.display()))?;
-        done.insert(row.record, ());
+        done.insert(row.record);
         keep += line.len();
     }
     if keep < text.len() {
@@ -363,21 +371,6 @@ fn resume(path: &Path, header: &PartHeader) -> Result<Option<BTreeMap<usize, ()>
             .with_context(|| format!("cutting the torn last line of {}", path.display()))?;
     }
     Ok(Some(done))
-}
-
-/// The bundle's records, in order.
-pub fn read_records(dir: &Path) -> Result<Vec<BundleRecord>> {
-    let path = dir.join(RECORDS);
-    let file = File::open(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        out.push(
-            serde_json::from_str(&line)
-                .with_context(|| format!("{} line {}", path.display(), i + 1))?,
-        );
-    }
-    Ok(out)
 }
 
 fn compare_frame(
@@ -724,7 +717,7 @@ impl Report {
         let (mut refer_pairs, mut ma_pairs) = (Vec::new(), Vec::new());
         let (mut sum_diff, mut ms) = (0.0, 0.0);
         let (mut dev_outcomes, mut ws_outcomes) = (Vec::new(), Vec::new());
-        let mut records_seen = BTreeMap::new();
+        let mut records_seen = BTreeSet::new();
         for part in parts {
             let file = File::open(part).with_context(|| format!("reading {}", part.display()))?;
             let mut lines = BufReader::new(file).lines();
@@ -760,7 +753,7 @@ impl Report {
                 let line = line.with_context(|| format!("reading {}", part.display()))?;
                 let row: FrameRow = serde_json::from_str(&line)
                     .with_context(|| format!("{}: a row does not parse", part.display()))?;
-                records_seen.insert(row.record, ());
+                records_seen.insert(row.record);
                 if !row.compared() {
                     *r.not_compared.entry(row.status.clone()).or_default() += 1;
                     continue;
