@@ -187,6 +187,15 @@ fn bundles_validate_in_shards_and_broken_bundles_are_refused() {
     assert_eq!(one.ma_match_rate, 1.0);
     assert!(one.max_score_diff < 1e-3, "{}", one.max_score_diff);
     let (json, html) = ma_trainer::validate::write_report(&whole, &one, &pairs).unwrap();
+    let csv = whole.join("frames.csv");
+    ma_trainer::validate::write_frames_csv(&[whole.join(Shard::ALL.part_name())], None, &csv)
+        .unwrap();
+    let csv = std::fs::read_to_string(csv).unwrap();
+    assert_eq!(csv.lines().count(), 6, "{csv}");
+    assert!(
+        csv.lines().nth(1).unwrap().starts_with("0,eye-1.png,"),
+        "{csv}"
+    );
     let text = std::fs::read_to_string(&html).unwrap();
     assert!(text.contains("data:image/png;base64,") && text.contains("kappa"));
     // JSON keeps every field (floats to the last unit or so of serde_json's parser).

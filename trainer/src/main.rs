@@ -176,9 +176,10 @@ enum Command {
     /// pipeline with the networks in libtorch, float, from the set's reference weights.
     /// Writes OUT/part-K-of-N.jsonl (one line per frame, resumable) and, for the whole
     /// bundle (no --shard, or after `validate-merge`), OUT/report.html (self-contained,
-    /// Bland-Altman plots embedded) and OUT/report.json: per frame the refer decisions,
-    /// MAs matched within 2 px and score differences; overall Cohen's kappa and the
-    /// confusion matrix of refer decisions, the MA match rate, the largest and mean score
+    /// Bland-Altman plots embedded), OUT/report.json and OUT/frames.csv (one line per
+    /// frame): per frame the refer decisions, MAs matched within 2 px and score
+    /// differences; overall Cohen's kappa and the confusion matrix of refer decisions,
+    /// the MA match rate, the largest and mean score
     /// differences, the frames that disagree; with --truth, the sensitivity at 1/8..8
     /// FP/image and CPM of device and workstation side by side. Exit code 2 when an
     /// agreement limit (--min-kappa, --max-score-diff) is not met, 1 on errors.
@@ -630,6 +631,8 @@ fn report(
 ) -> Result<()> {
     let (r, pairs) = validate::Report::from_parts(&a.bundle, index, parts, truth, a.limits())?;
     let (json, html) = validate::write_report(&a.out, &r, &pairs)?;
+    let csv = a.out.join("frames.csv");
+    validate::write_frames_csv(parts, a.max_score_diff, &csv)?;
     let c = r.refer_confusion;
     println!(
         "{} frames compared ({} not: {:?}); refer agreement {:.4}, kappa {:.4} (device/workstation          no/no {} no/yes {} yes/no {} yes/yes {}); MAs {} / {} matched {} (rate {:.4});          detection score |diff| max {:.2e} mean {:.2e}; refer_score |diff| max {:.2e};          {} frame(s) disagree; {:.0} ms per frame",
@@ -658,7 +661,12 @@ fn report(
             t.frames, t.lesions, t.device.cpm, t.workstation.cpm
         );
     }
-    println!("wrote {} and {}", html.display(), json.display());
+    println!(
+        "wrote {}, {} and {} (one line per frame)",
+        html.display(),
+        json.display(),
+        csv.display()
+    );
     if !r.limit_failures.is_empty() {
         return Err(LimitsNotMet(r.limit_failures.join("; ")).into());
     }

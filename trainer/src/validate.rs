@@ -911,6 +911,59 @@ impl Report {
     }
 }
 
+/// Header of `frames.csv` ([`write_frames_csv`]).
+pub const FRAMES_CSV_HEADER: &str = "record,source,image_sha256,status,device_refer,\
+workstation_refer,device_refer_score,workstation_refer_score,device_mas,workstation_mas,\
+matched_mas,max_score_diff,disagreement\n";
+
+/// One line per record of the parts (in record order within each part) to `out`: the
+/// per-frame comparison in a form a spreadsheet opens; `max_score_diff` marks a
+/// disagreement as the report does.
+pub fn write_frames_csv(parts: &[PathBuf], max_score_diff: Option<f64>, out: &Path) -> Result<()> {
+    let mut w = std::io::BufWriter::new(
+        File::create(out).with_context(|| format!("creating {}", out.display()))?,
+    );
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
+    w.write_all(FRAMES_CSV_HEADER.as_bytes())?;
+    for part in parts {
+        let file = File::open(part).with_context(|| format!("reading {}", part.display()))?;
+        for line in BufReader::new(file).lines().skip(1) {
+            let line = line.with_context(|| format!("reading {}", part.display()))?;
+            let row: FrameRow = serde_json::from_str(&line)
+                .with_context(|| format!("{}: a row does not parse", part.display()))?;
+            writeln!(
+                w,
+                "{},{},{},{},{},{},{},{},{},{},{},{:.3e},{}",
+                row.record,
+                field(&row.source),
+                row.image_sha256,
+                field(&row.status),
+                row.device_refer,
+                row.workstation_refer
+                    .map(|b| b.to_string())
+                    .unwrap_or_default(),
+                opt(row.device_refer_score),
+                opt(row.workstation_refer_score),
+                row.device_mas,
+                row.workstation_mas,
+                row.matched_mas,
+                row.max_score_diff,
+                field(&row.disagreements(max_score_diff).join("; "))
+            )
+            .with_context(|| format!("writing {}", out.display()))?;
+        }
+    }
+    w.flush()
+        .with_context(|| format!("writing {}", out.display()))
+}
+
 /// Writes `out/report.json` and `out/report.html` (self-contained, the Bland-Altman plots
 /// embedded) for `report`; `pairs` are the plots' points.
 pub fn write_report(out: &Path, report: &Report, pairs: &ScorePairs) -> Result<(PathBuf, PathBuf)> {
