@@ -573,7 +573,8 @@ fn validate_bundle(a: &ValidateArgs, shard: validate::Shard) -> Result<()> {
     let truth = a.truth()?;
     let v = validate::Validation::open(&a.bundle, &a.models, &a.trust()?)?;
     println!(
-        "bundle {}: {} records of board {}, model {} ({} frames, {} missing); workstation          reference: {} (libtorch, float)",
+        "bundle {}: {} records of board {}, model {} ({} frames, {} missing); workstation \
+         reference: {} (libtorch, float)",
         a.bundle.display(),
         v.index.records,
         v.index.board,
@@ -590,7 +591,8 @@ fn validate_bundle(a: &ValidateArgs, shard: validate::Shard) -> Result<()> {
     );
     if shard.n > 1 {
         println!(
-            "shard {}/{} done; once every shard is, run `ma-trainer validate-merge` with the              same --bundle and --out",
+            "shard {}/{} done; once every shard is, run `ma-trainer validate-merge` with the \
+             same --bundle and --out",
             shard.k, shard.n
         );
         return Ok(());
@@ -635,7 +637,10 @@ fn report(
     validate::write_frames_csv(parts, a.max_score_diff, &csv)?;
     let c = r.refer_confusion;
     println!(
-        "{} frames compared ({} not: {:?}); refer agreement {:.4}, kappa {:.4} (device/workstation          no/no {} no/yes {} yes/no {} yes/yes {}); MAs {} / {} matched {} (rate {:.4});          detection score |diff| max {:.2e} mean {:.2e}; refer_score |diff| max {:.2e};          {} frame(s) disagree; {:.0} ms per frame",
+        "{} frames compared ({} not: {:?}); refer agreement {:.4}, kappa {:.4} (device/workstation \
+         no/no {} no/yes {} yes/no {} yes/yes {}); MAs {} / {} matched {} (rate {:.4}); \
+         detection score |diff| max {:.2e} mean {:.2e}; refer_score |diff| max {:.2e}; \
+         {} frame(s) disagree; {:.0} ms per frame",
         r.frames_compared,
         r.not_compared.values().sum::<usize>(),
         r.not_compared,

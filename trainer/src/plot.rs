@@ -323,7 +323,14 @@ fn draw_bland_altman(
         .x_labels(11)
         .y_labels(9)
         .x_label_formatter(&|v| format!("{v:.1}"))
-        .y_label_formatter(&|v| format!("{v:.1e}"))
+        // The middle tick is 0 up to rounding (-1.4e-17 would be printed).
+        .y_label_formatter(&|v| {
+            if v.abs() < span * 1e-9 {
+                "0".into()
+            } else {
+                format!("{v:.1e}")
+            }
+        })
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 17))
         .light_line_style(WHITE)
