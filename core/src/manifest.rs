@@ -527,19 +527,7 @@ impl Manifest {
         );
         for (i, e) in self.models.iter().enumerate() {
             let what = format!("models[{i}] ({} {}, {})", e.role, e.variant, e.file);
-            let rel = Path::new(&e.file);
-            ensure!(
-                !e.file.is_empty()
-                    && rel
-                        .components()
-                        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir)),
-                "{what}: file must be a relative path inside the models folder"
-            );
-            ensure!(
-                e.sha256.len() == 64 && e.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
-                "{what}: sha256 must be 64 hex digits, got `{}`",
-                e.sha256
-            );
+            check_file_entry(&what, &e.file, &e.sha256)?;
             match e.geometry()? {
                 ModelGeometry::Patch(side) => ensure!(
                     side == self.patch_size,
@@ -586,18 +574,7 @@ impl Manifest {
         }
         for (i, e) in self.reference_weights.iter().enumerate() {
             let what = format!("reference_weights[{i}] ({}, {})", e.role, e.file);
-            ensure!(
-                !e.file.is_empty()
-                    && Path::new(&e.file)
-                        .components()
-                        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir)),
-                "{what}: file must be a relative path inside the models folder"
-            );
-            ensure!(
-                e.sha256.len() == 64 && e.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
-                "{what}: sha256 must be 64 hex digits, got `{}`",
-                e.sha256
-            );
+            check_file_entry(&what, &e.file, &e.sha256)?;
             ensure!(
                 self.models.iter().any(|m| m.role == e.role),
                 "{what}: no {} model in the set",
@@ -628,6 +605,23 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// A listed file (`what` names the entry in errors) is a relative path inside the models
+/// folder with a 64-hex-digit SHA-256.
+fn check_file_entry(what: &str, file: &str, sha256: &str) -> Result<()> {
+    ensure!(
+        !file.is_empty()
+            && Path::new(file)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir)),
+        "{what}: file must be a relative path inside the models folder"
+    );
+    ensure!(
+        sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{what}: sha256 must be 64 hex digits, got `{sha256}`"
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -180,3 +180,37 @@ pub fn ma_device_binary() -> &'static Path {
             .expect("cargo did not report the ma-device executable")
     })
 }
+
+/// Small synthetic fundus photos' parameters (320x288, 3 MAs, 2 look-alikes): big enough
+/// for the cascade, cheap to run.
+pub fn small_fundus_params() -> ma_synthetic::SyntheticParams {
+    ma_synthetic::SyntheticParams {
+        width: 320,
+        height: 288,
+        fov_diameter: 300.0,
+        n_microaneurysms: 3,
+        n_lookalikes: 2,
+        ..ma_synthetic::SyntheticParams::default()
+    }
+}
+
+/// Makes `command` run with a file size limit of `bytes` (RLIMIT_FSIZE, what a full disk
+/// is for the writer) and SIGXFSZ ignored, so a write past it fails with EFBIG instead of
+/// killing the process.
+pub fn limit_file_size(command: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, RgbImage, Rgba};
 use ma_core::detection::{DetectLine, read_jsonl};
 use ma_core::image_io::{MAX_SIDE, MIN_SIDE};
-use ma_synthetic::{SyntheticParams, generate};
+use ma_synthetic::generate;
 
 /// Peak resident memory allowed for a run whose only input claims a huge size: the models
 /// and the binary, nothing in proportion to the claimed size.
@@ -221,15 +221,7 @@ fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
 
 /// A small fundus-like frame: big enough to be accepted, small enough to be cheap.
 fn small_fundus() -> RgbImage {
-    let params = SyntheticParams {
-        width: 320,
-        height: 288,
-        fov_diameter: 300.0,
-        n_microaneurysms: 3,
-        n_lookalikes: 2,
-        ..SyntheticParams::default()
-    };
-    generate(&params, 5).image
+    generate(&ma_tests::small_fundus_params(), 5).image
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).

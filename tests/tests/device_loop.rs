@@ -70,14 +70,7 @@ fn trust() -> ModelTrust {
 }
 
 fn small_params() -> SyntheticParams {
-    SyntheticParams {
-        width: 320,
-        height: 288,
-        fov_diameter: 300.0,
-        n_microaneurysms: 3,
-        n_lookalikes: 2,
-        ..SyntheticParams::default()
-    }
+    ma_tests::small_fundus_params()
 }
 
 /// A board config in `dir` (display in `dir/screens`, log in `dir/log/records.log`),
@@ -1145,8 +1138,6 @@ fn binary_refuses_unbounded_board_values_naming_the_key() {
 /// file is left to hold space, and every record is saved (records come first).
 #[test]
 fn binary_disk_full_leaves_no_temporary_screen_and_saves_every_record() {
-    use std::os::unix::process::CommandExt;
-
     /// Larger than a few records, smaller than one 400x272 screen.
     const FILE_SIZE_LIMIT: u64 = 48 << 10;
     let dir = tempfile::tempdir().unwrap();
@@ -1163,21 +1154,7 @@ fn binary_disk_full_leaves_no_temporary_screen_and_saves_every_record() {
         .current_dir(work)
         .args(["run", "--board", "board.toml"])
         .stdin(Stdio::null());
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            // A write past the limit then fails with EFBIG instead of killing the process.
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let limit = libc::rlimit {
-                rlim_cur: FILE_SIZE_LIMIT,
-                rlim_max: FILE_SIZE_LIMIT,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    ma_tests::limit_file_size(&mut command, FILE_SIZE_LIMIT);
     let out = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");

@@ -11,7 +11,7 @@ use ma_core::signing::ModelTrust;
 use ma_device::board::BoardConfig;
 use ma_device::bundle::{ExportRequest, export};
 use ma_device::run_loop::Station;
-use ma_synthetic::{SyntheticParams, generate};
+use ma_synthetic::generate;
 use ma_trainer::validate::{FrameRow, Limits, Report, Shard, Truth, Validation, run_shard};
 
 /// The repository (tests run from `tests/`).
@@ -92,16 +92,8 @@ fn validate(bundle: &Path, models: &Path, key: &Path, out: &Path) -> Report {
 /// Small synthetic photos (with MAs) as PNG files in `dir`.
 fn synthetic_photos(dir: &Path, seeds: std::ops::Range<u64>) {
     std::fs::create_dir_all(dir).unwrap();
-    let params = SyntheticParams {
-        width: 320,
-        height: 288,
-        fov_diameter: 300.0,
-        n_microaneurysms: 3,
-        n_lookalikes: 2,
-        ..SyntheticParams::default()
-    };
     for seed in seeds {
-        generate(&params, seed)
+        generate(&ma_tests::small_fundus_params(), seed)
             .image
             .save(dir.join(format!("eye-{seed}.png")))
             .unwrap();
@@ -259,15 +251,7 @@ fn bundles_validate_in_shards_and_broken_bundles_are_refused() {
     let csv = dir.path().join("truth.csv");
     let mut marks = String::from("image,x,y\n");
     for seed in 1..6 {
-        let params = SyntheticParams {
-            width: 320,
-            height: 288,
-            fov_diameter: 300.0,
-            n_microaneurysms: 3,
-            n_lookalikes: 2,
-            ..SyntheticParams::default()
-        };
-        for ma in generate(&params, seed).microaneurysms {
+        for ma in generate(&ma_tests::small_fundus_params(), seed).microaneurysms {
             marks.push_str(&format!("eye-{seed}.png,{},{}\n", ma.x, ma.y));
         }
     }
@@ -384,7 +368,6 @@ fn copy_dir(from: &Path, to: &Path) {
 /// partial frame is left, the run says so and the bundle lists the frames as not kept.
 #[test]
 fn binary_disk_full_while_archiving_loses_no_record() {
-    use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
 
     let (models, key) = untrained();
@@ -405,20 +388,7 @@ fn binary_disk_full_while_archiving_loses_no_record() {
         .args(["run", "--board"])
         .arg(dir.path().join("board.toml"))
         .stdin(Stdio::null());
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let rl = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    ma_tests::limit_file_size(&mut command, limit);
     let out = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
