@@ -102,15 +102,17 @@ fn synthetic_photos(dir: &Path, seeds: std::ops::Range<u64>) {
 
 /// The shipped models on the shared demo photos (IDRiD, CC BY 4.0): the device (tract)
 /// and the workstation (libtorch, float, from the released weights) give the same refer
-/// decisions and the same MAs. Float on the device: every MA matched, scores within
-/// 1e-3. int8 on the device (the default): the same decisions here, scores within the
-/// tolerance the model card documents for int8 weights (0.06).
+/// decisions. Float on the device: every MA matched, detection scores within 1e-5, the
+/// referral score within 0.03 (where attention cells tie, the crop classifier may see
+/// another 4th crop). int8 on the device (the default): MAs matched but near the
+/// threshold, their scores within 0.005, the referral score within 0.12. These are the
+/// tolerances the model card documents from 488 shared photos ("Field validation").
 #[test]
 fn the_workstation_agrees_with_the_device_on_the_shared_photos() {
     let photos = repo().join("demo/photos");
     let models = repo().join("models");
     let key = repo().join("keys/models.pub");
-    for (variant, tolerance) in [("float", 1e-3), ("int8", 0.06)] {
+    for variant in ["float", "int8"] {
         let dir = tempfile::tempdir().unwrap();
         let config = board(dir.path(), &photos, &models, &key, variant);
         run_device(&config);
@@ -118,25 +120,47 @@ fn the_workstation_agrees_with_the_device_on_the_shared_photos() {
         let index = export_bundle(&config, &bundle);
         assert_eq!((index.records, index.frames.len()), (4, 4));
         let r = validate(&bundle, &models, &key, &dir.path().join("report"));
-        assert_eq!(r.frames_compared, 4, "{variant}");
-        assert_eq!(r.kappa, 1.0, "{variant}: {:?}", r.disagreeing_frames);
-        assert!(r.device_mas > 0, "{variant}: the photos have MAs");
-        assert!(
-            r.max_score_diff <= tolerance && r.refer_score.max_abs <= tolerance,
-            "{variant}: {} {}",
-            r.max_score_diff,
-            r.refer_score.max_abs
-        );
+        let what = format!("{variant}: {r:?}");
+        assert_eq!(r.frames_compared, 4, "{what}");
+        assert_eq!(r.kappa, 1.0, "{what}");
+        assert!(r.device_mas > 0, "the photos have MAs: {what}");
         if variant == "float" {
-            assert_eq!(r.matched_mas, r.device_mas, "{:?}", r.disagreeing_frames);
-            assert_eq!(r.matched_mas, r.workstation_mas);
-            assert_eq!(r.ma_match_rate, 1.0);
-            assert_eq!(r.unmatched_detections, 0);
-            assert!(
-                r.disagreeing_frames.is_empty(),
-                "{:?}",
-                r.disagreeing_frames
-            );
+            assert_eq!(r.matched_mas, r.device_mas, "{what}");
+            assert_eq!(r.matched_mas, r.workstation_mas, "{what}");
+            assert_eq!(r.unmatched_detections, 0, "{what}");
+            assert!(r.max_score_diff <= 1e-5, "{what}");
+            assert!(r.refer_score.max_abs <= 0.03, "{what}");
+        } else {
+            // An MA of either side that the other did not count is still there, scored
+            // within 0.005 (just under the threshold).
+            let part = dir.path().join("report").join(Shard::ALL.part_name());
+            every_ma_has_a_partner(&part, 0.005);
+            assert!(r.ma_scores.max_abs <= 0.005, "{what}");
+            assert!(r.refer_score.max_abs <= 0.12, "{what}");
+        }
+    }
+}
+
+/// Every MA (score at or above the 2 FP/image threshold of the shipped set) of either side
+/// has a detection on the other within 2 px scoring within `tolerance` of it.
+fn every_ma_has_a_partner(part: &Path, tolerance: f64) {
+    let manifest = ma_core::manifest::Manifest::load(repo().join("models")).unwrap();
+    let threshold = manifest
+        .operating_points
+        .threshold(ma_core::manifest::OperatingPoint::Fp2);
+    let text = std::fs::read_to_string(part).unwrap();
+    for line in text.lines().skip(1) {
+        let row: FrameRow = serde_json::from_str(line).unwrap();
+        for (mine, theirs) in [
+            (&row.device_detections, &row.workstation_detections),
+            (&row.workstation_detections, &row.device_detections),
+        ] {
+            for &[x, y, score] in mine.iter().filter(|d| d[2] >= threshold) {
+                let partner = theirs.iter().any(|&[u, v, s]| {
+                    (x - u).hypot(y - v) <= 2.0 && (score - s).abs() <= tolerance
+                });
+                assert!(partner, "{}: MA at ({x}, {y}) score {score} alone", row.source);
+            }
         }
     }
 }
