@@ -159,7 +159,11 @@ fn every_ma_has_a_partner(part: &Path, tolerance: f64) {
                 let partner = theirs.iter().any(|&[u, v, s]| {
                     (x - u).hypot(y - v) <= 2.0 && (score - s).abs() <= tolerance
                 });
-                assert!(partner, "{}: MA at ({x}, {y}) score {score} alone", row.source);
+                assert!(
+                    partner,
+                    "{}: MA at ({x}, {y}) score {score} alone",
+                    row.source
+                );
             }
         }
     }
