@@ -1176,6 +1176,8 @@ mod tests {
         let b = [d(11.0, 10.0, 0.85), d(53.0, 50.0, 0.2)];
         // (1, 0) is closer (0.5 px) than (0, 0) (1 px); (2, 1) is 3 px apart.
         assert_eq!(match_detections(&a, &b, 0.0), vec![(1, 0)]);
-        assert_eq!(match_detections(&a, &b, 0.85), Vec::<(usize, usize)>::new());
+        // At 0.85 the closer a[1] (0.8) no longer counts: a[0] pairs with b[0].
+        assert_eq!(match_detections(&a, &b, 0.85), vec![(0, 0)]);
+        assert_eq!(match_detections(&a, &b, 0.95), Vec::<(usize, usize)>::new());
     }
 }
