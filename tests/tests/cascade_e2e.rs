@@ -1,7 +1,8 @@
 //! The whole product path on synthetic fundus images with known MAs: train both stages
 //! briefly with tch, export ONNX + manifest, load them through the device's tract cascade
 //! (hashes checked), detect, and check that the workstation (tch) and the device (tract)
-//! give the same detections. Also: a model file with a flipped byte is refused.
+//! give the same detections, with stage 2 trained with the triplet term on. Also: a model
+//! file with a flipped byte is refused.
 //!
 //! The training budget here (a few hundred steps) is far too small for an accurate
 //! detector; accuracy is measured by `ma-trainer cv` on real data, not here.
@@ -15,6 +16,7 @@ use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::ground_truth::GroundTruth;
 use ma_trainer::pipeline::{PipelineConfig, reported, run_cascade, train_cascade};
 use ma_trainer::prepare::PreparedImage;
+use ma_trainer::train::Triplet;
 use ma_trainer::training_data::DeviceSettings;
 
 fn truth(frame: &SyntheticFundus) -> GroundTruth {
@@ -46,6 +48,12 @@ fn trained_exported_and_detected_on_synthetic_images() {
     pipeline.stage1.epochs = 2;
     pipeline.stage1_crops = 96;
     pipeline.stage2.epochs = 1;
+    // Stage 2 with the triplet term (a training-only option): the exported graph, and so
+    // the device's agreement with the workstation below, must not depend on it.
+    pipeline.stage2_triplet = Some(Triplet {
+        weight: 0.5,
+        margin: 0.2,
+    });
     let dir = tempfile::tempdir().unwrap();
     let all: Vec<usize> = (0..images.len()).collect();
     let cascade = train_cascade(

@@ -311,33 +311,17 @@ impl Net {
     /// [`Stage::CANDIDATES_INPUT_MULTIPLE`]), N x 2 for stage 2. `train` switches dropout
     /// on and batch norm to batch statistics.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut x = xs.shallow_clone();
-        let mut skips = Vec::new();
-        for op in &self.ops {
-            x = match op {
-                Op::Conv(c) => c.forward(&x),
-                Op::BatchNorm(b) => b.forward_t(&x, train),
-                Op::Linear(l) => l.forward(&x),
-                Op::LeakyRelu => x.leaky_relu(),
-                Op::MaxPool2 => x.max_pool2d_default(2),
-                Op::Dropout(p) if x.dim() == 4 => x.feature_dropout(*p, train),
-                Op::Dropout(p) => x.dropout(*p, train),
-                Op::Skip => {
-                    skips.push(x.shallow_clone());
-                    x
-                }
-                Op::UpsampleConcat => {
-                    let skip = skips
-                        .pop()
-                        .expect("layer lists pair Skip with UpsampleConcat");
-                    let size = x.size();
-                    let up = x.upsample_nearest2d([size[2] * 2, size[3] * 2], None, None);
-                    Tensor::cat(&[up, skip], 1)
-                }
-                Op::GlobalAvgPool => x.mean_dim([2i64, 3].as_slice(), false, Kind::Float),
-            };
-        }
-        x
+        apply(&self.ops, xs, train)
+    }
+
+    /// Logits and the embedding they are computed from: the input of the last layer
+    /// (stage 2: the 100 features after the hidden fully-connected layer and its
+    /// LeakyReLU). The triplet loss shapes it; the exported graph is unchanged.
+    pub fn forward_with_embedding(&self, xs: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let (trunk, head) = self.ops.split_at(self.ops.len() - 1);
+        let embedding = apply(trunk, xs, train);
+        let logits = apply(head, &embedding, train);
+        (logits, embedding)
     }
 
     /// Logit margin (MA minus non-MA): N x H/2 x W/2 for stage 1, N for stage 2.
@@ -345,6 +329,38 @@ impl Net {
         let logits = self.forward_t(xs, train);
         logits.select(1, 1) - logits.select(1, 0)
     }
+}
+
+/// `ops` in order on `xs`; a `Skip` is joined by the `UpsampleConcat` that pairs with it
+/// within `ops`.
+fn apply(ops: &[Op], xs: &Tensor, train: bool) -> Tensor {
+    let mut x = xs.shallow_clone();
+    let mut skips = Vec::new();
+    for op in ops {
+        x = match op {
+            Op::Conv(c) => c.forward(&x),
+            Op::BatchNorm(b) => b.forward_t(&x, train),
+            Op::Linear(l) => l.forward(&x),
+            Op::LeakyRelu => x.leaky_relu(),
+            Op::MaxPool2 => x.max_pool2d_default(2),
+            Op::Dropout(p) if x.dim() == 4 => x.feature_dropout(*p, train),
+            Op::Dropout(p) => x.dropout(*p, train),
+            Op::Skip => {
+                skips.push(x.shallow_clone());
+                x
+            }
+            Op::UpsampleConcat => {
+                let skip = skips
+                    .pop()
+                    .expect("layer lists pair Skip with UpsampleConcat");
+                let size = x.size();
+                let up = x.upsample_nearest2d([size[2] * 2, size[3] * 2], None, None);
+                Tensor::cat(&[up, skip], 1)
+            }
+            Op::GlobalAvgPool => x.mean_dim([2i64, 3].as_slice(), false, Kind::Float),
+        };
+    }
+    x
 }
 
 #[cfg(test)]

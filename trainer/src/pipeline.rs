@@ -23,7 +23,7 @@ use crate::froc::{ImageOutcome, Verdict};
 use crate::nets::{Net, Stage};
 use crate::patches::{Augment, Sample, batch, positives, random_negatives};
 use crate::prepare::PreparedImage;
-use crate::train::{StageConfig, Validation, auc, patch_loss, train_stage, validate};
+use crate::train::{StageConfig, Triplet, Validation, auc, patch_loss, train_stage, validate};
 
 /// Everything that sets how the cascade is trained.
 #[derive(Clone, Debug)]
@@ -44,6 +44,23 @@ pub struct PipelineConfig {
     pub candidates: CandidateConfig,
     /// How the two margins make the reported score.
     pub scoring: Scoring,
+    /// Stage 2's triplet term beside the cross-entropy (`--triplet-weight`); `None`: off.
+    pub stage2_triplet: Option<Triplet>,
+}
+
+impl PipelineConfig {
+    /// The training-only methods this configuration turns on, in words (recorded in
+    /// `training-data.json` and the manifest's `[training] data`).
+    pub fn methods(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(t) = self.stage2_triplet {
+            out.push(format!(
+                "stage-2 triplet loss (weight {}, margin {})",
+                t.weight, t.margin
+            ));
+        }
+        out
+    }
 }
 
 impl Default for PipelineConfig {
@@ -69,6 +86,7 @@ impl Default for PipelineConfig {
             hard_negative_candidates: 300,
             candidates: CandidateConfig::default(),
             scoring: Scoring::default(),
+            stage2_triplet: None,
         }
     }
 }
@@ -201,7 +219,7 @@ pub fn train_cascade(
         s.extend(pos);
         s
     };
-    let loss2 = |net: &Net, chunk: &[Sample]| patch_loss(net, images, chunk);
+    let loss2 = |net: &Net, chunk: &[Sample]| patch_loss(net, images, chunk, cfg.stage2_triplet);
     let validate2 = |net: &Net| validate(net, images, &validation2, Device::cuda_if_available());
     let stage2 = train_stage(
         Stage::Verdict,

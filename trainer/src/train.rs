@@ -175,11 +175,63 @@ pub fn train_stage<T>(
 }
 
 /// Softmax cross-entropy of the stage-2 patch classifier on a batch of samples.
-pub fn patch_loss(net: &Net, images: &[PreparedImage], samples: &[Sample]) -> Tensor {
+pub fn patch_loss(
+    net: &Net,
+    images: &[PreparedImage],
+    samples: &[Sample],
+    triplet: Option<Triplet>,
+) -> Tensor {
     let device = Device::cuda_if_available();
     let (xs, ys) = batch(images, samples, PatchGeometry::VERDICT);
-    net.forward_t(&xs.to_device(device), true)
-        .cross_entropy_for_logits(&ys.to_device(device))
+    let (xs, ys) = (xs.to_device(device), ys.to_device(device));
+    match triplet {
+        None => net.forward_t(&xs, true).cross_entropy_for_logits(&ys),
+        Some(t) => {
+            let (logits, embedding) = net.forward_with_embedding(&xs, true);
+            logits.cross_entropy_for_logits(&ys)
+                + batch_hard_triplet(&embedding, &ys, t.margin) * t.weight
+        }
+    }
+}
+
+/// Stage 2's triplet term (Sarhan et al. 2019): `weight` times the batch-hard triplet
+/// loss of the patch embeddings with `margin`, added to the cross-entropy.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Triplet {
+    pub weight: f64,
+    pub margin: f64,
+}
+
+/// Batch-hard triplet loss (Hermans, Beyer and Leibe 2017; the hard-triplet selection of
+/// Sarhan et al.): embeddings `[N, D]` are scaled to unit length; each sample is an anchor,
+/// paired with the farthest sample of its own label and the closest of the other label;
+/// the loss is the mean over anchors that have both of `max(0, d(a, p) - d(a, n) +
+/// margin)` (Euclidean distances). 0 for a batch of one label.
+pub fn batch_hard_triplet(embeddings: &Tensor, labels: &Tensor, margin: f64) -> Tensor {
+    let e = embeddings / (embeddings.norm_scalaropt_dim(2, [1i64].as_slice(), true) + 1e-12);
+    // Squared distances from the Gram matrix, clamped before the root (its gradient at 0
+    // is infinite).
+    let gram = e.matmul(&e.transpose(0, 1));
+    let sq = gram.diagonal(0, 0, 1);
+    let d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - gram * 2.0).clamp_min(1e-12);
+    let dist = d2.sqrt();
+    let n = labels.size()[0];
+    let same = labels.unsqueeze(1).eq_tensor(&labels.unsqueeze(0));
+    let eye = Tensor::eye(n, (tch::Kind::Bool, labels.device()));
+    let positive = same.logical_and(&eye.logical_not());
+    let negative = same.logical_not();
+    // Masked max and min: out-of-mask entries pushed below 0 / above any distance.
+    let big = 4.0;
+    let hardest_pos = (&dist - positive.logical_not().to_kind(tch::Kind::Float) * big)
+        .amax([1i64].as_slice(), false);
+    let hardest_neg = (&dist + negative.logical_not().to_kind(tch::Kind::Float) * big)
+        .amin([1i64].as_slice(), false);
+    let valid = positive
+        .any_dim(1, false)
+        .logical_and(&negative.any_dim(1, false))
+        .to_kind(tch::Kind::Float);
+    let per_anchor = (hardest_pos - hardest_neg + margin).relu() * &valid;
+    per_anchor.sum(tch::Kind::Float) / valid.sum(tch::Kind::Float).clamp_min(1.0)
 }
 
 /// Loss, accuracy (margin >= 0, i.e. probability >= 0.5) and AUC of the stage-2 patch
@@ -315,6 +367,68 @@ pub fn load_weights<N>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn triplet_of(points: &[[f32; 2]], labels: &[i64], margin: f64) -> f64 {
+        let flat: Vec<f32> = points.iter().flatten().copied().collect();
+        let e = Tensor::from_slice(&flat).view([points.len() as i64, 2]);
+        batch_hard_triplet(&e, &Tensor::from_slice(labels), margin).double_value(&[])
+    }
+
+    #[test]
+    fn batch_hard_triplet_loss_takes_the_hardest_pair_of_each_anchor() {
+        // Classes apart (distance 2 between unit vectors): no loss below margin 2.
+        let apart = [[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [-3.0, 0.0]];
+        assert!(triplet_of(&apart, &[0, 0, 1, 1], 0.5).abs() < 1e-6);
+        // Swapped: each anchor's positive is 2 away, its hardest negative 0: 2 + margin.
+        let mixed = [[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]];
+        assert!((triplet_of(&mixed, &[0, 0, 1, 1], 0.5) - 2.5).abs() < 1e-5);
+        // Orthogonal classes: d(a, p) = 0, d(a, n) = sqrt(2) -> max(0, m - sqrt 2).
+        let ortho = [[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 2.0]];
+        let want = (1.6 - 2f64.sqrt()).max(0.0);
+        assert!((triplet_of(&ortho, &[0, 0, 1, 1], 1.6) - want).abs() < 1e-5);
+        // One label, or anchors without a positive: nothing to compare.
+        assert_eq!(triplet_of(&mixed, &[1, 1, 1, 1], 0.5), 0.0);
+        assert_eq!(triplet_of(&mixed[..2], &[0, 1], 0.5), 0.0);
+    }
+
+    /// The triplet term changes the loss and the gradients stage 2 learns from, on a
+    /// fixed batch; the logits (what is exported) are the plain forward pass's.
+    #[test]
+    fn the_triplet_term_changes_what_stage_2_learns() {
+        tch::manual_seed(4);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Net::new(&vs.root(), Stage::Verdict);
+        let p = Stage::VERDICT_PATCH as i64;
+        let xs = Tensor::randn([8, 3, p, p], (tch::Kind::Float, Device::Cpu));
+        let ys = Tensor::from_slice(&[0i64, 1, 0, 1, 1, 0, 0, 1]);
+        let grads = |weight: f64| -> (f64, Vec<f32>) {
+            for (_, mut v) in vs.variables() {
+                v.zero_grad();
+            }
+            // Eval mode: no dropout, so both passes see the same network.
+            let (logits, embedding) = net.forward_with_embedding(&xs, false);
+            assert!(logits.allclose(&net.forward_t(&xs, false), 1e-6, 1e-6, false));
+            let loss = logits.cross_entropy_for_logits(&ys)
+                + batch_hard_triplet(&embedding, &ys, 0.2) * weight;
+            loss.backward();
+            let g = vs
+                .variables()
+                .get("conv1.weight")
+                .unwrap()
+                .grad()
+                .flatten(0, -1);
+            (loss.double_value(&[]), Vec::<f32>::try_from(&g).unwrap())
+        };
+        let (plain, g0) = grads(0.0);
+        let (with, g1) = grads(1.0);
+        assert!(with > plain, "{with} vs {plain}");
+        let moved = g0
+            .iter()
+            .zip(&g1)
+            .filter(|(a, b)| (*a - *b).abs() > 1e-7)
+            .count();
+        assert!(moved > g0.len() / 2, "{moved} of {}", g0.len());
+    }
 
     #[test]
     fn one_cycle_rises_then_anneals() {

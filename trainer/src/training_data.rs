@@ -59,6 +59,9 @@ pub struct TrainingData {
     #[serde(default)]
     pub augmentation: Option<String>,
     pub settings: DeviceSettings,
+    /// Training-only methods on (`PipelineConfig::methods`), in words; absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
 }
 
 impl TrainingData {
@@ -93,6 +96,7 @@ impl TrainingData {
             datasets,
             augmentation,
             settings,
+            methods: Vec::new(),
         }
     }
 
@@ -115,10 +119,15 @@ impl TrainingData {
             })
             .collect::<Vec<_>>()
             .join(" + ");
-        match &self.augmentation {
+        let mut text = match &self.augmentation {
             Some(aug) => format!("{data}; {aug}"),
             None => data,
+        };
+        for m in &self.methods {
+            text.push_str("; ");
+            text.push_str(m);
         }
+        text
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -163,6 +172,7 @@ mod tests {
             ],
             augmentation: None,
             settings: DeviceSettings::default(),
+            methods: Vec::new(),
         };
         assert_eq!(data.images(), 82);
         assert_eq!(
@@ -186,6 +196,17 @@ mod tests {
         );
         augmented.save(dir.path()).unwrap();
         assert_eq!(TrainingData::load(dir.path()).unwrap(), augmented);
+        let with_methods = TrainingData {
+            methods: vec!["stage-2 triplet loss (weight 0.5, margin 0.2)".into()],
+            ..augmented.clone()
+        };
+        assert!(
+            with_methods
+                .describe()
+                .ends_with("JPEG quality 40-95; stage-2 triplet loss (weight 0.5, margin 0.2)")
+        );
+        with_methods.save(dir.path()).unwrap();
+        assert_eq!(TrainingData::load(dir.path()).unwrap(), with_methods);
         // Files written before the augmentation was recorded still load.
         let old = serde_json::to_string(&data)
             .unwrap()
