@@ -60,10 +60,13 @@ enum Command {
     /// or 4fp: the manifest's score threshold for that many false positives per image),
     /// and the records log.
     ///
-    /// For each frame: the cascade runs, one record (time, frame number, source name,
-    /// SHA-256 of the image, every candidate, MA count and referral, the referral
-    /// network's refer_score and attention boxes, model version, board) is appended to
-    /// the log and synced to disk, and only then is the frame shown, circles on the MAs
+    /// For each frame: the cascade runs; with records.frames set, the frame itself is
+    /// kept (lossless, named by its SHA-256, the oldest deleted beyond
+    /// records.frames_budget_mb) for `records export --bundle`; one record (time, frame
+    /// number, source name, SHA-256 of the image, every candidate, MA count and referral,
+    /// the referral network's refer_score and attention boxes, the frame's file, model
+    /// version, board) is appended to the log and synced to disk, and only then is the
+    /// frame shown, circles on the MAs
     /// and a status bar with the MA count, REFER / no refer and the refer_score,
     /// latency, frame number, camera state and "saved #N". The board's [controls] may
     /// name a key or button (heatmap_toggle; on the desktop board the line "h" + Enter)
@@ -93,7 +96,8 @@ enum Command {
         #[arg(long)]
         allow_unsigned: bool,
     },
-    /// Read the device's records log: list it or export it as JSON lines or CSV.
+    /// Read the device's records log: list it, export it as JSON lines or CSV, or export a
+    /// field-validation bundle (records, frames, model manifest) for the workstation.
     ///
     /// The log is read without being modified, so this is safe while `run` appends to
     /// it. Damaged records (CRC mismatch) and a torn final record (power lost while
