@@ -179,9 +179,9 @@ enum Command {
     /// Bland-Altman plots embedded), OUT/report.json and OUT/frames.csv (one line per
     /// frame): per frame the refer decisions, MAs matched within 2 px and score
     /// differences; overall Cohen's kappa and the confusion matrix of refer decisions,
-    /// the MA match rate, the largest and mean score
-    /// differences, the frames that disagree; with --truth, the sensitivity at 1/8..8
-    /// FP/image and CPM of device and workstation side by side. Exit code 2 when an
+    /// the MA match rate, the largest and mean score differences, the frames that
+    /// disagree; with --truth, the sensitivity at 1/8..8 FP/image and CPM of device and
+    /// workstation side by side. Exit code 2 when an
     /// agreement limit (--min-kappa, --max-score-diff) is not met, 1 on errors.
     ///
     /// Large bundles: run `--shard K/N` for K = 1..N on N machines (e.g. a Slurm array
@@ -491,7 +491,7 @@ struct ValidateArgs {
     /// Accept unsigned model sets (development).
     #[arg(long)]
     allow_unsigned: bool,
-    /// Output folder (parts, report.html, report.json).
+    /// Output folder (parts, report.html, report.json, frames.csv).
     #[arg(long)]
     out: PathBuf,
     /// Clinicians' marks: a CSV `image,x,y` (image = the record's file name or the image
