@@ -1,7 +1,8 @@
 //! The whole product path on synthetic fundus images with known MAs: train both stages
 //! briefly with tch, export ONNX + manifest, load them through the device's tract cascade
 //! (hashes checked), detect, and check that the workstation (tch) and the device (tract)
-//! give the same detections, with stage 2 trained with the triplet term on. Also: a model
+//! give the same detections, with the training-only options on (stage 1's ground-truth
+//! feature enhancement, stage 2's triplet term). Also: a model
 //! file with a flipped byte is refused.
 //!
 //! The training budget here (a few hundred steps) is far too small for an accurate
@@ -48,8 +49,11 @@ fn trained_exported_and_detected_on_synthetic_images() {
     pipeline.stage1.epochs = 2;
     pipeline.stage1_crops = 96;
     pipeline.stage2.epochs = 1;
-    // Stage 2 with the triplet term (a training-only option): the exported graph, and so
-    // the device's agreement with the workstation below, must not depend on it.
+    // Both training-only seed options on: stage 1 with the ground-truth feature
+    // enhancement, stage 2 with the triplet term. The exported graphs are the plain
+    // networks, so the device (tract) agrees with the workstation's plain forward pass
+    // (tch) below only if neither option leaks into them.
+    pipeline.stage1_gt_enhance = Some(1.5);
     pipeline.stage2_triplet = Some(Triplet {
         weight: 0.5,
         margin: 0.2,

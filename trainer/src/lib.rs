@@ -10,6 +10,7 @@ pub mod export;
 pub mod froc;
 pub mod grading;
 pub mod ground_truth;
+pub mod gt_enhance;
 pub mod nets;
 pub mod parallel;
 pub mod patches;

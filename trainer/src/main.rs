@@ -800,6 +800,13 @@ struct TrainArgs {
         help_heading = "Seed methods"
     )]
     triplet_margin: f64,
+    /// Stage 1: ground-truth feature enhancement while training (Li et al. 2021): inside a
+    /// 9x9 box round each lesion, the first layer's features are multiplied by 1 + E,
+    /// E = 1 - p / (BETA * box mean) for pixels p no brighter than that bound (darker:
+    /// stronger), 0 elsewhere. The paper's BETA is 1.5. Off when absent; the exported
+    /// networks never have it.
+    #[arg(long, value_name = "BETA", help_heading = "Seed methods")]
+    gt_enhance: Option<f32>,
     /// Camera augmentation: this many extra training copies of each photo, each made to
     /// look as if another camera had taken it by the effects below (at least one is
     /// needed). Held-out images are never augmented. 0 = off.
@@ -941,6 +948,12 @@ impl TrainArgs {
             "--triplet-margin must be in (0, 2] (distances between unit vectors), got {}",
             self.triplet_margin
         );
+        if let Some(beta) = self.gt_enhance {
+            anyhow::ensure!(
+                beta > 0.0 && beta.is_finite(),
+                "--gt-enhance BETA must be a positive number (the paper's is 1.5), got {beta}"
+            );
+        }
         let mut cfg = PipelineConfig::default();
         cfg.stage1.epochs = self.epochs1;
         cfg.stage1.learning_rate = self.lr1;
@@ -949,6 +962,7 @@ impl TrainArgs {
         cfg.stage2.epochs = self.epochs2;
         cfg.stage2.learning_rate = self.lr2;
         cfg.stage2.seed = self.seed + 1;
+        cfg.stage1_gt_enhance = self.gt_enhance;
         cfg.stage2_triplet = (self.triplet_weight > 0.0).then_some(Triplet {
             weight: self.triplet_weight,
             margin: self.triplet_margin,

@@ -314,6 +314,21 @@ impl Net {
         apply(&self.ops, xs, train)
     }
 
+    /// Training only: [`Net::forward_t`] with the feature maps of the first layer (after
+    /// its activation, at input resolution) multiplied by `1 + enhancement` (N x 1 x H x
+    /// W, [`crate::gt_enhance`]). The exported network is the plain one.
+    pub fn forward_enhanced(&self, xs: &Tensor, enhancement: &Tensor, train: bool) -> Tensor {
+        let first = self
+            .ops
+            .iter()
+            .position(|op| matches!(op, Op::LeakyRelu))
+            .expect("a network with an activation")
+            + 1;
+        let (head, rest) = self.ops.split_at(first);
+        let features = apply(head, xs, train) * (enhancement + 1.0);
+        apply(rest, &features, train)
+    }
+
     /// Logits and the embedding they are computed from: the input of the last layer
     /// (stage 2: the 100 features after the hidden fully-connected layer and its
     /// LeakyReLU). The triplet loss shapes it; the exported graph is unchanged.

@@ -20,6 +20,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::dense::{Crop, PixelLabels, balanced_cell_loss, crop_batch, lesion_crops, random_crops};
 use crate::froc::{ImageOutcome, Verdict};
+use crate::gt_enhance::crop_enhancement;
 use crate::nets::{Net, Stage};
 use crate::patches::{Augment, Sample, batch, positives, random_negatives};
 use crate::prepare::PreparedImage;
@@ -46,6 +47,9 @@ pub struct PipelineConfig {
     pub scoring: Scoring,
     /// Stage 2's triplet term beside the cross-entropy (`--triplet-weight`); `None`: off.
     pub stage2_triplet: Option<Triplet>,
+    /// Stage 1's ground-truth feature enhancement while training, its beta
+    /// (`--gt-enhance`, [`crate::gt_enhance`]); `None`: off.
+    pub stage1_gt_enhance: Option<f32>,
 }
 
 impl PipelineConfig {
@@ -53,6 +57,11 @@ impl PipelineConfig {
     /// `training-data.json` and the manifest's `[training] data`).
     pub fn methods(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(beta) = self.stage1_gt_enhance {
+            out.push(format!(
+                "stage-1 ground-truth feature enhancement (beta {beta})"
+            ));
+        }
         if let Some(t) = self.stage2_triplet {
             out.push(format!(
                 "stage-2 triplet loss (weight {}, margin {})",
@@ -87,6 +96,7 @@ impl Default for PipelineConfig {
             candidates: CandidateConfig::default(),
             scoring: Scoring::default(),
             stage2_triplet: None,
+            stage1_gt_enhance: None,
         }
     }
 }
@@ -143,10 +153,15 @@ pub fn train_cascade(
     let loss1 = |net: &Net, chunk: &[Crop]| {
         let device = Device::cuda_if_available();
         let (xs, ys) = crop_batch(images, &labels, chunk);
-        balanced_cell_loss(
-            &net.forward_t(&xs.to_device(device), true),
-            &ys.to_device(device),
-        )
+        let xs = xs.to_device(device);
+        let logits = match cfg.stage1_gt_enhance {
+            Some(beta) => {
+                let enhancement = crop_enhancement(images, chunk, beta).to_device(device);
+                net.forward_enhanced(&xs, &enhancement, true)
+            }
+            None => net.forward_t(&xs, true),
+        };
+        balanced_cell_loss(&logits, &ys.to_device(device))
     };
     let validate1 = |net: &Net| validate_cells(net, images, &labels, &validation1);
     let stage1 = train_stage(
