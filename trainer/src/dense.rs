@@ -244,14 +244,15 @@ pub fn balanced_cell_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ground_truth::GroundTruth;
     use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
     use ma_synthetic::{SyntheticParams, generate};
     use rand::SeedableRng;
 
-    fn synthetic_image() -> PreparedImage {
+    /// A small synthetic photo with known MAs, prepared as for training.
+    pub(crate) fn synthetic_image() -> PreparedImage {
         let frame = generate(&SyntheticParams::small(), 5);
         let pre = preprocess(
             &frame.image,

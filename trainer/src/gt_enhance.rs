@@ -105,6 +105,7 @@ pub fn crop_enhancement(images: &[PreparedImage], crops: &[Crop], beta: f32) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dense::tests::synthetic_image;
 
     /// A window of background (contrast 0) with the green values given at some pixels.
     fn window(side: usize, dark: &[((usize, usize), f32)]) -> Vec<f32> {
@@ -158,25 +159,6 @@ mod tests {
             assert_eq!(map[i], alone[i].max(other[i]));
         }
         assert!(map[0] > 0.0 && map[3 * side + 3] > 0.0);
-    }
-
-    /// A synthetic photo with known MAs, prepared as for training.
-    fn synthetic_image() -> PreparedImage {
-        use crate::ground_truth::GroundTruth;
-        use ma_core::preprocess::{FovSource, PreprocessConfig, preprocess};
-        let frame = ma_synthetic::generate(&ma_synthetic::SyntheticParams::small(), 5);
-        let pre = preprocess(
-            &frame.image,
-            FovSource::Estimate,
-            &PreprocessConfig::default(),
-        )
-        .expect("preprocess");
-        PreparedImage::from_parts(
-            "synthetic",
-            "s".into(),
-            pre,
-            GroundTruth::from_synthetic(&frame),
-        )
     }
 
     #[test]
