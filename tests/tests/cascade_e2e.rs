@@ -2,8 +2,8 @@
 //! briefly with tch, export ONNX + manifest, load them through the device's tract cascade
 //! (hashes checked), detect, and check that the workstation (tch) and the device (tract)
 //! give the same detections, with the training-only options on (stage 1's ground-truth
-//! feature enhancement, stage 2's triplet term). Also: a model
-//! file with a flipped byte is refused.
+//! feature enhancement, stage 2's triplet term), and again with the multi-scale stage 1.
+//! Also: a model file with a flipped byte is refused.
 //!
 //! The training budget here (a few hundred steps) is far too small for an accurate
 //! detector; accuracy is measured by `ma-trainer cv` on real data, not here.
@@ -15,6 +15,7 @@ use ma_device::cascade::Cascade;
 use ma_synthetic::{SyntheticFundus, SyntheticParams, generate};
 use ma_trainer::export::{Release, export_model_set};
 use ma_trainer::ground_truth::GroundTruth;
+use ma_trainer::nets::InputScales;
 use ma_trainer::pipeline::{PipelineConfig, reported, run_cascade, train_cascade};
 use ma_trainer::prepare::PreparedImage;
 use ma_trainer::train::Triplet;
@@ -26,6 +27,33 @@ fn truth(frame: &SyntheticFundus) -> GroundTruth {
 
 #[test]
 fn trained_exported_and_detected_on_synthetic_images() {
+    // Both training-only seed options on: stage 1 with the ground-truth feature
+    // enhancement, stage 2 with the triplet term. The exported graphs are the plain
+    // networks, so the device (tract) agrees with the workstation's plain forward pass
+    // (tch) below only if neither option leaks into them.
+    train_export_detect(PipelineConfig {
+        stage1_gt_enhance: Some(1.5),
+        stage2_triplet: Some(Triplet {
+            weight: 0.5,
+            margin: 0.2,
+        }),
+        ..PipelineConfig::default()
+    });
+}
+
+#[test]
+fn multi_scale_stage1_trained_exported_and_detected() {
+    // `--stage1-scales 1,0.5`: the exported stage 1 rescales inside its graph, and the
+    // device runs it in bands with the geometry the manifest gives.
+    train_export_detect(PipelineConfig {
+        stage1_scales: InputScales::parse("1,0.5").unwrap(),
+        ..PipelineConfig::default()
+    });
+}
+
+/// Trains the cascade of `pipeline` briefly on synthetic images, exports it, and checks
+/// that the device and the workstation detect the same MAs on a held-out one.
+fn train_export_detect(mut pipeline: PipelineConfig) {
     let params = SyntheticParams {
         n_microaneurysms: 20,
         ..SyntheticParams::default()
@@ -44,20 +72,10 @@ fn trained_exported_and_detected_on_synthetic_images() {
             PreparedImage::from_parts("synthetic", format!("synthetic-{seed}"), pre, truth(&frame))
         })
         .collect();
-    let mut pipeline = PipelineConfig::default();
     pipeline.candidates.max_candidates = 97;
     pipeline.stage1.epochs = 2;
     pipeline.stage1_crops = 96;
     pipeline.stage2.epochs = 1;
-    // Both training-only seed options on: stage 1 with the ground-truth feature
-    // enhancement, stage 2 with the triplet term. The exported graphs are the plain
-    // networks, so the device (tract) agrees with the workstation's plain forward pass
-    // (tch) below only if neither option leaks into them.
-    pipeline.stage1_gt_enhance = Some(1.5);
-    pipeline.stage2_triplet = Some(Triplet {
-        weight: 0.5,
-        margin: 0.2,
-    });
     let dir = tempfile::tempdir().unwrap();
     let all: Vec<usize> = (0..images.len()).collect();
     let cascade = train_cascade(

@@ -15,9 +15,9 @@ use ma_core::manifest::{
 };
 use ma_core::preprocess::PreprocessConfig;
 use ma_core::scoring::Scoring;
-use ma_device::cascade::onnx::{PatchModel, ReferralModel, Stage1Model};
+use ma_device::cascade::onnx::{PatchModel, ReferralModel, Stage1Model, band};
 use ma_trainer::export::{WeightFormat, onnx_model, write_onnx};
-use ma_trainer::nets::{Layer, Net, Stage, referral_trunk};
+use ma_trainer::nets::{InputScales, Layer, Net, Stage, referral_trunk};
 use ma_trainer::referral::ReferralNet;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -218,16 +218,16 @@ fn export_both(stage: Stage, vs: &VarStore, dir: &Path) -> [(String, u64); 2] {
 }
 
 /// A manifest over whatever model files of `dir` exist, so the device side loads
-/// through verified bytes exactly as in the field.
-fn manifest(dir: &Path, entries: &[(Stage, Variant, &str)]) -> Manifest {
+/// through verified bytes exactly as in the field; stage 1's geometry is that of `scales`.
+fn manifest(dir: &Path, scales: &InputScales, entries: &[(Stage, Variant, &str)]) -> Manifest {
     let models = entries
         .iter()
         .map(|&(stage, variant, file)| {
             let geometry = match stage {
                 Stage::Candidates => ModelGeometry::Map {
-                    receptive_field: stage.receptive_field(),
+                    receptive_field: scales.receptive_field(),
                     output_stride: Stage::CANDIDATES_STRIDE,
-                    input_multiple: Stage::CANDIDATES_INPUT_MULTIPLE,
+                    input_multiple: scales.input_multiple(),
                 },
                 Stage::Verdict => ModelGeometry::Patch(Stage::VERDICT_PATCH),
             };
@@ -293,6 +293,7 @@ fn stage1_export_matches_tch_in_tract_and_onnxruntime() {
     let [(float_file, float_size), (int8_file, int8_size)] = export_both(stage, &vs, tmp.path());
     let m = manifest(
         tmp.path(),
+        &InputScales::single(),
         &[
             (stage, Variant::Float, &float_file),
             (stage, Variant::Int8, &int8_file),
@@ -338,6 +339,92 @@ fn stage1_export_matches_tch_in_tract_and_onnxruntime() {
 }
 
 #[test]
+fn multi_scale_stage1_export_matches_tch_in_tract_and_onnxruntime() {
+    // `--stage1-scales 1,0.5`: one image in, the half-size copy made inside the graph.
+    let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
+    let scales = InputScales::parse("1,0.5").unwrap();
+    tch::manual_seed(17);
+    let vs = VarStore::new(Device::Cpu);
+    let net = Net::from_layers(&vs.root(), scales.layers());
+    let image = Tensor::randn([1, 3, 176, 240], (Kind::Float, Device::Cpu));
+    temper(Stage::Candidates, &vs, &net, &image);
+    drop(guard);
+    let tmp = tempfile::tempdir().unwrap();
+    let [(float_file, float_size), (int8_file, int8_size)] =
+        export_both(Stage::Candidates, &vs, tmp.path());
+    let m = manifest(
+        tmp.path(),
+        &scales,
+        &[
+            (Stage::Candidates, Variant::Float, &float_file),
+            (Stage::Candidates, Variant::Int8, &int8_file),
+        ],
+    );
+    // The trunk's weights are written once and read by both branches.
+    let model = onnx_model(Stage::Candidates, &vs, WeightFormat::Float).unwrap();
+    let graph = model.graph.as_ref().unwrap();
+    let conv1 = graph
+        .initializer
+        .iter()
+        .filter(|t| t.name == "conv1.weight")
+        .count();
+    assert_eq!(conv1, 1);
+    let ops = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+    assert_eq!((ops("AveragePool"), ops("Conv")), (1, 2 * 7 + 1));
+    let meta = |key: &str| {
+        model
+            .metadata_props
+            .iter()
+            .find(|p| p.key == key)
+            .map(|p| p.value.clone())
+    };
+    assert_eq!(meta("input_scales").as_deref(), Some("1,0.5"));
+    assert_eq!(
+        meta("receptive_field"),
+        Some(scales.receptive_field().to_string())
+    );
+
+    let want = net.margin(&image, false);
+    assert_eq!(want.size(), [1, 88, 120]);
+    let float = Stage1Model::from_manifest(&m, Variant::Float).unwrap();
+    let int8 = Stage1Model::from_manifest(&m, Variant::Int8).unwrap();
+    let got = float.run(&planes_of(&image)).unwrap();
+    let got8 = int8.run(&planes_of(&image)).unwrap();
+    let d_float = map_matches(&got, &want);
+    check_float_and_int8(
+        "stage 1, scales 1,0.5",
+        d_float,
+        &got.data,
+        &got8.data,
+        [float_size, int8_size],
+    );
+    let err = format!("{:#}", float.run(&Planes::zeros(108, 300)).unwrap_err());
+    assert!(err.contains("multiple of 8"), "{err}");
+
+    // The device's bands (their overlap from the manifest's receptive field) stitch to
+    // the whole-image map, on an image whose sides are not multiples of 8.
+    let odd = planes_of(&Tensor::randn([1, 3, 171, 229], (Kind::Float, Device::Cpu)));
+    let whole = float
+        .run(&band(&odd, 0, 176, 232))
+        .expect("whole padded image");
+    let (mw, mh) = (229usize.div_ceil(2), 171usize.div_ceil(2));
+    for bands in [2, 3, 7] {
+        let banded = float.run_in_bands(&odd, bands).unwrap();
+        assert_eq!((banded.width, banded.height), (mw, mh));
+        for r in 0..mh {
+            let row = &whole.data[r * whole.width..][..mw];
+            let diff = max_abs_diff(&banded.data[r * mw..][..mw], row);
+            assert!(diff <= 1e-5, "{bands} bands, row {r}: {diff}");
+        }
+    }
+
+    let tract8 = Tensor::from_slice(&got8.data).view([1, 1, 88, 120]);
+    for (file, expected) in [(&float_file, want.unsqueeze(1)), (&int8_file, tract8)] {
+        check_with_onnxruntime(&tmp.path().join(file), &image, &expected, FLOAT_TOLERANCE);
+    }
+}
+
+#[test]
 fn stage2_export_matches_tch_in_tract_and_onnxruntime() {
     let guard = TCH.lock().unwrap_or_else(|e| e.into_inner());
     let stage = Stage::Verdict;
@@ -350,6 +437,7 @@ fn stage2_export_matches_tch_in_tract_and_onnxruntime() {
     let [(float_file, float_size), (int8_file, int8_size)] = export_both(stage, &vs, tmp.path());
     let m = manifest(
         tmp.path(),
+        &InputScales::single(),
         &[
             (stage, Variant::Float, &float_file),
             (stage, Variant::Int8, &int8_file),
@@ -505,6 +593,7 @@ fn a_modified_model_file_is_not_loaded() {
     let [(float_file, _), (int8_file, _)] = export_both(Stage::Verdict, &vs, tmp.path());
     let m = manifest(
         tmp.path(),
+        &InputScales::single(),
         &[
             (Stage::Verdict, Variant::Float, &float_file),
             (Stage::Verdict, Variant::Int8, &int8_file),

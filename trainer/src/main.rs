@@ -22,7 +22,7 @@ use ma_trainer::datasets::{Dataset, LoadOptions};
 use ma_trainer::datasets::{DatasetKind, Split};
 use ma_trainer::eval::{self, EvalOptions};
 use ma_trainer::export::{Release, export_model_set, weights, write_unsigned};
-use ma_trainer::nets::Stage;
+use ma_trainer::nets::{InputScales, Stage};
 use ma_trainer::pipeline::{Cascade, PipelineConfig, train_cascade};
 use ma_trainer::prepare::{PreparedImage, prepare_all};
 use ma_trainer::referral::ReferralTraining;
@@ -807,6 +807,19 @@ struct TrainArgs {
     /// networks never have it.
     #[arg(long, value_name = "BETA", help_heading = "Seed methods")]
     gt_enhance: Option<f32>,
+    /// Stage 1 sees the image at these scales and fuses them (Sarhan et al. 2019): e.g.
+    /// 1,0.5 runs stage 1's layers on the image and on a half-size copy (the same
+    /// weights), upsamples the coarse features and joins both before the head. Scales
+    /// are 1 followed by smaller powers of two (0.5, 0.25, 0.125). The exported network
+    /// takes the same single image and rescales inside; the weight files record the
+    /// scales, so `export` and `fold-eval` need no option. Not with --gt-enhance.
+    #[arg(
+        long,
+        value_name = "S,S,...",
+        default_value = "1",
+        help_heading = "Seed methods"
+    )]
+    stage1_scales: String,
     /// Camera augmentation: this many extra training copies of each photo, each made to
     /// look as if another camera had taken it by the effects below (at least one is
     /// needed). Held-out images are never augmented. 0 = off.
@@ -963,10 +976,12 @@ impl TrainArgs {
         cfg.stage2.learning_rate = self.lr2;
         cfg.stage2.seed = self.seed + 1;
         cfg.stage1_gt_enhance = self.gt_enhance;
+        cfg.stage1_scales = InputScales::parse(&self.stage1_scales)?;
         cfg.stage2_triplet = (self.triplet_weight > 0.0).then_some(Triplet {
             weight: self.triplet_weight,
             margin: self.triplet_margin,
         });
+        cfg.check()?;
         Ok(cfg)
     }
 }

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use ma_core::candidates::{Candidate, CandidateConfig, ProbMap, find_candidates};
 use ma_core::detection::Detection;
@@ -21,10 +21,12 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::dense::{Crop, PixelLabels, balanced_cell_loss, crop_batch, lesion_crops, random_crops};
 use crate::froc::{ImageOutcome, Verdict};
 use crate::gt_enhance::crop_enhancement;
-use crate::nets::{Net, Stage};
+use crate::nets::{InputScales, Net, Stage};
 use crate::patches::{Augment, Sample, batch, positives, random_negatives};
 use crate::prepare::PreparedImage;
-use crate::train::{StageConfig, Triplet, Validation, auc, patch_loss, train_stage, validate};
+use crate::train::{
+    NetSpec, StageConfig, Triplet, Validation, auc, patch_loss, train_stage, validate,
+};
 
 /// Everything that sets how the cascade is trained.
 #[derive(Clone, Debug)]
@@ -50,13 +52,38 @@ pub struct PipelineConfig {
     /// Stage 1's ground-truth feature enhancement while training, its beta
     /// (`--gt-enhance`, [`crate::gt_enhance`]); `None`: off.
     pub stage1_gt_enhance: Option<f32>,
+    /// The input scales stage 1 sees (`--stage1-scales`); single by default.
+    pub stage1_scales: InputScales,
 }
 
 impl PipelineConfig {
+    /// Combinations the trainer cannot run, refused before any work.
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.stage1_gt_enhance.is_none() || self.stage1_scales.is_single(),
+            "--gt-enhance works on the single-scale stage 1 only: drop --gt-enhance or \
+             --stage1-scales"
+        );
+        let (crop, multiple) = (crate::dense::CROP_SIDE, self.stage1_scales.input_multiple());
+        ensure!(
+            crop.is_multiple_of(multiple),
+            "stage-1 scales {} need input sides in multiples of {multiple}; the \
+             {crop}-pixel training crops are not",
+            self.stage1_scales.describe()
+        );
+        Ok(())
+    }
+
     /// The training-only methods this configuration turns on, in words (recorded in
     /// `training-data.json` and the manifest's `[training] data`).
     pub fn methods(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if !self.stage1_scales.is_single() {
+            out.push(format!(
+                "multi-scale stage 1 (scales {})",
+                self.stage1_scales.describe()
+            ));
+        }
         if let Some(beta) = self.stage1_gt_enhance {
             out.push(format!(
                 "stage-1 ground-truth feature enhancement (beta {beta})"
@@ -97,6 +124,7 @@ impl Default for PipelineConfig {
             scoring: Scoring::default(),
             stage2_triplet: None,
             stage1_gt_enhance: None,
+            stage1_scales: InputScales::single(),
         }
     }
 }
@@ -118,6 +146,7 @@ pub fn train_cascade(
     out: &Path,
     resume: bool,
 ) -> Result<Cascade> {
+    cfg.check()?;
     let checkpoints = out.join("checkpoints");
     let val_set: Vec<usize> = if val.is_empty() {
         train.to_vec()
@@ -165,7 +194,10 @@ pub fn train_cascade(
     };
     let validate1 = |net: &Net| validate_cells(net, images, &labels, &validation1);
     let stage1 = train_stage(
-        Stage::Candidates,
+        NetSpec {
+            stage: Stage::Candidates,
+            layers: cfg.stage1_scales.layers(),
+        },
         &mut draw1,
         &loss1,
         &validate1,
@@ -237,7 +269,7 @@ pub fn train_cascade(
     let loss2 = |net: &Net, chunk: &[Sample]| patch_loss(net, images, chunk, cfg.stage2_triplet);
     let validate2 = |net: &Net| validate(net, images, &validation2, Device::cuda_if_available());
     let stage2 = train_stage(
-        Stage::Verdict,
+        Stage::Verdict.into(),
         &mut draw2,
         &loss2,
         &validate2,
@@ -344,11 +376,11 @@ pub fn mine_candidates(
 
 /// Stage-1 margin map of an image: cell (i, j) covers canonical pixels (2j, 2i) to
 /// (2j + 1, 2i + 1). The planes are padded with zeros (as outside the FOV) to a multiple
-/// of [`Stage::CANDIDATES_INPUT_MULTIPLE`] on the right and bottom, and the map is cut
+/// of the net's input multiple on the right and bottom, and the map is cut
 /// back to the cells that cover the image, as the device does.
 pub fn stage1_map(net: &Net, planes: &Planes) -> ProbMap {
     let _guard = tch::no_grad_guard();
-    let m = Stage::CANDIDATES_INPUT_MULTIPLE as i64;
+    let m = net.input_multiple() as i64;
     let (h, w) = (planes.height as i64, planes.width as i64);
     let x = Tensor::from_slice(&planes.data)
         .view([1, CHANNELS as i64, h, w])

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Tensor};
 
-use crate::nets::{Net, Stage};
+use crate::nets::{InputScales, Layer, Net, Stage};
 use crate::patches::{Sample, batch};
 use crate::prepare::PreparedImage;
 
@@ -64,12 +64,28 @@ pub struct Validation {
     pub auc: f64,
 }
 
-/// Train `stage` from scratch (or from the last checkpoint in `checkpoints` when
+/// What [`train_stage`] trains: the stage (it names the checkpoints) and its layers.
+pub struct NetSpec {
+    pub stage: Stage,
+    pub layers: Vec<Layer>,
+}
+
+impl From<Stage> for NetSpec {
+    /// The stage's standard layers.
+    fn from(stage: Stage) -> Self {
+        Self {
+            stage,
+            layers: stage.layers(),
+        }
+    }
+}
+
+/// Train `spec`'s net from scratch (or from the last checkpoint in `checkpoints` when
 /// `resume`). `draw(epoch, rng)` gives the epoch's training items (fresh negatives each
 /// epoch), `loss(net, batch)` the training loss of a batch of them, `validate(net)` the
 /// figure printed after each epoch.
 pub fn train_stage<T>(
-    stage: Stage,
+    spec: NetSpec,
     draw: &mut dyn FnMut(usize, &mut ChaCha8Rng) -> Vec<T>,
     loss: &dyn Fn(&Net, &[T]) -> Tensor,
     validate: &dyn Fn(&Net) -> Validation,
@@ -80,7 +96,8 @@ pub fn train_stage<T>(
     let device = Device::cuda_if_available();
     tch::manual_seed(cfg.seed as i64);
     let mut vs = nn::VarStore::new(device);
-    let net = Net::new(&vs.root(), stage);
+    let NetSpec { stage, layers } = spec;
+    let net = Net::from_layers(&vs.root(), layers);
     std::fs::create_dir_all(checkpoints)
         .with_context(|| format!("cannot create checkpoint folder {}", checkpoints.display()))?;
 
@@ -346,8 +363,14 @@ pub fn last_checkpoint(dir: &Path, stage: Stage) -> Result<Option<(usize, PathBu
 }
 
 /// Load trained weights into a fresh net (for export and evaluation).
+///
+/// A stage-1 file says its own input scales ([`InputScales`]): the net is built to fit.
 pub fn load_net(path: &Path, stage: Stage) -> Result<(nn::VarStore, Net)> {
-    load_weights(path, stage.name(), |root| Net::new(root, stage))
+    let layers = match stage {
+        Stage::Candidates => InputScales::of_file(path)?.layers(),
+        Stage::Verdict => stage.layers(),
+    };
+    load_weights(path, stage.name(), |root| Net::from_layers(root, layers))
 }
 
 /// Build a network with `build` on a fresh var store's root and load the weights at
@@ -372,6 +395,32 @@ mod tests {
         let flat: Vec<f32> = points.iter().flatten().copied().collect();
         let e = Tensor::from_slice(&flat).view([points.len() as i64, 2]);
         batch_hard_triplet(&e, &Tensor::from_slice(labels), margin).double_value(&[])
+    }
+
+    #[test]
+    fn a_stage1_file_loads_into_the_net_of_its_scales() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = Tensor::randn([1, 3, 48, 64], (tch::Kind::Float, Device::Cpu));
+        for text in ["1", "1,0.5"] {
+            let scales = InputScales::parse(text).unwrap();
+            tch::manual_seed(3);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = Net::from_layers(&vs.root(), scales.layers());
+            let path = dir.path().join(format!("stage1-{text}.safetensors"));
+            vs.save(&path).unwrap();
+            assert_eq!(InputScales::of_file(&path).unwrap(), scales);
+            let (_vs, loaded) = load_net(&path, Stage::Candidates).unwrap();
+            let diff = (net.margin(&image, false) - loaded.margin(&image, false))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert_eq!(diff, 0.0, "{text}");
+        }
+        let err = format!(
+            "{:#}",
+            InputScales::of_file(&dir.path().join("missing.safetensors")).unwrap_err()
+        );
+        assert!(err.contains("missing.safetensors"), "{err}");
     }
 
     #[test]

@@ -3,12 +3,15 @@
 //! `tch` has no ONNX exporter, so the graph is written from [`Stage::layers`] (the same
 //! description that builds the training net) with tract-onnx's protobuf types. Only ops
 //! that both tract (device) and onnxruntime (reference check) implement are used: Conv,
-//! LeakyRelu, MaxPool, Resize, Concat, GlobalAveragePool, Flatten, Gemm and, for int8
+//! LeakyRelu, MaxPool, AveragePool, Resize, Concat, GlobalAveragePool, Flatten, Gemm and, for int8
 //! weights, DequantizeLinear.
 //!
 //! Layout:
 //! - stage 1: input `image` float `[1, 3, height, width]` (symbolic H and W, multiples of
-//!   4), output `margin` `[1, 1, height/2, width/2]`.
+//!   4, or of 4 times the coarsest factor of a multi-scale net), output `margin`
+//!   `[1, 1, height/2, width/2]`. A multi-scale net ([`InputScales`]) downscales inside
+//!   (AveragePool), runs its trunk once per scale on the same initialisers, upsamples
+//!   (Resize) and concatenates before the head.
 //! - stage 2: input `patches` float `[batch, 3, 41, 41]`, output `margin` `[batch, 1]`.
 //!
 //! Rewritten on the way, to what the device needs and nothing more:
@@ -35,7 +38,7 @@ use ma_core::manifest::{
 pub mod referral;
 pub mod weights;
 
-use crate::nets::{Layer, Stage};
+use crate::nets::{InputScales, Layer, Stage};
 use crate::training_data::DeviceSettings;
 
 /// ONNX IR version written (IR 8 goes with opsets up to 17; onnxruntime and tract read it).
@@ -86,14 +89,24 @@ pub fn onnx_model(
     weights: WeightFormat,
 ) -> Result<pb::ModelProto> {
     let vars = vs.variables();
+    // Stage 1's weights say its input scales; stage 2 has one form.
+    let scales = match stage {
+        Stage::Candidates => InputScales::of_vars(&vars)?,
+        Stage::Verdict => InputScales::single(),
+    };
+    let layers = match stage {
+        Stage::Candidates => scales.layers(),
+        Stage::Verdict => stage.layers(),
+    };
     let mut b = GraphBuilder::default();
     add_layers(
         &mut b,
         &vars,
-        &stage.layers(),
+        &layers,
         input_name(stage),
         Head::Margin,
         weights,
+        "",
     )?;
     b.check_all_used(&vars)?;
 
@@ -106,8 +119,8 @@ pub fn onnx_model(
                 "Stage 1: MA logit margin map, output stride {}, receptive field {} px; \
                  input sides multiples of {}",
                 Stage::CANDIDATES_STRIDE,
-                stage.receptive_field(),
-                Stage::CANDIDATES_INPUT_MULTIPLE
+                scales.receptive_field(),
+                scales.input_multiple()
             ),
         ),
         Stage::Verdict => (
@@ -131,8 +144,13 @@ pub fn onnx_model(
             metadata.push(meta("output_stride", &Stage::CANDIDATES_STRIDE.to_string()));
             metadata.push(meta(
                 "receptive_field",
-                &stage.receptive_field().to_string(),
+                &scales.receptive_field().to_string(),
             ));
+            // Only multi-scale nets say so: single-scale files stay byte for byte what
+            // they were (released reference weights are checked against them).
+            if !scales.is_single() {
+                metadata.push(meta("input_scales", &scales.describe()));
+            }
         }
         Stage::Verdict => metadata.push(meta("patch_size", &patch.to_string())),
     }
@@ -174,7 +192,8 @@ enum Head {
 }
 
 /// Write `layers` into the graph, reading from tensor `input`; returns the name of the
-/// last tensor written.
+/// last tensor written. Node and intermediate tensor names start with `prefix` (one per
+/// branch of a [`Layer::MultiScale`], whose branches share the weights' initialisers).
 fn add_layers(
     b: &mut GraphBuilder,
     vars: &HashMap<String, Tensor>,
@@ -182,6 +201,7 @@ fn add_layers(
     input: &str,
     head: Head,
     weights: WeightFormat,
+    prefix: &str,
 ) -> Result<String> {
     let mut x = input.to_string();
     // The last layer with weights gives the logits: with `Head::Margin` it is written as
@@ -198,7 +218,7 @@ fn add_layers(
         let out = if i == head {
             OUTPUT_NAME.to_string()
         } else {
-            format!("t{i}")
+            format!("{prefix}t{i}")
         };
         match *layer {
             Layer::Conv {
@@ -224,7 +244,7 @@ fn add_layers(
                 let pad = dilation * (kernel / 2);
                 b.node(
                     "Conv",
-                    name,
+                    &format!("{prefix}{name}"),
                     &[&x, &w, &bias],
                     &out,
                     vec![
@@ -257,7 +277,7 @@ fn add_layers(
                 let (w, bias) = b.add_params(name, p, weights);
                 b.node(
                     "Gemm",
-                    name,
+                    &format!("{prefix}{name}"),
                     &[&x, &w, &bias],
                     &out,
                     vec![
@@ -270,14 +290,14 @@ fn add_layers(
             }
             Layer::LeakyRelu => b.node(
                 "LeakyRelu",
-                &format!("leaky_relu{i}"),
+                &format!("{prefix}leaky_relu{i}"),
                 &[&x],
                 &out,
                 vec![float("alpha", LEAKY_RELU_ALPHA)],
             ),
             Layer::MaxPool2 => b.node(
                 "MaxPool",
-                &format!("max_pool{i}"),
+                &format!("{prefix}max_pool{i}"),
                 &[&x],
                 &out,
                 vec![
@@ -295,14 +315,14 @@ fn add_layers(
                 let skip = skips
                     .pop()
                     .context("UpsampleConcat without a Skip before it")?;
-                let scales = format!("upsample{i}_scales");
+                let scales = format!("{prefix}upsample{i}_scales");
                 b.initializers
                     .push(float_tensor(&scales, &[4], &[1.0, 1.0, 2.0, 2.0]));
-                let up = format!("upsampled{i}");
+                let up = format!("{prefix}upsampled{i}");
                 // torch's nearest upsampling reads source pixel floor(dst / 2).
                 b.node(
                     "Resize",
-                    &format!("upsample{i}"),
+                    &format!("{prefix}upsample{i}"),
                     &[&x, "", &scales],
                     &up,
                     vec![
@@ -313,30 +333,93 @@ fn add_layers(
                 );
                 b.node(
                     "Concat",
-                    &format!("concat{i}"),
+                    &format!("{prefix}concat{i}"),
                     &[&up, &skip],
                     &out,
                     vec![int("axis", 1)],
                 );
             }
             Layer::GlobalAvgPool => {
-                let pooled = format!("pooled{i}");
+                let pooled = format!("{prefix}pooled{i}");
                 b.node(
                     "GlobalAveragePool",
-                    &format!("global_avg_pool{i}"),
+                    &format!("{prefix}global_avg_pool{i}"),
                     &[&x],
                     &pooled,
                     vec![],
                 );
                 b.node(
                     "Flatten",
-                    &format!("flatten{i}"),
+                    &format!("{prefix}flatten{i}"),
                     &[&pooled],
                     &out,
                     vec![int("axis", 1)],
                 );
             }
             Layer::Dropout(_) => continue,
+            Layer::MultiScale {
+                ref factors,
+                ref trunk,
+            } => {
+                // `onnx_model` built these layers from the recorded factors.
+                b.used.push(InputScales::VAR.to_string());
+                let mut branches = Vec::new();
+                for &f in factors {
+                    let branch = format!("{prefix}scale{f}_");
+                    let input = if f == 1 {
+                        x.clone()
+                    } else {
+                        // torch's avg_pool2d without padding: the mean of each f x f block.
+                        let small = format!("{branch}input");
+                        b.node(
+                            "AveragePool",
+                            &format!("{branch}downscale"),
+                            &[&x],
+                            &small,
+                            vec![
+                                ints("kernel_shape", &[f, f]),
+                                ints("strides", &[f, f]),
+                                ints("pads", &[0, 0, 0, 0]),
+                                int("ceil_mode", 0),
+                                int("count_include_pad", 1),
+                            ],
+                        );
+                        small
+                    };
+                    let y = add_layers(b, vars, trunk, &input, Head::None, weights, &branch)?;
+                    if f == 1 {
+                        branches.push(y);
+                        continue;
+                    }
+                    let scales = format!("{branch}upscale_scales");
+                    b.initializers.push(float_tensor(
+                        &scales,
+                        &[4],
+                        &[1.0, 1.0, f as f32, f as f32],
+                    ));
+                    let up = format!("{branch}upscaled");
+                    b.node(
+                        "Resize",
+                        &format!("{branch}upscale"),
+                        &[&y, "", &scales],
+                        &up,
+                        vec![
+                            string("mode", "nearest"),
+                            string("coordinate_transformation_mode", "asymmetric"),
+                            string("nearest_mode", "floor"),
+                        ],
+                    );
+                    branches.push(up);
+                }
+                let inputs: Vec<&str> = branches.iter().map(String::as_str).collect();
+                b.node(
+                    "Concat",
+                    &format!("{prefix}concat_scales{i}"),
+                    &inputs,
+                    &out,
+                    vec![int("axis", 1)],
+                );
+            }
         }
         x = out;
         if i == head {
@@ -524,8 +607,13 @@ impl GraphBuilder {
 
     /// Adds `p` as initialisers of layer `name` (the weight in `format`) and returns the
     /// names of the tensors the layer's node reads.
+    /// A layer written a second time (the shared trunk of a multi-scale net) reads the
+    /// same initialisers.
     fn add_params(&mut self, name: &str, p: Params, format: WeightFormat) -> (String, String) {
         let (w_name, b_name) = (format!("{name}.weight"), format!("{name}.bias"));
+        if self.initializers.iter().any(|t| t.name == b_name) {
+            return (w_name, b_name);
+        }
         let dims = &p.dims;
         self.initializers
             .push(float_tensor(&b_name, &dims[..1], &p.bias));
@@ -691,10 +779,11 @@ pub fn export_model_set(
 ) -> Result<Manifest> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut models = Vec::new();
+    let scales = InputScales::of_vars(&stage1.variables())?;
     let map = ModelGeometry::Map {
-        receptive_field: Stage::Candidates.receptive_field(),
+        receptive_field: scales.receptive_field(),
         output_stride: Stage::CANDIDATES_STRIDE,
-        input_multiple: Stage::CANDIDATES_INPUT_MULTIPLE,
+        input_multiple: scales.input_multiple(),
     };
     for (stage, vs, geometry) in [
         (Stage::Candidates, stage1, map),

@@ -46,6 +46,7 @@ pub fn onnx_model(
         INPUT_NAME,
         Head::None,
         weights,
+        "",
     )?;
     let conv1x1 =
         |b: &mut GraphBuilder, name: &str, input: &str, weight: (&str, &str), out: &str| {
@@ -181,6 +182,7 @@ pub fn zoom_onnx_model(
         ZOOM_INPUT_NAME,
         Head::Margin,
         weights,
+        "",
     )?;
     b.check_all_used(&vars)?;
     let s = side as i64;
