@@ -3,8 +3,8 @@
 //! `tch` has no ONNX exporter, so the graph is written from [`Stage::layers`] (the same
 //! description that builds the training net) with tract-onnx's protobuf types. Only ops
 //! that both tract (device) and onnxruntime (reference check) implement are used: Conv,
-//! LeakyRelu, MaxPool, AveragePool, Resize, Concat, GlobalAveragePool, Flatten, Gemm and, for int8
-//! weights, DequantizeLinear.
+//! LeakyRelu, MaxPool, AveragePool, Resize, Concat, GlobalAveragePool, Flatten, Gemm and,
+//! for int8 weights, DequantizeLinear.
 //!
 //! Layout:
 //! - stage 1: input `image` float `[1, 3, height, width]` (symbolic H and W, multiples of
