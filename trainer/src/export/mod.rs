@@ -90,13 +90,13 @@ pub fn onnx_model(
 ) -> Result<pb::ModelProto> {
     let vars = vs.variables();
     // Stage 1's weights say its input scales; stage 2 has one form.
-    let scales = match stage {
-        Stage::Candidates => InputScales::of_vars(&vars)?,
-        Stage::Verdict => InputScales::single(),
-    };
-    let layers = match stage {
-        Stage::Candidates => scales.layers(),
-        Stage::Verdict => stage.layers(),
+    let (scales, layers) = match stage {
+        Stage::Candidates => {
+            let scales = InputScales::of_vars(&vars)?;
+            let layers = scales.layers();
+            (scales, layers)
+        }
+        Stage::Verdict => (InputScales::single(), stage.layers()),
     };
     let mut b = GraphBuilder::default();
     add_layers(
@@ -315,22 +315,8 @@ fn add_layers(
                 let skip = skips
                     .pop()
                     .context("UpsampleConcat without a Skip before it")?;
-                let scales = format!("{prefix}upsample{i}_scales");
-                b.initializers
-                    .push(float_tensor(&scales, &[4], &[1.0, 1.0, 2.0, 2.0]));
                 let up = format!("{prefix}upsampled{i}");
-                // torch's nearest upsampling reads source pixel floor(dst / 2).
-                b.node(
-                    "Resize",
-                    &format!("{prefix}upsample{i}"),
-                    &[&x, "", &scales],
-                    &up,
-                    vec![
-                        string("mode", "nearest"),
-                        string("coordinate_transformation_mode", "asymmetric"),
-                        string("nearest_mode", "floor"),
-                    ],
-                );
+                b.upsample_nearest(&x, 2, &format!("{prefix}upsample{i}"), &up);
                 b.node(
                     "Concat",
                     &format!("{prefix}concat{i}"),
@@ -391,24 +377,8 @@ fn add_layers(
                         branches.push(y);
                         continue;
                     }
-                    let scales = format!("{branch}upscale_scales");
-                    b.initializers.push(float_tensor(
-                        &scales,
-                        &[4],
-                        &[1.0, 1.0, f as f32, f as f32],
-                    ));
                     let up = format!("{branch}upscaled");
-                    b.node(
-                        "Resize",
-                        &format!("{branch}upscale"),
-                        &[&y, "", &scales],
-                        &up,
-                        vec![
-                            string("mode", "nearest"),
-                            string("coordinate_transformation_mode", "asymmetric"),
-                            string("nearest_mode", "floor"),
-                        ],
-                    );
+                    b.upsample_nearest(&y, f, &format!("{branch}upscale"), &up);
                     branches.push(up);
                 }
                 let inputs: Vec<&str> = branches.iter().map(String::as_str).collect();
@@ -603,6 +573,26 @@ impl GraphBuilder {
             weight,
             bias,
         })
+    }
+
+    /// Nearest upsampling of `x` by `factor` as torch does it (source pixel
+    /// floor(dst / factor)), in a node named `name` writing tensor `out`.
+    fn upsample_nearest(&mut self, x: &str, factor: i64, name: &str, out: &str) {
+        let scales = format!("{name}_scales");
+        let f = factor as f32;
+        self.initializers
+            .push(float_tensor(&scales, &[4], &[1.0, 1.0, f, f]));
+        self.node(
+            "Resize",
+            name,
+            &[x, "", &scales],
+            out,
+            vec![
+                string("mode", "nearest"),
+                string("coordinate_transformation_mode", "asymmetric"),
+                string("nearest_mode", "floor"),
+            ],
+        );
     }
 
     /// Adds `p` as initialisers of layer `name` (the weight in `format`) and returns the
