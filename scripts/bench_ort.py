@@ -22,6 +22,13 @@ Subcommands (each prints one JSON object on stdout, except `report`):
          Experimental copy of an exported model with the same outputs (for
          `ma-bench --stage1-onnx/--stage2-onnx`): MaxPool moved before LeakyRelu (they
          commute, the activation then runs on a quarter of the values). Float models only.
+  quantize SRC.onnx DST.onnx --format qdq|qoperator --dump DIR [DIR ...] [--crop N]
+         Experimental copy of a float model with int8 activations as well as weights (for
+         `ma-bench --stage1-onnx/--stage2-onnx`, issue 22's "int8 that pays"): only the
+         Conv nodes are quantized (qoperator: QLinearConv; qdq: QuantizeLinear/
+         DequantizeLinear around a float Conv), weights int8 per output channel,
+         activations uint8 calibrated (min/max) on N x N crops of the stage-1 inputs (or
+         the stage-2 patches) that `ma-bench --dump DIR` wrote.
 """
 
 import argparse
@@ -586,6 +593,50 @@ def cmd_rewrite(a):
     onnx.save(m, a.dst)
 
 
+def cmd_quantize(a):
+    import numpy as np
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    key = "stage1_input.npy" if a.stage == 1 else "stage2_input.npy"
+    feeds = []
+    for d in a.dump:
+        x = np.load(os.path.join(d, key))
+        if a.stage == 1:
+            # Crops keep the calibration's per-layer activations small; min/max over a
+            # few crops of the fundus and its border covers the range the full image has.
+            _, _, h, w = x.shape
+            n = min(a.crop, h, w)
+            for (y0, x0) in [(0, 0), ((h - n) // 2, (w - n) // 2), (h - n, w - n),
+                             ((h - n) // 2, 0), ((h - n) // 2, w - n)]:
+                feeds.append(np.ascontiguousarray(x[:, :, y0:y0 + n, x0:x0 + n]))
+        else:
+            feeds.extend(x[i:i + 1] for i in range(x.shape[0]))
+    if not feeds:
+        sys.exit("quantize: no calibration inputs (give --dump folders from ma-bench --dump)")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name):
+            self.it = iter({name: f} for f in feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    import onnx
+    name = onnx.load(a.src).graph.input[0].name
+    quantize_static(a.src, a.dst, Reader(name),
+                    quant_format=QuantFormat.QDQ if a.format == "qdq" else QuantFormat.QOperator,
+                    op_types_to_quantize=["Conv"], per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    # The quantizer leaves its shape inference in value_info, with the batch dimension
+    # named; tract then refuses to pin it to 1 (stage 2). The graph needs none of it.
+    m = onnx.load(a.dst)
+    del m.graph.value_info[:]
+    onnx.save(m, a.dst)
+    print(json.dumps({"src": a.src, "dst": a.dst, "format": a.format,
+                      "calibration_inputs": len(feeds)}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -614,9 +665,16 @@ def main():
     w.add_argument("src")
     w.add_argument("dst")
     w.add_argument("--pool-before-relu", action="store_true")
+    q = sub.add_parser("quantize")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--format", choices=["qdq", "qoperator"], required=True)
+    q.add_argument("--dump", nargs="+", required=True)
+    q.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    q.add_argument("--crop", type=int, default=384)
     a = ap.parse_args()
     {"ort": cmd_ort, "macs": cmd_macs, "peak": cmd_peak, "report": cmd_report,
-     "rewrite": cmd_rewrite}[a.cmd](a)
+     "rewrite": cmd_rewrite, "quantize": cmd_quantize}[a.cmd](a)
 
 
 if __name__ == "__main__":
