@@ -12,6 +12,7 @@ pub mod propagate_uniform_tdim;
 mod push_split_down;
 mod slice;
 mod uniform_mask;
+mod upsample_then_einsum;
 
 use self::change_axes::ChangeAxes;
 use self::prop_const::PropConst;
@@ -111,6 +112,7 @@ impl Optimizer {
             Box::new(PushSliceUp),
             Box::new(PushSplitDown),
             Box::<concat_then_einsum::ConcatThenEinsum>::default(),
+            Box::<upsample_then_einsum::UpsampleThenEinsum>::default(),
             Box::<ChangeAxes>::default(),
         ])
     }
