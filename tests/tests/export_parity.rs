@@ -458,6 +458,15 @@ fn stage2_export_matches_tch_in_tract_and_onnxruntime() {
     let d_float = max_abs_diff(&got, &want_v);
     check_float_and_int8("stage 2", d_float, &got, &got8, [float_size, int8_size]);
     assert!(max_abs_diff(&got2, &want_v) <= FLOAT_TOLERANCE, "batch 2");
+    // With several threads the patches are split between workers (whole batches each,
+    // in order): the very same numbers, including the padded last batch.
+    let float1 = PatchModel::from_manifest(&m, Role::Stage2, Variant::Float, 1).unwrap();
+    let got1 = float1.run(&flat, 5).unwrap();
+    ma_device::cascade::onnx::set_threads(3);
+    let (pooled1, pooled2) = (float1.run(&flat, 5), float2.run(&flat, 5));
+    ma_device::cascade::onnx::set_threads(1);
+    assert_eq!(pooled1.unwrap(), got1, "batch 1 on 3 workers");
+    assert_eq!(pooled2.unwrap(), got2, "batch 2 on 3 workers");
     assert!(
         float.run(&flat, 4).is_err(),
         "patch count must match the data"

@@ -82,10 +82,6 @@ struct Args {
     /// Stage-2 batch of the "networks alone" phase (the cascade's is fixed).
     #[arg(long, default_value_t = STAGE2_BATCH)]
     stage2_batch: usize,
-    /// Experiment: split the stage-2 patches between this many threads (networks-alone
-    /// phase only; combine with --threads 1).
-    #[arg(long, default_value_t = 1)]
-    stage2_workers: usize,
     /// Experiment: also run stage 1 over this many horizontal bands and report time,
     /// peak memory and the difference from the whole-image map.
     #[arg(long, default_value_t = 1)]
@@ -549,28 +545,9 @@ fn main() -> Result<()> {
         Ok(candidates::patches(&geometry, &prep.planes, &found))
     })?;
     let n = found.len();
-    let workers = a.stage2_workers.max(1);
     let rss_before_stage2 = proc_status_mib("VmRSS:");
     let hwm_reset = reset_peak_rss();
-    let (s2_net, scores) = time_runs(runs, a.warmup, || {
-        if workers == 1 {
-            return stage2.run(&patches, n);
-        }
-        // Experiment: the patches split between `workers` threads, each running its own
-        // batches on the shared plan.
-        let per = n.div_ceil(workers).div_ceil(stage2.batch()) * stage2.batch();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = patches
-                .chunks((per * len).max(len))
-                .map(|chunk| s.spawn(|| stage2.run(chunk, chunk.len() / len)))
-                .collect();
-            let mut all = Vec::with_capacity(n);
-            for h in handles {
-                all.extend(h.join().expect("stage-2 worker panicked")?);
-            }
-            Ok(all)
-        })
-    })?;
+    let (s2_net, scores) = time_runs(runs, a.warmup, || stage2.run(&patches, n))?;
     let peak_stage2 = if hwm_reset {
         proc_status_mib("VmHWM:")
     } else {
@@ -663,7 +640,6 @@ fn main() -> Result<()> {
         "top_scores": first.detections.iter().take(5).map(|d| d.score).collect::<Vec<_>>(),
         "stage2_batch": stage2.batch(),
         "stage2_batches": batches,
-        "stage2_workers": workers,
         "load_ms": round3(load_ms),
         "first_detect_ms": round3(first_ms),
         "ms": {

@@ -8,9 +8,10 @@
 //! - stage 2 is optimised once for a fixed batch; the last batch is padded with zeros.
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use tract_onnx::prelude::*;
 
 use ma_core::candidates::ProbMap;
@@ -36,12 +37,17 @@ pub type Plan = Arc<TypedRunnableModel>;
 /// cores, low enough that a typo cannot ask the OS for millions of threads.
 pub const MAX_THREADS: usize = 256;
 
-/// Use `n` threads for tract's matrix products (process-wide).
+/// The thread count of the last [`set_threads`] (1 before any).
+static THREADS: AtomicUsize = AtomicUsize::new(1);
+
+/// Use `n` threads for tract's matrix products (process-wide), and as many workers for
+/// the patch models ([`PatchModel::run`]).
 ///
 /// `n <= 1` restores tract's own single-threaded executor rather than a one-thread pool:
 /// a one-thread pool has been reported to still use every core (sonos/tract#2894).
 pub fn set_threads(n: usize) {
     use tract_linalg::multithread::{Executor, set_default_executor};
+    THREADS.store(n.max(1), Ordering::Relaxed);
     if n <= 1 {
         set_default_executor(Executor::SingleThread);
     } else {
@@ -322,13 +328,49 @@ impl PatchModel {
 
     /// Logit margin of each of the `n` patches in `patches` (`n` CHW patches back to
     /// back, as `PatchGeometry::extract` writes them).
+    ///
+    /// With several threads ([`set_threads`]) the patches are split between that many
+    /// workers, each running whole batches with tract on one thread: a patch's products
+    /// are too small for tract to share them between threads with a gain (it was slower
+    /// at two threads than at one; BENCHMARKS.md). The margins are the same either way:
+    /// every batch is computed alone.
     pub fn run(&self, patches: &[f32], n: usize) -> Result<Vec<f32>> {
+        use tract_linalg::multithread::{Executor, multithread_tract_scope};
         let len = self.patch_len();
         ensure!(
             patches.len() == n * len,
             "{} values for {n} patches of {len}",
             patches.len()
         );
+        let workers = THREADS.load(Ordering::Relaxed).min(n.div_ceil(self.batch));
+        if workers <= 1 {
+            return self.run_batches(patches);
+        }
+        let per_worker = n.div_ceil(workers).div_ceil(self.batch) * self.batch * len;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = patches
+                .chunks(per_worker)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        multithread_tract_scope(Executor::SingleThread, || self.run_batches(chunk))
+                    })
+                })
+                .collect();
+            let mut margins = Vec::with_capacity(n);
+            for handle in handles {
+                let part = handle
+                    .join()
+                    .map_err(|_| anyhow!("a patch-model worker thread panicked"))??;
+                margins.extend(part);
+            }
+            Ok(margins)
+        })
+    }
+
+    /// The margins of whole CHW patches, batch after batch on this thread.
+    fn run_batches(&self, patches: &[f32]) -> Result<Vec<f32>> {
+        let len = self.patch_len();
+        let n = patches.len() / len;
         let p = self.patch_size;
         let mut margins = Vec::with_capacity(n);
         let mut padded = Vec::new();
