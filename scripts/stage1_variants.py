@@ -30,7 +30,6 @@ import argparse
 import glob
 import json
 import os
-import time
 
 import numpy as np
 
@@ -111,23 +110,16 @@ def cmd_export(a):
 
 
 def cmd_ort(a):
-    import onnxruntime as ort
+    # Same session settings and timing as the benchmark's onnxruntime side.
+    from bench_ort import session, timed
 
     x = np.load(os.path.join(a.dump, "stage1_input.npy"))
     for path in sorted(glob.glob(os.path.join(a.out, "*.onnx"))):
-        o = ort.SessionOptions()
-        o.intra_op_num_threads = 1
-        o.inter_op_num_threads = 1
-        s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+        s = session(path, threads=1)
         feed = {s.get_inputs()[0].name: x}
-        s.run(None, feed)
-        ts = []
-        for _ in range(a.runs):
-            t = time.thread_time()
-            s.run(None, feed)
-            ts.append((time.thread_time() - t) * 1000)
-        print(json.dumps({"variant": os.path.basename(path)[:-5], "ort_cpu_ms": ts,
-                          "median": float(np.median(ts))}))
+        (_, cpu), _ = timed(lambda: s.run(None, feed), a.runs, warmup=1)
+        print(json.dumps({"variant": os.path.basename(path)[:-5], "ort_cpu_ms": cpu,
+                          "median": float(np.median(cpu))}))
 
 
 def main():
