@@ -697,9 +697,10 @@ impl Conv {
     }
 
     /// Whether this convolution becomes a [`super::DirectSpatialConv`] on this host: group-1 f32
-    /// NCHW over two spatial axes, undilated, at least two kernel taps, at most 64 inputs per
-    /// output point where AMX runs im2col's matrix products and 576 elsewhere, the kernels it
-    /// needs, and an output row of at least `MIN_DIRECT_SPATIAL_W` points.
+    /// NCHW (or CHW, no batch axis) over two spatial axes, undilated, at least two kernel taps,
+    /// at most 64 inputs per output point where AMX runs im2col's matrix products and 576
+    /// elsewhere, the kernels it needs, and an output row of at least `MIN_DIRECT_SPATIAL_W`
+    /// points.
     ///
     /// Dilated kernels stay with im2col: on 48-to-48-channel 3x3 convolutions over 288x375
     /// (AVX-512 host, one thread) the direct form took 1.9x (dilation 2) and 2.3x (dilation 4)
@@ -707,7 +708,10 @@ impl Conv {
     fn can_direct_spatial(&self, input_fact: &TypedFact) -> bool {
         if self.q_params.is_some()
             || input_fact.datum_type != f32::datum_type()
-            || self.pool_spec.data_format != crate::ops::nn::DataFormat::NCHW
+            || !matches!(
+                self.pool_spec.data_format,
+                crate::ops::nn::DataFormat::NCHW | crate::ops::nn::DataFormat::CHW
+            )
             || self.group != 1
             || self.pool_spec.rank() != 2
             || self.pool_spec.dilations().iter().any(|&d| d != 1)
@@ -1656,12 +1660,23 @@ mod test {
         assert_eq!(*output[0], tensor4(&[[[[8i32, 12], [20, 24]]]]));
     }
 
-    /// The op a 3x3 8-to-8-channel f32 convolution over a 16x160 image becomes, with
+    /// The op a 3x3 8-to-8-channel f32 convolution over a 32x160 image becomes, with
     /// this dilation and its "same" padding, and the optimised model's max difference from
-    /// the plain one.
+    /// the plain one (NCHW input, as `optimised_conv_in`).
     fn optimised_conv(dilation: usize) -> TractResult<(String, f32)> {
+        let (op, diff, _) = optimised_conv_in(NCHW, dilation)?;
+        Ok((op, diff))
+    }
+
+    /// `optimised_conv` with the image in this data format (NCHW, or CHW with no batch
+    /// axis), also returning the optimised model's output.
+    fn optimised_conv_in(
+        format: DataFormat,
+        dilation: usize,
+    ) -> TractResult<(String, f32, Tensor)> {
+        let shape: &[usize] = if format.has_n() { &[1, 8, 32, 160] } else { &[8, 32, 160] };
         let mut model = TypedModel::default();
-        let source = model.add_source("source", f32::fact([1, 8, 16, 160]))?;
+        let source = model.add_source("source", f32::fact(shape))?;
         let kernel = Tensor::from_shape(
             &[8, 8, 3, 3],
             &(0..576).map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6).collect::<Vec<_>>(),
@@ -1671,7 +1686,7 @@ mod test {
         let pad = dilation;
         let conv = Conv {
             pool_spec: PoolSpec {
-                data_format: NCHW,
+                data_format: format,
                 kernel_shape: tvec!(3, 3),
                 padding: Explicit(tvec![pad, pad], tvec![pad, pad]),
                 dilations: Some(tvec!(dilation, dilation)),
@@ -1686,8 +1701,8 @@ mod test {
         let out = model.wire_node("conv", conv, &[source, kernel, bias])?;
         model.select_output_outlets(&out)?;
         let input = Tensor::from_shape(
-            &[1, 8, 16, 160],
-            &(0..8 * 16 * 160).map(|i| ((i * 31) % 97) as f32 * 0.02 - 1.0).collect::<Vec<_>>(),
+            shape,
+            &(0..8 * 32 * 160).map(|i| ((i * 31) % 97) as f32 * 0.02 - 1.0).collect::<Vec<_>>(),
         )?;
         let plain = model.clone().into_runnable()?.run(tvec!(input.clone().into_tvalue()))?;
         let optimised = model.into_optimized()?;
@@ -1701,7 +1716,7 @@ mod test {
         let (a, b) = (plain[0].try_as_plain_ram()?, ran[0].try_as_plain_ram()?);
         let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
         let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        Ok((op, diff))
+        Ok((op, diff, ran[0].clone().into_tensor()))
     }
 
     #[test]
@@ -1717,6 +1732,28 @@ mod test {
             assert!(diff < 1e-4, "dilation {dilation}: {diff}");
         }
         assert!(d1 < 1e-4, "{d1}");
+        Ok(())
+    }
+
+    /// A convolution whose batch axis was folded away upstream (CHW, as after an einsum
+    /// rewrite of the layer before) takes the direct form like its NCHW twin, with the same
+    /// output on one thread and split over four (the output, 8x32x160, is over the executor's
+    /// element threshold, so the split path runs).
+    #[test]
+    fn batchless_convolutions_are_direct_spatial() -> TractResult<()> {
+        let direct_available = tract_linalg::routines::conv_w4_f32().is_some();
+        let (op, diff, serial) = optimised_conv_in(DataFormat::CHW, 1)?;
+        if direct_available && !amx_owns_fat_spatial() {
+            assert_eq!(op, "DirectSpatialConv");
+        }
+        assert!(diff < 1e-4, "{diff}");
+        let pool = tract_linalg::multithread::Executor::multithread(4);
+        let (op4, diff4, split) = tract_linalg::multithread::multithread_tract_scope(pool, || {
+            optimised_conv_in(DataFormat::CHW, 1)
+        })?;
+        assert_eq!(op4, op);
+        assert!(diff4 < 1e-4, "{diff4}");
+        assert_eq!(split, serial);
         Ok(())
     }
 

@@ -3,8 +3,8 @@ use crate::ops::cnn::Patch;
 use crate::ops::cnn::patches::{Zone, ZoneScanner};
 use crate::ops::nn::DataShape;
 
-/// A group-1 NCHW f32 convolution computed as a filter along W, four output channels at a time,
-/// instead of im2col and a matrix product. `Conv` builds it at codegen on hosts that have the
+/// A group-1 NCHW (or CHW) f32 convolution computed as a filter along W, four output channels
+/// at a time, instead of im2col and a matrix product. `Conv` builds it at codegen on hosts that have the
 /// `conv_w4` kernel, and the `depthwise_w` one too when the output channels are not a multiple
 /// of four.
 #[derive(Debug, Clone, new, Hash, PartialEq, Eq)]
@@ -162,7 +162,7 @@ impl DirectSpatialConv {
                 && plane * planes == total
                 && *self.output_shape.w_stride() == 1
                 && c_stride_o == plane as isize
-                && n_stride_o == (oc * plane) as isize
+                && (self.output_shape.n().is_none() || n_stride_o == (oc * plane) as isize)
             {
                 let (i_base, k_base, b_base) = (iptr as usize, kptr as usize, bptr as usize);
                 let zones = &self.patch.zones;
