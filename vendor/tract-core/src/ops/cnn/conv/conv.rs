@@ -708,10 +708,7 @@ impl Conv {
     fn can_direct_spatial(&self, input_fact: &TypedFact) -> bool {
         if self.q_params.is_some()
             || input_fact.datum_type != f32::datum_type()
-            || !matches!(
-                self.pool_spec.data_format,
-                crate::ops::nn::DataFormat::NCHW | crate::ops::nn::DataFormat::CHW
-            )
+            || self.pool_spec.data_format.with_n() != crate::ops::nn::DataFormat::NCHW
             || self.group != 1
             || self.pool_spec.rank() != 2
             || self.pool_spec.dilations().iter().any(|&d| d != 1)
@@ -1702,7 +1699,9 @@ mod test {
         model.select_output_outlets(&out)?;
         let input = Tensor::from_shape(
             shape,
-            &(0..8 * 32 * 160).map(|i| ((i * 31) % 97) as f32 * 0.02 - 1.0).collect::<Vec<_>>(),
+            &(0..shape.iter().product::<usize>())
+                .map(|i| ((i * 31) % 97) as f32 * 0.02 - 1.0)
+                .collect::<Vec<_>>(),
         )?;
         let plain = model.clone().into_runnable()?.run(tvec!(input.clone().into_tvalue()))?;
         let optimised = model.into_optimized()?;

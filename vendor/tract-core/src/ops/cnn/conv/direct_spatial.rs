@@ -4,9 +4,9 @@ use crate::ops::cnn::patches::{Zone, ZoneScanner};
 use crate::ops::nn::DataShape;
 
 /// A group-1 NCHW (or CHW) f32 convolution computed as a filter along W, four output channels
-/// at a time, instead of im2col and a matrix product. `Conv` builds it at codegen on hosts that have the
-/// `conv_w4` kernel, and the `depthwise_w` one too when the output channels are not a multiple
-/// of four.
+/// at a time, instead of im2col and a matrix product. `Conv` builds it at codegen on hosts
+/// that have the `conv_w4` kernel, and the `depthwise_w` one too when the output channels are
+/// not a multiple of four.
 #[derive(Debug, Clone, new, Hash, PartialEq, Eq)]
 pub struct DirectSpatialConv {
     patch: Patch,
